@@ -1,0 +1,178 @@
+"""Raw inputs for `prolong-data tokenize`: files, saved datasets, Hub ids and code repositories.
+
+Every loader returns a `datasets.Dataset` with the text column (and `domain` when the input has one).
+Items that cannot be read (non-UTF-8 or binary files) are kept as rows whose text is None, so the
+tokenizer step counts and logs them in one place instead of failing halfway through a corpus.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import datasets
+
+logger = logging.getLogger("prolong.data")
+
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+PARQUET_SUFFIXES = (".parquet",)
+SKIPPED_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".tox", ".venv"}
+
+
+def _decode_utf8(data: bytes) -> str | None:
+    """Text of a file, or None if it is binary (NUL bytes) or not valid UTF-8."""
+    if b"\0" in data[:8192]:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _text_file_records(paths: list[str], one_per_line: bool) -> Iterator[dict]:
+    for path in paths:
+        data = Path(path).read_bytes()
+        if not one_per_line:
+            yield {"text": _decode_utf8(data), "source": path, "skipped_files": 0}
+            continue
+        for line in data.splitlines():
+            yield {"text": _decode_utf8(line), "source": path, "skipped_files": 0}
+
+
+def read_repository(root: Path) -> tuple[str, int]:
+    """One repository as one document: every UTF-8 file in sorted path order, each preceded by
+    its path relative to the repository as a header line (as ProLong built its code documents).
+    Returns the text and the number of files skipped as binary or non-UTF-8."""
+    if root.is_file():  # a single-file repository (e.g. a top-level module)
+        files = [root]
+        base = root.parent
+    else:
+        files = []
+        for directory, subdirs, names in os.walk(root):
+            subdirs[:] = sorted(d for d in subdirs if d not in SKIPPED_DIRS)
+            files.extend(Path(directory) / name for name in sorted(names))
+        base = root
+    parts, skipped = [], 0
+    for file in files:
+        if file.is_symlink() or not file.is_file():
+            continue
+        text = _decode_utf8(file.read_bytes())
+        if text is None:
+            skipped += 1
+            continue
+        parts.append(f"{file.relative_to(base).as_posix()}\n{text}")
+    return "\n\n".join(parts), skipped
+
+
+def _repository_records(repos: list[str]) -> Iterator[dict]:
+    for repo in repos:
+        text, skipped = read_repository(Path(repo))
+        yield {"text": text, "source": repo, "skipped_files": skipped}
+
+
+def list_repositories(directories: list[str], each_is_repository: bool = False) -> list[str]:
+    """Each immediate entry (sub-directory, or top-level file) of each directory is one repository;
+    with `each_is_repository`, the directories themselves are."""
+    repos = []
+    for directory in directories:
+        path = Path(directory)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--repos directory {path} does not exist")
+        if each_is_repository:
+            repos.append(str(path))
+        else:
+            repos.extend(str(p) for p in sorted(path.iterdir())
+                         if p.name not in SKIPPED_DIRS and not p.name.startswith("."))
+    return repos
+
+
+_TEXT_FEATURES = datasets.Features({"text": datasets.Value("string"), "source": datasets.Value("string"),
+                                    "skipped_files": datasets.Value("int64")})
+
+
+def load_repositories(directories: list[str], each_is_repository: bool = False, num_proc: int = 1,
+                      cache_dir: str | None = None) -> datasets.Dataset:
+    repos = list_repositories(directories, each_is_repository)
+    if not repos:
+        raise ValueError(f"--repos {directories}: no repository (sub-directory) found")
+    return datasets.Dataset.from_generator(
+        _repository_records, gen_kwargs={"repos": repos}, features=_TEXT_FEATURES,
+        num_proc=min(num_proc, len(repos)) if num_proc > 1 else None, cache_dir=cache_dir)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return (not os.path.isabs(name) and not name.startswith(".") and name.count("/") == 1
+            and not Path(name).suffix)
+
+
+def load_raw_inputs(inputs: list[str], *, text_field: str = "text", lines: bool = False,
+                    split: str = "train", hub_config: str | None = None, num_proc: int = 1,
+                    cache_dir: str | None = None) -> datasets.Dataset:
+    """Load jsonl/json/parquet/txt files, `save_to_disk` directories or Hub ids into one Dataset."""
+    parts, labels = [], []  # labels: the input each part came from, for error messages
+    text_files: list[str] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir() and (path / "state.json").exists():
+            parts.append(datasets.load_from_disk(str(path)))
+            labels.append(name)
+        elif path.is_dir():
+            raise ValueError(f"input {path} is a directory but not a saved dataset; pass its files, or "
+                             "--repos to read it as code repositories")
+        elif path.is_file():
+            lowered = path.name.lower()
+            if lowered.endswith(JSON_SUFFIXES):
+                parts.append(_load_builder("json", str(path), cache_dir))
+                labels.append(name)
+            elif lowered.endswith(PARQUET_SUFFIXES):
+                parts.append(_load_builder("parquet", str(path), cache_dir))
+                labels.append(name)
+            else:
+                text_files.append(str(path))
+        elif _looks_like_hub_id(name):
+            logger.info("%s is not a local path: loading it from the Hugging Face Hub", name)
+            try:
+                parts.append(datasets.load_dataset(name, hub_config, split=split, cache_dir=cache_dir))
+                labels.append(name)
+            except Exception as error:
+                raise FileNotFoundError(f"input {name!r} is neither a local file/directory nor a loadable Hub "
+                                        f"dataset ({type(error).__name__}: {error})") from error
+        else:
+            raise FileNotFoundError(f"input {name} does not exist")
+    if text_files:
+        parts.append(datasets.Dataset.from_generator(
+            _text_file_records, gen_kwargs={"paths": text_files, "one_per_line": lines},
+            features=_TEXT_FEATURES, cache_dir=cache_dir,
+            num_proc=min(num_proc, len(text_files)) if num_proc > 1 else None))
+        labels.append(f"{len(text_files)} text file(s)")
+        if text_field != "text":
+            parts[-1] = parts[-1].rename_column("text", text_field)
+    for part, name in zip(parts, labels):
+        if text_field not in part.column_names:
+            raise ValueError(f"input {name} has no field {text_field!r} (fields: {part.column_names}); "
+                             "pass --text_field with the name of the text field")
+    keep = [text_field, "domain", "skipped_files"]
+    parts = [part.remove_columns([c for c in part.column_names if c not in keep]) for part in parts]
+    if len(parts) == 1:
+        return parts[0]
+    return datasets.concatenate_datasets([_with_all_columns(part, parts) for part in parts])
+
+
+def _with_all_columns(part: datasets.Dataset, parts: list[datasets.Dataset]) -> datasets.Dataset:
+    # concatenate_datasets needs identical columns: add the missing optional ones as nulls/zeros.
+    for column in ("domain", "skipped_files"):
+        if any(column in p.column_names for p in parts) and column not in part.column_names:
+            value = 0 if column == "skipped_files" else None
+            part = part.add_column(column, [value] * len(part))
+    return part
+
+
+def _load_builder(builder: str, path: str, cache_dir: str | None) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+    except Exception as error:
+        raise ValueError(f"could not read {path} as {builder} ({type(error).__name__}: {error}); "
+                         "check that it is valid UTF-8 " + ("JSON lines" if builder == "json" else "parquet"))\
+            from error

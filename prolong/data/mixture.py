@@ -1,0 +1,191 @@
+"""The train-time domain mixture: packed datasets sampled by token share, deterministically.
+
+``MixtureDataset`` is a map-style dataset whose item ``i`` is a pure function of ``(seed, i)``:
+
+* Items are laid out in blocks of ``block_size``; each block holds every domain's exact share of
+  the block (largest-remainder rounding), shuffled by a generator seeded with ``(seed, block)``.
+  So any 1,000 consecutive sequences match the target shares to within a few tenths of a point.
+* The k-th item of a domain is row ``perm_epoch[k % n]`` of that domain, with a fresh seeded
+  permutation for every pass over the domain.
+
+Because nothing depends on iteration history, the exact data position of a run is just the step
+counter the Trainer already saves: resuming skips the consumed indices (no data is read to skip
+them), never repeats or drops a sequence, and gives the same result with any number of dataloader
+workers. Rows are read from memory-mapped Arrow files, so memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from functools import lru_cache
+
+import numpy as np
+from datasets import load_from_disk
+from torch.utils.data import Dataset
+
+from prolong.config import RecipeError
+
+logger = logging.getLogger(__name__)
+
+
+def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
+    raw = shares * total
+    counts = np.floor(raw).astype(np.int64)
+    order = np.argsort(-(raw - counts), kind="stable")
+    counts[order[: total - counts.sum()]] += 1
+    return counts
+
+
+def _packed_length(path: str, dataset) -> int:
+    meta_path = os.path.join(path, "prolong_data.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            length = json.load(f).get("length")
+        if length:
+            return int(length)
+    return len(dataset[0]["input_ids"])
+
+
+def _slice_example(example: dict, start: int, end: int) -> dict:
+    """Tokens [start, end) of a packed example, with its document spans cut to match."""
+    spans = [
+        [max(s, start) - start, min(e, end) - start] for s, e in example["indices"] if min(e, end) > max(s, start)
+    ]
+    out = {"input_ids": example["input_ids"][start:end], "indices": spans, "domain": example.get("domain")}
+    if example.get("mask") is not None:
+        out["mask"] = example["mask"][start:end]
+    return out
+
+
+class MixtureDataset(Dataset):
+    def __init__(
+        self,
+        mixture: dict[str, float],
+        max_length: int,
+        num_sequences: int,
+        seed: int = 42,
+        block_size: int = 1000,
+    ):
+        if not mixture:
+            raise RecipeError("dataset_mixture is empty: give at least one `path: share` entry.")
+        total = sum(mixture.values())
+        if any(p < 0 for p in mixture.values()) or not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise RecipeError(
+                f"dataset_mixture shares must be >= 0 and sum to 1, they sum to {total:.6g}: {mixture}. "
+                "Rescale them."
+            )
+        self.paths = [p for p, share in mixture.items() if share > 0]
+        self.seed, self.block_size, self.num_sequences, self.max_length = seed, block_size, num_sequences, max_length
+        self.datasets, self.pieces, item_tokens = [], [], []
+        for path in self.paths:
+            if not os.path.isdir(path):
+                raise RecipeError(
+                    f"dataset_mixture: '{path}' does not exist. Build it with `prolong-data pack` "
+                    "(or `make demo-data` for the demo)."
+                )
+            dataset = load_from_disk(path)
+            if len(dataset) == 0:
+                raise RecipeError(f"dataset_mixture: '{path}' has no sequences.")
+            if "input_ids" not in dataset.column_names or "indices" not in dataset.column_names:
+                raise RecipeError(
+                    f"dataset_mixture: '{path}' is not a packed dataset (needs input_ids and indices); "
+                    "run `prolong-data pack` on it."
+                )
+            length = _packed_length(path, dataset)
+            pieces = math.ceil(length / max_length)
+            if pieces > 1:
+                logger.warning(
+                    "%s holds %d-token sequences, longer than max_length=%d: each is split into %d pieces "
+                    "(documents crossing a cut continue as new documents).",
+                    path,
+                    length,
+                    max_length,
+                    pieces,
+                )
+            self.datasets.append(dataset)
+            self.pieces.append(pieces)
+            item_tokens.append(min(length, max_length))
+        # Token shares -> item shares: a domain of shorter items needs proportionally more of them.
+        token_shares = np.array([mixture[p] for p in self.paths], dtype=np.float64)
+        item_shares = token_shares / np.array(item_tokens)
+        item_shares /= item_shares.sum()
+        self.block_counts = _largest_remainder(item_shares, block_size)
+        self._block_order = lru_cache(maxsize=4)(self._make_block_order)
+        self._permutation = lru_cache(maxsize=2 * len(self.paths))(self._make_permutation)
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def _make_block_order(self, block: int) -> np.ndarray:
+        order = np.repeat(np.arange(len(self.paths)), self.block_counts)
+        np.random.default_rng([self.seed, block]).shuffle(order)
+        return order
+
+    def _make_permutation(self, domain: int, epoch: int) -> np.ndarray:
+        n_items = len(self.datasets[domain]) * self.pieces[domain]
+        return np.random.default_rng([self.seed, 1_000_003 + domain, epoch]).permutation(n_items)
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """(domain, row, piece) of item ``index``."""
+        if not 0 <= index < self.num_sequences:
+            raise IndexError(index)
+        block, offset = divmod(index, self.block_size)
+        order = self._block_order(block)
+        domain = int(order[offset])
+        occurrence = block * int(self.block_counts[domain]) + int((order[:offset] == domain).sum())
+        n_items = len(self.datasets[domain]) * self.pieces[domain]
+        epoch, k = divmod(occurrence, n_items)
+        row, piece = divmod(int(self._permutation(domain, epoch)[k]), self.pieces[domain])
+        return domain, row, piece
+
+    def __getitem__(self, index: int) -> dict:
+        domain, row, piece = self.locate(index)
+        example = self.datasets[domain][row]
+        example.setdefault("domain", os.path.basename(self.paths[domain].rstrip("/")))
+        if self.pieces[domain] > 1 or len(example["input_ids"]) > self.max_length:
+            start = piece * self.max_length
+            example = _slice_example(example, start, start + self.max_length)
+        return example
+
+    def attention_cost(self, index: int) -> int:
+        """sum(doc_len^2) of item ``index``: its attention work, for load balancing."""
+        example = self[index]
+        return int(sum((int(e) - int(s)) ** 2 for s, e in example["indices"]))
+
+
+class BalancedOrder(Dataset):
+    """Reorders each optimizer step's items so every device gets the same attention work.
+
+    ProLong's load balancing (+11.7% tokens/s): within a block of ``micro_batch x processes x
+    accumulation`` items, sort by sum(doc_len^2) and deal them out snake-wise to the processes.
+    The layout matches accelerate's sharding: consecutive micro-batches go to processes in turn.
+    """
+
+    def __init__(self, dataset: MixtureDataset, micro_batch: int, num_processes: int, accumulation: int):
+        self.dataset, self.micro_batch, self.num_processes = dataset, micro_batch, num_processes
+        self.block = micro_batch * num_processes * accumulation
+        self._block_layout = lru_cache(maxsize=2)(self._make_block_layout)
+
+    def __len__(self) -> int:
+        return len(self.dataset) - len(self.dataset) % self.block
+
+    def _make_block_layout(self, block: int) -> list[int]:
+        first = block * self.block
+        items = sorted(range(first, first + self.block), key=self.dataset.attention_cost, reverse=True)
+        per_process: list[list[int]] = [[] for _ in range(self.num_processes)]
+        for rank_in_round, item in enumerate(items):
+            round_, pos = divmod(rank_in_round, self.num_processes)
+            per_process[pos if round_ % 2 == 0 else self.num_processes - 1 - pos].append(item)
+        layout = []
+        steps = len(per_process[0]) // self.micro_batch
+        for step in range(steps):
+            for process in per_process:
+                layout += process[step * self.micro_batch : (step + 1) * self.micro_batch]
+        return layout
+
+    def __getitem__(self, index: int) -> dict:
+        block, offset = divmod(index, self.block)
+        return self.dataset[self._block_layout(block)[offset]]

@@ -1,0 +1,53 @@
+"""Causal-LM cross-entropy summed over valid tokens, computed in chunks.
+
+The full ``tokens x vocab`` logits tensor of a 64K-token row of a 128K-vocabulary model is 32 GiB
+in fp32; computing the logits chunk by chunk (and recomputing them in backward through
+activation checkpointing) keeps only one chunk alive. Pure PyTorch, so it runs everywhere;
+Liger's fused kernel replaces it on CUDA when asked (``use_liger_kernel``).
+
+The function returns a SUM; the trainer divides by the number of valid tokens of the whole
+optimizer step (all accumulation micro-steps, all devices), which makes the loss an exact
+global token mean rather than a mean of per-device means.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from prolong.collator import IGNORE_INDEX
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None):
+    logits = F.linear(hidden, weight).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    # reduction="sum" over ignore_index tokens gives 0 (never NaN) for a chunk with no valid label
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy_sum(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    shift_labels: torch.Tensor,
+    chunk_size: int = 4096,
+    logit_softcap: float | None = None,
+) -> torch.Tensor:
+    """Sum of token cross-entropies; ``shift_labels[t]`` is the target of ``hidden_states[t]``."""
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    labels = shift_labels.reshape(-1).to(hidden.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        chunk_labels = labels[start : start + chunk_size]
+        if not (chunk_labels != IGNORE_INDEX).any():
+            continue  # nothing to learn here; skipping also saves the matmul
+        chunk_hidden = hidden[start : start + chunk_size]
+        if torch.is_grad_enabled() and chunk_hidden.requires_grad:
+            # recompute the chunk's logits in backward instead of keeping them
+            total = total + checkpoint(
+                _chunk_loss_sum, chunk_hidden, lm_head_weight, chunk_labels, logit_softcap, use_reentrant=False
+            )
+        else:
+            total = total + _chunk_loss_sum(chunk_hidden, lm_head_weight, chunk_labels, logit_softcap)
+    return total

@@ -1,0 +1,107 @@
+"""Loading the tokenizer and the causal LM, with the recipe's RoPE settings and attention backend.
+
+RoPE lives in ``config.rope_parameters`` in transformers v5: ``config.rope_theta = x`` is silently
+ignored and ``from_pretrained(path, rope_theta=x)`` raises, so we edit the loaded config and pass
+it back with ``config=``; ``save_pretrained`` then writes the new base into config.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from prolong.attention import choose_attn_implementation
+from prolong.config import ModelConfig, RecipeError, theta_warning
+
+logger = logging.getLogger(__name__)
+
+
+def _check_model_path(path: str) -> None:
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not os.path.isdir(path) and not looks_like_hub_id:
+        raise RecipeError(
+            f"model_name_or_path: '{path}' is neither a local directory nor a Hub id (org/name). "
+            "Fix the path, or run `make demo-model` for the tiny demo model."
+        )
+
+
+def _rope_dicts(config: PretrainedConfig) -> list[dict]:
+    """The rope parameter dicts of a config: one, or one per layer type (e.g. Gemma 3)."""
+    params = config.rope_parameters
+    if params is None:
+        return []
+    if all(isinstance(v, dict) for v in params.values()):
+        return list(params.values())
+    return [params]
+
+
+def apply_rope_settings(
+    config: PretrainedConfig, rope_theta: float | None, rope_scaling: dict | None, max_length: int | None
+) -> PretrainedConfig:
+    """Set the recipe's RoPE base / scaling on ``config`` and make the window cover ``max_length``."""
+    text_config = config.get_text_config()
+    if (rope_theta or rope_scaling) and text_config.rope_parameters is None:
+        raise RecipeError(f"{type(config).__name__} has no rope_parameters; drop rope_theta/rope_scaling.")
+    original_window = getattr(text_config, "max_position_embeddings", None)
+    for params in _rope_dicts(text_config):
+        if rope_scaling:
+            params.update(rope_scaling)
+        if rope_theta:
+            params["rope_theta"] = float(rope_theta)
+    if max_length and original_window and max_length > original_window:
+        text_config.max_position_embeddings = max_length
+        for params in _rope_dicts(text_config):
+            if params.get("rope_type", "default") == "default":
+                warning = theta_warning(params["rope_theta"], max_length)
+                if warning:
+                    logger.warning(warning)
+    if hasattr(text_config, "validate_rope"):
+        text_config.validate_rope()
+    return config
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    _check_model_path(path)
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer_name_or_path else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if tokenizer.eos_token_id is None:
+        raise RecipeError(f"The tokenizer of '{path}' has no EOS token; documents could not be separated.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, max_length: int | None = None, path: str | None = None):
+    """Load ``path`` (default: cfg.model_name_or_path) with the recipe's RoPE and attention backend."""
+    path = path or cfg.model_name_or_path
+    _check_model_path(path)
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and path == cfg.model_name_or_path else {}
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    apply_rope_settings(config, cfg.rope_theta, cfg.rope_scaling, max_length)
+    attn = choose_attn_implementation(cfg.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        config=config,
+        dtype=resolve_dtype(cfg.dtype),
+        attn_implementation=attn,
+        trust_remote_code=cfg.trust_remote_code,
+        **kwargs,
+    )
+    logger.info(
+        "Loaded %s (%.1fM parameters, attention=%s, rope=%s)",
+        path,
+        model.num_parameters() / 1e6,
+        attn,
+        model.config.get_text_config().rope_parameters,
+    )
+    return model

@@ -1,0 +1,84 @@
+"""Continued pre-training of a causal LM on long + short documents (ProLong stages 1 and 2).
+
+    accelerate launch prolong/run_cpt.py recipes/prolong-8b/stage1.yaml [--field value ...]
+    python prolong/run_cpt.py recipes/tiny/cpt.yaml --max_steps 10
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # `python prolong/run_cpt.py` from a checkout that is not pip-installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from transformers import set_seed
+
+from prolong.attention import check_document_masking
+from prolong.collator import PackedCollator
+from prolong.config import CPTConfig, DataConfig, ModelConfig, RecipeError, parse_recipe, resolve_gradient_accumulation
+from prolong.data.mixture import BalancedOrder, MixtureDataset
+from prolong.model import load_model, load_tokenizer
+from prolong.outputs import save_final_model, setup_logging
+from prolong.trainer import CPTTrainer, last_checkpoint
+
+logger = logging.getLogger("prolong.run_cpt")
+
+
+def build_train_dataset(data: DataConfig, args: CPTConfig):
+    if not data.dataset_mixture:
+        raise RecipeError("dataset_mixture is missing: map packed dataset directories to token shares.")
+    if args.max_steps <= 0:
+        raise RecipeError("max_steps must be set: the mixture is sampled by steps, not epochs.")
+    data_parallel = args.world_size // args.sequence_parallel_size
+    sequences_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * data_parallel
+    dataset = MixtureDataset(
+        data.dataset_mixture, data.max_length, num_sequences=args.max_steps * sequences_per_step, seed=args.seed
+    )
+    if data.balance_attention_cost:
+        dataset = BalancedOrder(
+            dataset, args.per_device_train_batch_size, data_parallel, args.gradient_accumulation_steps
+        )
+    return dataset
+
+
+def resolve_resume(args: CPTConfig) -> str | None:
+    if str(args.resume_from_checkpoint).lower() in ("true", "auto", "latest"):
+        return last_checkpoint(args.output_dir)  # None on a first run
+    return args.resume_from_checkpoint
+
+
+def main(argv: list[str] | None = None) -> str:
+    model_cfg, data_cfg, args, recipe = parse_recipe((ModelConfig, DataConfig, CPTConfig), argv, return_recipe=True)
+    setup_logging(args)
+    resolve_gradient_accumulation(data_cfg, args)
+    set_seed(args.seed)
+
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_model(model_cfg, data_cfg.max_length, path=args.init_from)
+    if args.check_document_masking:
+        check_document_masking(model)
+    train_dataset = build_train_dataset(data_cfg, args)
+
+    trainer = CPTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=PackedCollator(),
+        processing_class=tokenizer,
+    )
+    trainer.train(resume_from_checkpoint=resolve_resume(args))
+
+    return save_final_model(
+        trainer,
+        base_model=args.init_from or model_cfg.model_name_or_path,
+        stage="continued-pretraining",
+        recipe=recipe,
+        max_length=data_cfg.max_length,
+        mixture=data_cfg.dataset_mixture,
+    )
+
+
+if __name__ == "__main__":
+    main()

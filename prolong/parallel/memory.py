@@ -15,7 +15,8 @@ import torch
 
 
 def activation_offload(enabled: bool, pin_memory: bool = True):
-    """Context manager for the forward+backward of a training step; a no-op when disabled."""
+    """Context manager around the forward of a training step (backward may run outside it);
+    a no-op when disabled."""
     if not enabled:
         return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=pin_memory and torch.cuda.is_available())

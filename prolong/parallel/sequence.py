@@ -5,7 +5,8 @@ one packed row. Everything but attention is per token, so the model runs unchang
 embeddings, RMSNorm, MLP, and RoPE (applied by the model's own attention module, with the chunk's
 own per-document ``position_ids``). Only the attention core needs the whole sequence; this module
 registers ``ulysses_<inner>`` implementations (``ulysses_sdpa``, ``ulysses_flex_attention``,
-``ulysses_flash_attention_2``, ...) that wrap transformers' own ``<inner>`` backend:
+``ulysses_flash_attention_2``, ``ulysses_varlen`` from ``prolong.attention``, ...) that wrap the
+``<inner>`` backend registered in transformers' ``AttentionInterface``:
 
 1. all-to-all: ``[1, H, T/P, D]`` per rank -> ``[1, H/P, T, D]``: the full sequence for H/P heads;
 2. the inner backend runs on the full sequence with the GLOBAL ``position_ids`` (all-gathered
@@ -29,7 +30,8 @@ The model's own mask creation is skipped (``ulysses_*`` has no entry in transfor
 ``ALL_MASK_ATTENTION_FUNCTIONS``, so ``create_causal_mask`` returns None): a mask built from one
 chunk's positions would be meaningless. The global mask is built here instead, once per forward,
 by transformers' ``create_causal_mask`` for the inner backend (dense block-diagonal for
-sdpa/eager, a sparse BlockMask for flex) or ``cu_seq_lens`` for flash-attn varlen.
+sdpa/eager, a sparse BlockMask for flex) or ``cu_seq_lens`` for flash-attn varlen; backends that
+have no mask builder (like ``varlen``) read the global ``position_ids`` themselves.
 """
 
 from __future__ import annotations
@@ -42,12 +44,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 ULYSSES_PREFIX = "ulysses_"
-INNER_BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 # per-layer hints that describe a LOCAL chunk; they are recomputed for the global row
 _LOCAL_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -144,8 +145,12 @@ class UlyssesAttention:
     """
 
     def __init__(self, inner: str, group: dist.ProcessGroup):
-        if inner not in INNER_BACKENDS:
-            raise ValueError(f"unsupported inner attention backend {inner!r}; choose one of {INNER_BACKENDS}.")
+        if inner != "eager" and inner not in ALL_ATTENTION_FUNCTIONS:
+            raise ValueError(
+                f"unknown inner attention backend {inner!r}; choose eager or one of {sorted(ALL_ATTENTION_FUNCTIONS)}."
+            )
+        if inner.startswith(ULYSSES_PREFIX):
+            raise ValueError(f"{inner!r} is already a Ulysses attention; wrap its inner backend instead.")
         self.inner = inner
         self.group = group
         self.sp_size = dist.get_world_size(group)
@@ -214,6 +219,8 @@ class UlyssesAttention:
             varlen = dict(cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k)
             # one host sync per forward instead of one per layer
             return None, {**varlen, "max_length_q": int(max_q), "max_length_k": int(max_k)}
+        if self.inner not in ALL_MASK_ATTENTION_FUNCTIONS:
+            return None, {}  # e.g. varlen: reads the global position_ids itself
         # transformers' own mask builder, for the inner backend and the whole row's shape and positions
         mask = create_causal_mask(
             config=SimpleNamespace(_attn_implementation=self.inner),

@@ -255,10 +255,11 @@ def _pack_sft(dataset, writer, stats, codes, length, with_mask, progress, seed, 
 def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str | os.PathLike, *,
                  mode: str, length: int, min_length: int | None = None, overwrite: bool = False,
                  seed: int = 0, tokenizer_name: str | None = None,
-                 max_shard_bytes: int | None = None) -> dict:
+                 max_shard_bytes: int | None = None, chunk_rows: int = 4096) -> dict:
     """Pack a tokenized dataset (a Dataset or a `prolong-data tokenize` directory) into `out_dir`.
 
-    Returns the metadata written to `out_dir/prolong_data.json`.
+    Returns the metadata written to `out_dir/prolong_data.json`. `chunk_rows` documents (fewer if
+    they hold more than ~4M tokens) are packed at a time: that bounds memory, not the result.
     """
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
@@ -290,10 +291,10 @@ def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str |
         writer = ShardedDatasetWriter(tmp, packed_features(with_mask), **writer_kwargs)
         with tqdm(total=len(tokenized), unit="doc", desc=f"pack {mode} L={length}") as progress:
             if mode == "sft":
-                _pack_sft(tokenized, writer, stats, codes, length, with_mask, progress, seed)
+                _pack_sft(tokenized, writer, stats, codes, length, with_mask, progress, seed, chunk_rows)
             else:
                 columns = ["input_ids", "domain"] + (["mask"] if with_mask else [])
-                chunks = iter_table_chunks(tokenized, columns, min_rows=4096, max_values=max(1 << 22, 4 * length))
+                chunks = iter_table_chunks(tokenized, columns, min_rows=chunk_rows, max_values=max(1 << 22, 4 * length))
                 if mode == "long":
                     _pack_long(chunks, writer, stats, codes, length, min_length, with_mask, progress)
                 else:

@@ -1,0 +1,54 @@
+"""A TrainerCallback that runs a small recall evaluation on every saved checkpoint.
+
+    trainer.add_callback(RecallEvalCallback(lengths=[8192, 32768], tasks=["json_kv"], num_samples=10))
+
+On each save (rank 0 only) the in-memory model is put in eval mode, evaluated under no_grad, put back
+in train mode; the scores go to the trainer's log (log_history / TensorBoard via `trainer.log`) and to
+`<checkpoint>/recall_eval/` (scores.json, report.md, predictions).
+"""
+import logging
+import os
+
+from transformers import TrainerCallback
+
+from .runner import evaluate
+
+logger = logging.getLogger(__name__)
+
+
+class RecallEvalCallback(TrainerCallback):
+    def __init__(self, lengths=(8192,), tasks=("json_kv", "ruler_mk_needle", "ruler_mk_uuid", "ruler_mv"),
+                 num_samples: int = 10, **eval_kwargs):
+        self.lengths = list(lengths)
+        self.tasks = list(tasks)
+        self.num_samples = num_samples
+        self.eval_kwargs = {"plots": False, "num_depths": 5, "resume": False, **eval_kwargs}
+        self.trainer = None  # set by the trainer recipe (or on_init_end) so scores go through trainer.log
+
+    def on_init_end(self, args, state, control, **kwargs):
+        return control
+
+    def on_save(self, args, state, control, model=None, processing_class=None, tokenizer=None, **kwargs):
+        if not state.is_world_process_zero or model is None:
+            return control
+        tokenizer = processing_class or tokenizer
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        out_dir = os.path.join(checkpoint if os.path.isdir(checkpoint) else args.output_dir,
+                               "recall_eval" if os.path.isdir(checkpoint) else f"recall_eval-{state.global_step}")
+        was_training = model.training
+        model.eval()
+        try:
+            scores = evaluate(model, tokenizer=tokenizer, tasks=self.tasks, lengths=self.lengths, output_dir=out_dir,
+                              max_samples=self.num_samples, **self.eval_kwargs)
+        finally:
+            if was_training:
+                model.train()
+        logs = {f"eval_recall/{r['task']}_{r['length']}": r["score"] for r in scores["results"] if r["score"] is not None}
+        for length, value in scores["categories"].get("recall", {}).items():
+            logs[f"eval_recall/avg_{length}"] = value
+        logs["step"] = state.global_step
+        state.log_history.append(dict(logs))
+        if self.trainer is not None:
+            self.trainer.log({k: v for k, v in logs.items() if k != "step"})
+        logger.info("recall eval at step %d: %s", state.global_step, logs)
+        return control

@@ -1,0 +1,133 @@
+"""Scores, the markdown report and the plots (matplotlib, Agg backend)."""
+import json
+import os
+from collections import defaultdict
+
+from .tasks import CATEGORIES
+
+
+def _mean(values):
+    values = [float(v) for v in values if isinstance(v, (int, float, bool))]
+    return sum(values) / len(values) if values else None
+
+
+def summarise(task, records: list) -> dict:
+    """Mean of each numeric metric (x100 for 0-1 metrics) and the task's primary score."""
+    numeric = defaultdict(list)
+    for record in records:
+        for name, value in record["metrics"].items():
+            if isinstance(value, (int, float, bool)):
+                numeric[name].append(value)
+    means = {name: _mean(values) for name, values in numeric.items()}
+    means = {name: (v if name in ("judge_score", "judge_f1", "num_preds") else 100 * v) for name, v in means.items()}
+    metric, note = task.primary_metric, None
+    if task.judged and metric not in means:
+        metric, note = task.fallback_metric, "judge skipped: score is " + task.fallback_metric
+    by_depth = defaultdict(list)
+    for record in records:
+        if record.get("depth") is not None:
+            by_depth[round(record["depth"], 4)].append(record["metrics"].get(metric, 0))
+    return {"score": means.get(metric), "metric": metric, "note": note, "n": len(records), "metrics": means,
+            "by_depth": {str(d): 100 * _mean(v) for d, v in sorted(by_depth.items())},
+            "mean_input_tokens": _mean([r["input_tokens"] for r in records]),
+            "truncated_samples": sum(1 for r in records if r.get("truncated_tokens"))}
+
+
+def build_scores(results: list, model_name: str, config: dict, window) -> dict:
+    categories = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        if r.get("score") is not None:
+            categories[r["category"]][r["length"]].append(r["score"])
+    return {"model": model_name, "model_window": window, "config": config, "results": results,
+            "categories": {c: {str(length): _mean(v) for length, v in sorted(by_len.items())}
+                           for c, by_len in categories.items()}}
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def markdown(scores: dict) -> str:
+    results = scores["results"]
+    lengths = sorted({r["length"] for r in results})
+    lines = [f"# Long-context evaluation: {scores['model']}", "",
+             f"Model window (max_position_embeddings): {scores['model_window']}", "",
+             "## Categories", "", "| category | " + " | ".join(map(str, lengths)) + " |",
+             "|---" * (len(lengths) + 1) + "|"]
+    for category, by_len in scores["categories"].items():
+        lines.append(f"| {CATEGORIES.get(category, category)} | " + " | ".join(_fmt(by_len.get(str(n))) for n in lengths) + " |")
+    lines += ["", "## Tasks", "", "| task | metric | " + " | ".join(map(str, lengths)) + " |",
+              "|---" * (len(lengths) + 2) + "|"]
+    by_task = defaultdict(dict)
+    for r in results:
+        by_task[r["task"]][r["length"]] = r
+    for task, by_len in by_task.items():
+        metric = next((r.get("metric") for r in by_len.values() if r.get("metric")), "")
+        cells = [("beyond window" if by_len[n]["status"] == "beyond_window" else _fmt(by_len[n]["score"]))
+                 if n in by_len else "" for n in lengths]
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    notes = sorted({f"- {r['task']} @ {r['length']}: {r.get('message') or r.get('note')}"
+                    for r in results if r.get("message") or r.get("note")})
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot_score_vs_length(scores: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for category, by_len in scores["categories"].items():
+        points = sorted((int(n), v) for n, v in by_len.items() if v is not None)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=CATEGORIES.get(category, category))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("input length (tokens)")
+    ax.set_ylabel("score")
+    ax.set_ylim(-2, 102)
+    ax.legend()
+    ax.set_title("Score vs. input length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_depth_heatmap(scores: dict, path: str) -> bool:
+    """Recall score for each needle depth (rows) and length (columns), averaged over recall tasks."""
+    cells = defaultdict(list)
+    for r in scores["results"]:
+        for depth, value in (r.get("by_depth") or {}).items():
+            if r["category"] == "recall":
+                cells[(float(depth), r["length"])].append(value)
+    if not cells:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    depths = sorted({d for d, _ in cells})
+    lengths = sorted({n for _, n in cells})
+    grid = [[_mean(cells.get((d, n), [])) if cells.get((d, n)) else float("nan") for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.4 * len(depths) + 2))
+    image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+    ax.set_xlabel("input length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title("Recall by needle depth")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_all(scores: dict, output_dir: str, plots: bool = True):
+    with open(os.path.join(output_dir, "scores.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    with open(os.path.join(output_dir, "report.md"), "w") as f:
+        f.write(markdown(scores))
+    if plots:
+        os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
+        plot_score_vs_length(scores, os.path.join(output_dir, "plots", "score_vs_length.png"))
+        plot_depth_heatmap(scores, os.path.join(output_dir, "plots", "recall_depth_heatmap.png"))

@@ -1,0 +1,48 @@
+"""python -m evaluation.run --config evaluation/configs/recall.yaml --model PATH [--key value ...]
+
+Every config key (evaluation/config.py DEFAULTS) is accepted as --key VALUE; values are read as
+YAML scalars ("true", "3", "null"), lists as comma-separated text (--lengths 8k,16k).
+"""
+import argparse
+import logging
+import sys
+
+import yaml
+
+from .config import DEFAULTS
+from .runner import evaluate
+
+
+def parse_args(argv=None) -> tuple[str | None, dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with config keys")
+    for key in DEFAULTS:
+        parser.add_argument(f"--{key}", dest=key, default=None, help=f"default: {DEFAULTS[key]!r}")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unknown option(s) {' '.join(unknown)}; config keys are: {', '.join(sorted(DEFAULTS))}")
+    overrides = {}
+    for key in DEFAULTS:
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value if key in ("tasks", "lengths", "model", "tokenizer", "output_dir", "data_dir") \
+                else yaml.safe_load(value)
+    return args.config, overrides
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config, overrides = parse_args(argv)
+    from .config import load_config
+    model = load_config(config, overrides)["model"]
+    if not model:
+        sys.exit("error: no model given (--model PATH or `model:` in the config)")
+    overrides.pop("model", None)
+    scores = evaluate(model, config=config, **overrides)
+    for category, by_length in scores["categories"].items():
+        print(category, {n: round(v, 1) for n, v in by_length.items() if v is not None})
+    print(f"report: {scores['config']['output_dir']}/report.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""The task registry: HELMET's prompt templates, data formats, demonstration counts and metrics.
+
+A task turns (length, settings) into samples: dicts holding the template fields (`context`,
+`question`, `demos`, ...), the gold `answer` and an `id`. Recall tasks are generated
+(`synthetic.py`); the others read the files of HELMET's release (or, for ICL/LongQA/Summ, which
+HELMET pulls from the Hub at run time, a jsonl export of the same Hub datasets).
+"""
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import metrics as M
+from . import synthetic
+
+HELMET_DATA_URL = "https://huggingface.co/datasets/princeton-nlp/HELMET"
+HELMET_DOWNLOAD = (f"download {HELMET_DATA_URL}/resolve/main/data.tar.gz and extract it "
+                   "(HELMET's scripts/download_data.sh), then pass --data_dir pointing at the extracted data/ folder")
+HELMET_LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072]
+
+
+class DataFileMissing(FileNotFoundError):
+    """A task's data file is absent; the message says where to get it."""
+
+
+@dataclass
+class LoadRequest:
+    """What a task loader needs to produce the samples of one length."""
+    length: int                      # total token budget: input + generation
+    input_budget: int                # tokens the prompt may use (length - generation_max_length)
+    max_samples: int
+    seed: int
+    shots: int
+    data_dir: str
+    num_depths: int = 11
+    count_tokens: Callable[[dict], int] | None = None  # renders fields with the task's template
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    category: str
+    user_template: str
+    system_template: str             # the answer prefix ("Answer:"), appended after `separator`
+    generation_max_length: int
+    use_chat_template: bool          # HELMET: off for Recall/RAG/Re-rank/ICL, on for QA/Summ/Cite
+    stop_newline: bool               # HELMET's configs meant these; its code never applied them
+    shots: int
+    primary_metric: str
+    load: Callable[["Task", LoadRequest], list]
+    score: Callable[[str, dict], dict]  # (model output, sample) -> metrics
+    separator: str = "\n"
+    default_max_samples: int = 100
+    judged: bool = False             # has a model-judged score (NarrativeQA, summarisation)
+    fallback_metric: str | None = None  # reported when the judge is not configured
+    extra: dict = field(default_factory=dict)
+
+    def fields(self, sample: dict) -> dict:
+        """Template fields with the system template formatted too (RULER's mentions the query)."""
+        return {**sample, "demos": sample.get("demos", ""), "demo": sample.get("demo", "")}
+
+    def user_prompt(self, sample: dict) -> str:
+        return self.user_template.format(**self.fields(sample))
+
+    def answer_prefix(self, sample: dict) -> str:
+        return self.system_template.format(**self.fields(sample))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def read_jsonl(path: str, how_to_get: str = HELMET_DOWNLOAD) -> list[dict]:
+    if not os.path.exists(path):
+        raise DataFileMissing(f"Data file not found: {path}. To get it: {how_to_get}.")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            data = json.load(f)
+            return data["data"] if isinstance(data, dict) else data
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def sha_seed(text: str) -> int:
+    """HELMET's per-sample seed: sha256 of the key, as a positive 31-bit integer."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % 2**31
+
+
+def helmet_shuffle(rows: list, seed: int) -> list:
+    """`datasets.Dataset.shuffle(seed=...)` order (numpy default_rng permutation), without datasets."""
+    return [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+
+
+def drop_duplicates(rows: list, key: str) -> list:
+    seen, out = set(), []
+    for row in rows:
+        if row[key] not in seen:
+            seen.add(row[key])
+            out.append(row)
+    return out
+
+
+def pick_by_length(length: int, table: dict) -> object:
+    """The entry for the smallest HELMET length >= `length` (the largest beyond 128K): its context is
+    then cut at the end to fit, never padded."""
+    for nominal in sorted(table):
+        if nominal >= length:
+            return table[nominal]
+    return table[max(table)]
+
+
+def sample_keys(rows: list, key: str, max_samples: int, seed: int) -> list:
+    """HELMET's subsampling for RAG/Re-rank: random.sample over sorted ids, file order kept."""
+    keys = sorted({r[key] for r in rows})
+    chosen = set(random.Random(seed).sample(keys, min(max_samples, len(keys))))
+    return [r for r in rows if r[key] in chosen]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recall (generated)
+
+RULER_SINGLE_USER = ("A special magic {type_needle_v} is hidden within the following text. Make sure to memorize it. "
+                     "I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
+                     "What is the special magic {type_needle_v} for {query} mentioned in the provided text?")
+RULER_SINGLE_SYSTEM = "The special magic {type_needle_v} for {query} mentioned in the provided text is"
+RULER_MULTI_USER = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
+                    "I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
+                    "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?")
+RULER_MULTI_SYSTEM = "The special magic {type_needle_v} for {query} mentioned in the provided text are"
+JSON_KV_USER = ("{context}\n\nExtract the value corresponding to the specified key in the JSON object below.\n\n"
+                "{demos}Key: {question}")
+
+
+def load_synthetic(task: Task, req: LoadRequest) -> list:
+    builder = synthetic.BUILDERS[task.extra["builder"]]
+    samples = []
+    for index, depth in enumerate(synthetic.needle_depths(req.max_samples, req.num_depths)):
+        sample_seed = synthetic.stable_seed(task.name, req.length, index, req.seed)
+        n_items, fields = synthetic.fit_items_to_length(
+            lambda n: builder(sample_seed, n, depth, shots=req.shots), req.count_tokens, req.input_budget)
+        samples.append({"id": f"{task.name}-{req.length}-{index}", "num_items": n_items, **fields})
+    return samples
+
+
+def score_json_kv(output: str, sample: dict) -> dict:
+    return M.qa_metrics_with_parsing(output, sample["answer"], prefix="corresponding value:")
+
+
+def score_ruler(output: str, sample: dict) -> dict:
+    return {"ruler_recall": M.recall_share(output, sample["answer"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# RAG: KILT with retrieved passages (HELMET's data/kilt/*.jsonl)
+
+KILT_FILES = {"kilt_nq": ("nq-dev-multikilt_1000_k{k}_dep6.jsonl", "nq-train-multikilt_1000_k3_dep6.jsonl"),
+              "kilt_triviaqa": ("triviaqa-dev-multikilt_1000_k{k}_dep6.jsonl", "triviaqa-train-multikilt_1000_k3_dep6.jsonl"),
+              "kilt_hotpotqa": ("hotpotqa-dev-multikilt_1000_k{k}_dep3.jsonl", "hotpotqa-train-multikilt_1000_k3_dep3.jsonl"),
+              "kilt_popqa_3": ("popqa_test_1000_k{k}_dep6.jsonl", "popqa_test_1000_k3_dep6.jsonl")}
+KILT_PASSAGES = dict(zip(HELMET_LENGTHS, [20, 50, 105, 220, 440, 1000]))
+RAG_USER = ("Use the given documents to write a concise and short answer to the question. Write your answer in the "
+            "following format:\nAnswer: [answer]\n\n{demos}{context}\n\nQuestion: {question}")
+PASSAGE = "Document (Title: {title}): {text}"
+
+
+def load_kilt(task: Task, req: LoadRequest) -> list:
+    test_name, demo_name = KILT_FILES[task.name]
+    k = pick_by_length(req.length, KILT_PASSAGES)
+    data = read_jsonl(os.path.join(req.data_dir, "kilt", test_name.format(k=k)))
+    demos = read_jsonl(os.path.join(req.data_dir, "kilt", demo_name))
+    if "popqa" in task.name:  # HELMET's kilt_popqa_3: only long-tail entities, log10(popularity) < 3
+        data = [d for d in data if math.log10(d["s_pop"]) < 3]
+        demos = [d for d in demos if math.log10(d["s_pop"]) < 3]
+    key = "id" if "id" in data[0] else "question"
+    data = sample_keys(data, key, req.max_samples, req.seed)
+    samples = []
+    for d in data:
+        demo_text = ""
+        if req.shots > 0:
+            pool = [x for x in demos if x[key] != d[key]] if "popqa" in task.name else demos
+            chosen = drop_duplicates(helmet_shuffle(pool, sha_seed(d[key])), key)[:req.shots]
+            demo_text = "\n\n".join(
+                "\n\n".join(PASSAGE.format(**c) for c in x["ctxs"]) + f"\n\nQuestion: {x['question']}\nAnswer: {x['answers'][0]}"
+                for x in chosen) + "\n\n"
+        samples.append({"id": str(d[key]), "question": d["question"], "answer": d["answers"], "demos": demo_text,
+                        "context": "\n\n".join(PASSAGE.format(**c) for c in d["ctxs"])})
+    return samples
+
+
+def score_qa(output: str, sample: dict) -> dict:
+    return M.qa_metrics_with_parsing(output, sample["answer"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-rank: MS MARCO (HELMET's data/msmarco/*.jsonl)
+
+MSMARCO_PASSAGES = dict(zip(HELMET_LENGTHS, [14, 50, 130, 285, 600, 1000]))
+RERANK_USER = ("You are provided with a list of documents, each indicated by their ID. Rank each document based on their "
+               "relevance to the question in descending order from most relelvant to least relevant texts. Include all "
+               "documents in the rankings. Write your answer using the unique IDs, with the following format:\n"
+               "Ranking: ID3 > ID1 > ID2\n\n{demos}{context}\n\nQuery: {question}")  # "relelvant": HELMET's spelling
+
+
+def load_msmarco(task: Task, req: LoadRequest) -> list:
+    k = pick_by_length(req.length, MSMARCO_PASSAGES)
+    data = read_jsonl(os.path.join(req.data_dir, "msmarco", f"test_reranking_data_k{k}_dep3.jsonl"))
+    demos = read_jsonl(os.path.join(req.data_dir, "msmarco", "test_reranking_data_k10_dep3.jsonl"))
+    data = sample_keys(data, "qid", req.max_samples, req.seed)
+    test_qids = {d["qid"] for d in data}
+    demos = [x for x in demos if x["qid"] not in test_qids]
+    samples = []
+    for d in data:
+        template = "[ID: {id}] Document (Title: {title}): {text}" if "title" in d["ctxs"][0] else "[ID: {id}] Document: {text}"
+        demo_text = ""
+        if req.shots > 0:
+            for x in drop_duplicates(helmet_shuffle(demos, sha_seed(d["qid"])), "qid")[:req.shots]:
+                ranking = " > ".join(c["id"] for c in sorted(x["ctxs"], key=lambda c: c["label"], reverse=True))
+                demo_text += ("\n\n".join(template.format(**c) for c in x["ctxs"])
+                              + f"\n\nQuery: {x['query']}\nRanking: {ranking}\n\n")
+        samples.append({"id": str(d["qid"]), "question": d["query"], "demos": demo_text,
+                        "context": "\n\n".join(template.format(**c) for c in d["ctxs"]),
+                        "answer": " > ".join(c["id"] for c in sorted(d["ctxs"], key=lambda c: c["label"], reverse=True)),
+                        "qrels": {str(c["id"]): int(c["label"]) for c in d["ctxs"]}})
+    return samples
+
+
+def score_rerank(output: str, sample: dict) -> dict:
+    ranking = M.parse_rankings(output)
+    return {"NDCG@10": M.ndcg_at_k(ranking, sample["qrels"], 10), "num_preds": len(ranking)}
+
+
+# ---------------------------------------------------------------------------------------------
+# ICL: many-shot classification with labels mapped to shuffled integers
+
+ICL_DATASETS = {  # name: (label field, number of labels, Hub dataset, HELMET shots at 4K..128K)
+    "icl_trec_coarse": ("coarse_label", 6, "CogComp/trec", [200, 400, 800, 1600, 3300, 6600]),
+    "icl_trec_fine": ("fine_label", 50, "CogComp/trec", [200, 400, 800, 1600, 3200, 6400]),
+    "icl_banking77": ("label", 77, "PolyAI/banking77", [180, 360, 720, 1450, 2900, 5900]),
+    "icl_clinic150": ("intent", 151, "clinc_oos (config plus; test = validation split)", [220, 440, 880, 1750, 3525, 7050]),
+    "icl_nlu": ("label", 68, "xingkunliuxtracta/nlu_evaluation_data (train split only)", [250, 510, 1020, 2040, 4080, 8296]),
+}
+ICL_USER = ("Use the provided mapping from the text to label to assign a label to the text. Only output \"label: {{label}}\" "
+            "and nothing else. \n\n{context}\n\n{question}")
+
+
+def icl_shots(name: str, length: int) -> int:
+    """HELMET's shot count at its lengths; linear in length elsewhere (e.g. 256K, or tiny test lengths)."""
+    table = dict(zip(HELMET_LENGTHS, ICL_DATASETS[name][3]))
+    return table.get(length, max(1, round(table[131072] * length / 131072)))
+
+
+def balance_labels(train: list, label_field: str, shots: int, seed: int) -> list:
+    """HELMET's balanced demo sampling (one seeded RNG, so every test sample shares the demos)."""
+    rand = random.Random(seed)
+    by_label = {}
+    for x in train:
+        by_label.setdefault(x[label_field], []).append(x)
+    rounds = math.ceil(shots / len(by_label))
+    grouped = [[] for _ in range(rounds)]
+    for samples in by_label.values():
+        indices = rand.sample(range(len(samples)), rounds % len(samples))  # sic: HELMET's expression
+        while len(indices) < rounds:
+            indices += rand.sample(range(len(samples)), min(rounds - len(indices), len(samples)))
+        for i, idx in enumerate(indices):
+            grouped[i].append(samples[idx])
+    for group in grouped:
+        rand.shuffle(group)
+    return [x for group in grouped for x in group][:shots]
+
+
+def load_icl(task: Task, req: LoadRequest) -> list:
+    label_field, num_labels, hub, _ = ICL_DATASETS[task.name]
+    folder = os.path.join(req.data_dir, "icl")
+    how = (f"HELMET reads it from the Hub: export it with `datasets`, e.g. load_dataset('{hub.split(' ')[0]}')"
+           f"[split].to_json('{folder}/{task.name}_<split>.jsonl') for the train and test splits")
+    train = read_jsonl(os.path.join(folder, f"{task.name}_train.jsonl"), how)
+    if task.name == "icl_nlu":  # HELMET splits the single train split 90/10 with the seed
+        from datasets import Dataset
+        split = Dataset.from_list(train).train_test_split(test_size=0.1, seed=req.seed)
+        train, test = split["train"].to_list(), split["test"].to_list()
+    else:
+        test = read_jsonl(os.path.join(folder, f"{task.name}_test.jsonl"), how)
+    if len(test) > req.max_samples:
+        test = helmet_shuffle(test, req.seed)[:req.max_samples]
+    shots = icl_shots(task.name, req.length)
+    demos = balance_labels(train, label_field, shots, req.seed)
+    samples = []
+    for index, x in enumerate(test):
+        local_seed = (int(hashlib.sha256(x["text"].encode("utf-8")).hexdigest(), 16) + req.seed) % 2**31
+        mapping = list(range(num_labels))
+        random.Random(local_seed).shuffle(mapping)  # labels -> shuffled integers, per test sample
+        context = "\n\n".join(f"{d['text']}\nlabel: {mapping[int(d[label_field])]}" for d in demos)
+        samples.append({"id": f"{index}-{local_seed}", "context": context,
+                        "question": x["text"], "answer": str(mapping[int(x[label_field])]), "shots": shots})
+    return samples
+
+
+def score_icl(output: str, sample: dict) -> dict:
+    parsed = M.parse_output(output, "label:") or ""
+    return {"exact_match": M.exact_match(parsed, sample["answer"]), "parsed_output": parsed}
+
+
+# ---------------------------------------------------------------------------------------------
+# LongQA and summarisation: books and legal documents, cut at the end to fit
+
+NARRATIVEQA_USER = ("You are given a story, which can be either a novel or a movie script, and a question. Answer the "
+                    "question as concisely as you can, using a single phrase if possible.\n\n{demo}{context}\n\nQuestion: {question}")
+INFBENCH_QA_USER = ("You are given a story and a question. Answer the question as concisely as you can, using a single "
+                    "phrase if possible.\n\n{demo}{context}\n\nQuestion: {question}")
+INFBENCH_MC_USER = ("You are given a story and a question with multiple choices. Choose the best answer from the options "
+                    "provided. Only one of the following options is correct, output the answer using one single letter "
+                    "(A, B, C, or D). Don't say anything else.\n\n{demo}{context}\n\nQuestion: {question}\nOptions:\n{options}")
+INFBENCH_SUM_USER = ("You are given a book and you are tasked to summarize it. Write a summary of about 1000 to 1200 words. "
+                     "Only write about the plot and characters of the story. Do not discuss the themes or background of "
+                     "the book. Do not provide any analysis or commentary.\n\n{demo}{context}\n\nNow summarize the book.")
+LEXSUM_USER = ("You are given the legal documents in a civil rights lawsuit, and you are tasked to summarize the case. Write "
+               "a concise summary of one paragraph (200 to 250 words). The summary should contain a short description of "
+               "the background, the parties involved, and the outcomes of the case.\n\n{demo}Legal documents:\n{context}\n\n"
+               "Now please summarize the case.")
+INFBENCH_HOW = ("download the InfiniteBench file from https://huggingface.co/datasets/xinrongzhang2022/InfiniteBench "
+                "(longbook_*.jsonl) into {folder}")
+
+
+def _pick_demos(pool: list, exclude_id, count: int, seed: int) -> list:
+    """Deterministic demonstrations (HELMET shuffled these without a seed)."""
+    pool = [p for p in pool if p["id"] != exclude_id]
+    return random.Random(synthetic.stable_seed(exclude_id, seed)).sample(pool, min(count, len(pool)))
+
+
+def _narrativeqa_row(row: dict, index: int) -> dict:
+    """Accept the Hub layout (document.text, question.text, answers[].text) or a flat one."""
+    if isinstance(row.get("document"), dict):
+        return {"id": f"{row['document'].get('id', '')}-{index}", "context": row["document"]["text"],
+                "question": row["question"]["text"], "answer": [a["text"] for a in row["answers"]]}
+    return {"id": str(row.get("id", index)), "context": row["context"], "question": row["question"],
+            "answer": row["answer"] if isinstance(row["answer"], list) else [row["answer"]]}
+
+
+def load_narrativeqa(task: Task, req: LoadRequest) -> list:
+    folder = os.path.join(req.data_dir, "narrativeqa")
+    how = (f"export the Hub dataset deepmind/narrativeqa with `datasets`: load_dataset('deepmind/narrativeqa')"
+           f"[split].to_json('{folder}/<split>.jsonl') for test and train")
+    test = [_narrativeqa_row(r, i) for i, r in enumerate(read_jsonl(os.path.join(folder, "test.jsonl"), how))]
+    test = helmet_shuffle(test, req.seed)[:req.max_samples]
+    train = []
+    if req.shots > 0:
+        train = [_narrativeqa_row(r, i) for i, r in enumerate(read_jsonl(os.path.join(folder, "train.jsonl"), how))]
+    for sample in test:
+        sample["demo"] = ""
+        if req.shots > 0:
+            demos = _pick_demos(train, sample["id"], req.shots, req.seed)
+            sample["demo"] = ("For example:\n\n" + "\n\n".join(f"Question: {d['question']}\nAnswer: {d['answer'][0]}" for d in demos)
+                              + "\n\nNow, use the following story to answer the question:\n\n")
+    return test
+
+
+def load_infbench(task: Task, req: LoadRequest) -> list:
+    folder = os.path.join(req.data_dir, "infbench")
+    rows = read_jsonl(os.path.join(folder, task.extra["file"]), INFBENCH_HOW.format(folder=folder))
+    samples = []
+    for row in rows:
+        sample = {"id": row["id"], "context": row["context"], "question": row["input"], "demo": "", "answer": row["answer"]}
+        if task.name == "infbench_choice_eng":
+            letter = chr(ord("A") + row["options"].index(row["answer"][0]))
+            sample["options"] = "A. {}\nB. {}\nC. {}\nD. {}".format(*row["options"])
+            sample["answer"] = [letter, f"{letter}. {row['answer'][0]}"]
+        samples.append(sample)
+    chosen = helmet_shuffle(samples, req.seed)[:req.max_samples]
+    if req.shots > 0:
+        for sample in chosen:
+            demos = helmet_shuffle([s for s in samples if s["id"] != sample["id"]], req.seed)[:req.shots]
+            if task.name == "infbench_sum_eng":
+                text = "\n\n".join(f"[story text]\nSummary: {d['answer'][0].strip()}" for d in demos)
+            elif task.name == "infbench_choice_eng":
+                text = "\n\n".join(f"[story text]\nQuestion: {d['question']}\nOptions:\n{d['options']}\nAnswer: {d['answer'][0]}" for d in demos)
+            else:
+                text = "\n\n".join(f"[story text]\nQuestion: {d['question']}\nAnswer: {d['answer'][0]}" for d in demos)
+            sample["demo"] = f"For example:\n\n{text}\n\nNow, read the following story:\n\n"
+    return [{**s, "id": str(s["id"])} for s in chosen]
+
+
+def load_multi_lexsum(task: Task, req: LoadRequest) -> list:
+    folder = os.path.join(req.data_dir, "multi_lexsum")
+    how = (f"export the Hub dataset allenai/multi_lexsum (config v20230518) with `datasets`: "
+           f"load_dataset('allenai/multi_lexsum', name='v20230518')[split].to_json('{folder}/<split>.jsonl') "
+           "for validation and train")
+    rows = [r for r in read_jsonl(os.path.join(folder, "validation.jsonl"), how) if r.get("summary/short")]
+    test = [{"id": str(r.get("id", i)), "context": "\n\n".join(r["sources"]), "question": "",
+             "answer": r["summary/short"]} for i, r in enumerate(rows)]
+    test = helmet_shuffle(test, req.seed)[:req.max_samples]
+    train = []
+    if req.shots > 0:
+        train = [{"id": str(r.get("id", i)), "answer": r["summary/short"]}
+                 for i, r in enumerate(read_jsonl(os.path.join(folder, "train.jsonl"), how)) if r.get("summary/short")]
+    for sample in test:
+        sample["demo"] = ""
+        if req.shots > 0:
+            demos = _pick_demos(train, sample["id"], req.shots, req.seed)
+            sample["demo"] = ("Example summaries:\n\n" + "\n\n".join(f"Summary: {d['answer']}" for d in demos)
+                              + "\n\nNow, write a summary of the following legal documents.\n")
+    return test
+
+
+def score_rouge(output: str, sample: dict) -> dict:
+    return M.qa_metrics_with_parsing(output, sample["answer"], prefix="Summary:")
+
+
+def score_choice(output: str, sample: dict) -> dict:
+    return M.multiple_choice_metrics(output, sample["answer"])
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _task(name, category, user, system, gen, chat, stop, shots, metric, load, score, **kw) -> Task:
+    return Task(name=name, category=category, user_template=user, system_template=system, generation_max_length=gen,
+                use_chat_template=chat, stop_newline=stop, shots=shots, primary_metric=metric, load=load, score=score, **kw)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    _task("json_kv", "recall", JSON_KV_USER, "Corresponding value:", 100, False, False, 2, "substring_exact_match",
+          load_synthetic, score_json_kv, extra={"builder": "json_kv"}),
+    _task("ruler_mk_needle", "recall", RULER_SINGLE_USER, RULER_SINGLE_SYSTEM, 50, False, False, 0, "ruler_recall",
+          load_synthetic, score_ruler, extra={"builder": "ruler_mk_needle"}),
+    _task("ruler_mk_uuid", "recall", RULER_SINGLE_USER, RULER_SINGLE_SYSTEM, 100, False, False, 0, "ruler_recall",
+          load_synthetic, score_ruler, extra={"builder": "ruler_mk_uuid"}),
+    _task("ruler_mv", "recall", RULER_MULTI_USER, RULER_MULTI_SYSTEM, 50, False, False, 0, "ruler_recall",
+          load_synthetic, score_ruler, extra={"builder": "ruler_mv"}),
+    *[_task(name, "rag", RAG_USER, "Answer:", 20, False, True, 2, "substring_exact_match", load_kilt, score_qa)
+      for name in KILT_FILES],
+    _task("msmarco_rerank_psg", "rerank", RERANK_USER, "Ranking:", 200, False, True, 2, "NDCG@10", load_msmarco, score_rerank),
+    *[_task(name, "icl", ICL_USER, "label:", 20, False, True, 0, "exact_match", load_icl, score_icl, default_max_samples=500)
+      for name in ICL_DATASETS],
+    _task("narrativeqa", "longqa", NARRATIVEQA_USER, "Answer:", 100, True, False, 2, "judge_score", load_narrativeqa,
+          score_qa, judged=True, fallback_metric="rougeL_f1"),
+    _task("infbench_qa_eng", "longqa", INFBENCH_QA_USER, "Answer:", 10, True, False, 2, "rougeL_f1", load_infbench,
+          score_qa, extra={"file": "longbook_qa_eng.jsonl"}),
+    _task("infbench_choice_eng", "longqa", INFBENCH_MC_USER, "Answer:", 10, True, False, 2, "exact_match", load_infbench,
+          score_choice, extra={"file": "longbook_choice_eng.jsonl"}),
+    _task("infbench_sum_eng", "summ", INFBENCH_SUM_USER, "Summary:", 1200, True, False, 2, "judge_f1", load_infbench,
+          score_rouge, separator="\n\n", judged=True, fallback_metric="rougeLsum_f1", extra={"file": "longbook_sum_eng.jsonl"}),
+    _task("multi_lexsum", "summ", LEXSUM_USER, "Summary:", 400, True, False, 2, "judge_f1", load_multi_lexsum,
+          score_rouge, separator="\n\n", judged=True, fallback_metric="rougeLsum_f1"),
+]}
+
+CATEGORIES = {"recall": "Recall", "rag": "RAG", "rerank": "Re-rank", "icl": "ICL", "longqa": "LongQA", "summ": "Summ"}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"Unknown task {name!r}. Known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]

@@ -150,10 +150,14 @@ def test_accelerate_configs_parse_and_name_their_backend():
         assert fsdp["fsdp_activation_checkpointing"] and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
         assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert configs["multi_node_fsdp2.yaml"]["num_machines"] > 1
+    import json
+
     for name in ("deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml"):
         assert configs[name]["distributed_type"] == "DEEPSPEED"
-        assert configs[name]["deepspeed_config"]["zero_stage"] == 3
-    assert configs["deepspeed_zero3_offload.yaml"]["deepspeed_config"]["offload_optimizer_device"] == "cpu"
+        ds = json.loads((REPO / configs[name]["deepspeed_config"]["deepspeed_config_file"]).read_text())
+        assert ds["zero_optimization"]["stage"] == 3
+        offloaded = ds["zero_optimization"].get("offload_optimizer", {}).get("device")
+        assert offloaded == ("cpu" if "offload" in name else None)
 
 
 def test_slurm_launcher_is_valid_bash():

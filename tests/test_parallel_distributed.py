@@ -56,6 +56,7 @@ SEQUENCE_PARALLEL_CASES = [
     "sp_gqa_kv_less_than_sp",  # 1 K/V head, sp 2: replicated
     "sp_gqa_kv_more_than_sp",  # 4 K/V heads, sp 2: split
     "sp_eager_inner",
+    "sp_many_short_documents",  # one-token documents, several restarts per chunk
     "sp_qwen3",  # q_norm/k_norm before RoPE, per chunk
     "sp_gradient_checkpointing",  # recomputation reuses the per-forward global positions
     "sp_fsdp2",  # Ulysses inside fully_shard instead of DDP

@@ -35,9 +35,22 @@ from prolong.parallel import (
 )
 
 VOCAB = 128
+# GPU runs (docs/scale-out.md): PARALLEL_TEST_BACKEND=nccl PARALLEL_TEST_INNER=flash_attention_2|varlen|flex_attention
+# PARALLEL_TEST_DTYPE=bfloat16; the defaults are the CPU test's (gloo, sdpa, float32).
+BACKEND = os.environ.get("PARALLEL_TEST_BACKEND", "gloo")
+INNER = os.environ.get("PARALLEL_TEST_INNER", "sdpa")
+DTYPE = getattr(torch, os.environ.get("PARALLEL_TEST_DTYPE", "float32"))
 
 
-def tiny_model(family: str = "llama", heads: int = 4, kv_heads: int = 2, attn: str = "sdpa"):
+def device() -> torch.device:
+    return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if BACKEND == "nccl" else torch.device("cpu")
+
+
+def to_device(batch: dict) -> dict:
+    return {key: value.to(device()) for key, value in batch.items()}
+
+
+def tiny_model(family: str = "llama", heads: int = 4, kv_heads: int = 2, attn: str = INNER):
     torch.manual_seed(0)
     common = dict(
         vocab_size=VOCAB,
@@ -52,8 +65,10 @@ def tiny_model(family: str = "llama", heads: int = 4, kv_heads: int = 2, attn: s
     )
     config = (LlamaConfig if family == "llama" else Qwen3Config)(**common)
     config._attn_implementation = attn
-    model = (LlamaForCausalLM if family == "llama" else Qwen3ForCausalLM)(config).float()
-    return model
+    if attn == "varlen":
+        import prolong.attention  # noqa: F401  (registers the varlen backend)
+    model = (LlamaForCausalLM if family == "llama" else Qwen3ForCausalLM)(config)
+    return model.to(device=device(), dtype=DTYPE)
 
 
 def packed_examples(document_lengths: list[list[int]], seed: int) -> list[dict]:
@@ -123,7 +138,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def sequence_parallel_case(document_lengths, family="llama", heads=4, kv_heads=2, inner="sdpa",
+def sequence_parallel_case(document_lengths, family="llama", heads=4, kv_heads=2, inner=INNER,
                            wrap="ddp", checkpointing=False, reference_lengths=None) -> dict:
     """SP over the whole world (2 ranks, one row) vs. one process on the whole row.
 
@@ -131,7 +146,7 @@ def sequence_parallel_case(document_lengths, family="llama", heads=4, kv_heads=2
     """
     layout = init_parallel_layout(sp_size=dist.get_world_size())
     examples = packed_examples([document_lengths], seed=1)
-    row = PackedCollator()(packed_examples([reference_lengths], seed=1) if reference_lengths else examples)
+    row = to_device(PackedCollator()(packed_examples([reference_lengths], seed=1) if reference_lengths else examples))
 
     reference = tiny_model(family, heads, kv_heads, attn=inner)
     parallel = copy.deepcopy(reference)
@@ -142,7 +157,7 @@ def sequence_parallel_case(document_lengths, family="llama", heads=4, kv_heads=2
         parallel.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     parallel.train()
     model = DistributedDataParallel(parallel) if wrap == "ddp" else _fully_shard(parallel)
-    local = SequenceParallelCollator(PackedCollator(), layout.sp_rank, layout.sp_size)(examples)
+    local = to_device(SequenceParallelCollator(PackedCollator(), layout.sp_rank, layout.sp_size)(examples))
     total = global_count(count_tokens(local))
     gathers = _count_calls(dist, "all_gather")
     local_sum = loss_sum(model, local)
@@ -189,8 +204,10 @@ def data_parallel_case(wrap: str) -> dict:
     sampler = DistributedSampler(examples, num_replicas=layout.dp_size, rank=layout.dp_rank, shuffle=False)
     collate = PackedCollator()
     # the sampler deals examples round-robin: rank r gets examples r, r + dp_size, ...
-    rank_batches = [collate([examples[i] for i in range(r, len(examples), layout.dp_size)]) for r in range(layout.dp_size)]
-    local = collate([examples[i] for i in sampler])
+    rank_batches = [
+        to_device(collate([examples[i] for i in range(r, len(examples), layout.dp_size)])) for r in range(layout.dp_size)
+    ]
+    local = to_device(collate([examples[i] for i in sampler]))
 
     reference = tiny_model()
     parallel = copy.deepcopy(reference)
@@ -224,6 +241,7 @@ CASES = {
     "sp_gqa_kv_less_than_sp": lambda: sequence_parallel_case([40, 30, 26], kv_heads=1),
     "sp_gqa_kv_more_than_sp": lambda: sequence_parallel_case([40, 30, 26], heads=8, kv_heads=4),
     "sp_eager_inner": lambda: sequence_parallel_case([40, 30, 26], inner="eager"),
+    "sp_many_short_documents": lambda: sequence_parallel_case([3, 1, 9, 2, 30, 5, 17, 1, 28]),
     "sp_qwen3": lambda: sequence_parallel_case([40, 30, 26], family="qwen3"),
     "sp_gradient_checkpointing": lambda: sequence_parallel_case([40, 30, 26], checkpointing=True),
     "sp_fsdp2": lambda: sequence_parallel_case([40, 30, 26], wrap="fsdp2"),
@@ -236,8 +254,11 @@ CASES = {
 
 
 def main(out_dir: str) -> None:
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    torch.use_deterministic_algorithms(True)
+    dist.init_process_group(BACKEND, timeout=timedelta(seconds=120))
+    if BACKEND == "nccl":
+        torch.cuda.set_device(device())
+    else:
+        torch.use_deterministic_algorithms(True)
     results = {}
     for name, case in CASES.items():
         try:

@@ -86,7 +86,13 @@ class MixtureDataset(Dataset):
                     f"dataset_mixture: '{path}' does not exist. Build it with `prolong-data pack` "
                     "(or `make demo-data` for the demo)."
                 )
-            dataset = load_from_disk(path)
+            try:
+                dataset = load_from_disk(path)
+            except Exception as error:  # datasets cannot even open an empty (0-shard) dataset
+                raise RecipeError(
+                    f"dataset_mixture: '{path}' has no sequences or is not a dataset saved by `prolong-data pack` "
+                    f"({type(error).__name__}: {error})."
+                ) from error
             if len(dataset) == 0:
                 raise RecipeError(f"dataset_mixture: '{path}' has no sequences.")
             if "input_ids" not in dataset.column_names or "indices" not in dataset.column_names:

@@ -181,9 +181,14 @@ def iter_table_chunks(dataset: datasets.Dataset, columns: list[str],
             for table in dataset.with_format("arrow", columns=columns).iter(batch_size=min_rows):
                 yield from table.to_batches()
 
+    def small_batches() -> Iterator[pa.RecordBatch]:
+        for batch in record_batches():
+            for start in range(0, batch.num_rows, min_rows):
+                yield batch.slice(start, min_rows)
+
     pending: list[pa.RecordBatch] = []
     pending_rows = pending_values = 0
-    for batch in record_batches():
+    for batch in small_batches():
         pending.append(batch)
         pending_rows += batch.num_rows
         if list_column is not None:

@@ -16,6 +16,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import datasets
+import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .storage import FORMAT_VERSION, atomic_output_dir, created_by, write_metadata
@@ -158,7 +159,9 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
                          "has no chat template")
     skipped = {}
     if "skipped_files" in raw.column_names:  # files left out of code repositories
-        skipped["binary_or_non_utf8_files"] = int(sum(raw.with_format("numpy")["skipped_files"]))
+        skipped_files = int(pc.sum(raw.data.column("skipped_files")).as_py() or 0)
+        if skipped_files:
+            skipped["binary_or_non_utf8_files"] = skipped_files
     # Sources store unreadable items (non-UTF-8 or binary files) as None; null texts count here too.
     unreadable = raw.data.column(text_field).null_count
     if unreadable:

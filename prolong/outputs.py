@@ -29,6 +29,7 @@ def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=
     staging = os.path.join(output_dir, ".final-tmp")
     trainer.save_model(staging)  # every process takes part (FSDP gathers); rank 0 writes
     if trainer.is_world_process_zero():
+        trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # the loss curve, for the record
         model = trainer.accelerator.unwrap_model(trainer.model)
         write_model_card(
             staging,

@@ -49,7 +49,7 @@ def resolve_resume(args: CPTConfig) -> str | None:
     return args.resume_from_checkpoint
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     model_cfg, data_cfg, args, recipe = parse_recipe((ModelConfig, DataConfig, CPTConfig), argv, return_recipe=True)
     setup_logging(args)
     resolve_gradient_accumulation(data_cfg, args)
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> str:
         train_dataset=train_dataset,
         data_collator=PackedCollator(),
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resolve_resume(args))
 

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, List, Value
 
 VOCAB_SIZE = 320  # >= the tiny tokenizer's vocabulary; random documents use ids below 300
 
@@ -90,7 +90,12 @@ def write_packed_dataset(path: str, documents: list[list[int]], length: int, dom
                 rows.append(current)
                 spans.append(current_spans)
                 current, current_spans = [], []
-    Dataset.from_dict({"input_ids": rows, "indices": spans, "domain": [domain] * len(rows)}).save_to_disk(path)
+    features = Features(
+        {"input_ids": List(Value("int32")), "indices": List(List(Value("int32"))), "domain": Value("string")}
+    )
+    Dataset.from_dict(
+        {"input_ids": rows, "indices": spans, "domain": [domain] * len(rows)}, features=features
+    ).save_to_disk(path)
     with open(os.path.join(path, "prolong_data.json"), "w") as f:
         json.dump({"format": "prolong-packed", "version": 1, "mode": "short", "length": length,
                    "num_sequences": len(rows), "num_tokens": len(rows) * length}, f)

@@ -1,0 +1,173 @@
+"""End-to-end behaviour of prolong/run_cpt.py and CPTTrainer on a tiny real model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
+
+from prolong.collator import PackedCollator
+from prolong.config import CPTConfig, RecipeError
+from prolong.data.mixture import MixtureDataset
+from prolong.run_cpt import main
+from prolong.trainer import CPTTrainer
+
+
+def _argv(model_dir, mixture, output_dir, **overrides):
+    values = dict(
+        model_name_or_path=model_dir,
+        dataset_mixture=json.dumps(mixture),
+        max_length=128,
+        per_device_train_batch_size=2,
+        max_steps=4,
+        save_steps=2,
+        learning_rate=1e-3,
+        output_dir=str(output_dir),
+        report_to="none",
+        disable_tqdm="true",
+    )
+    values.update(overrides)
+    argv = []
+    for key, value in values.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _losses(output_dir):
+    with open(os.path.join(output_dir, "trainer_state.json")) as f:
+        history = json.load(f)["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def test_raised_theta_is_saved_and_changes_the_inverse_frequencies(tiny_model_dir, packed_mixture, tmp_path):
+    out = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "run", rope_theta=1e6, max_length=512, max_steps=1))
+    config = AutoConfig.from_pretrained(out)
+    assert config.rope_parameters["rope_theta"] == 1e6
+    assert config.max_position_embeddings == 512  # widened from the base model's 256
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    head_dim = config.hidden_size // config.num_attention_heads
+    expected = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    torch.testing.assert_close(trained.model.rotary_emb.inv_freq, expected)
+    assert not torch.allclose(base.model.rotary_emb.inv_freq, expected)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "1000000.0" in card and "| 60% |" in card
+    assert not os.path.exists(os.path.join(out, ".final-tmp"))
+
+
+class _PreemptAt(TrainerCallback):
+    """Sends SIGUSR1 to this process at a given step, as a cluster scheduler would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_preempted_run_resumes_with_the_uninterrupted_loss_curve(tiny_model_dir, packed_mixture, tmp_path):
+    steps = dict(max_steps=6, save_steps=100)  # only the preemption / final step save
+    reference = _losses(main(_argv(tiny_model_dir, packed_mixture, tmp_path / "full", **steps)))
+
+    interrupted = tmp_path / "interrupted"
+    main(_argv(tiny_model_dir, packed_mixture, interrupted, **steps), callbacks=[_PreemptAt(3)])
+    assert sorted(p for p in os.listdir(interrupted) if p.startswith("checkpoint")) == ["checkpoint-3"]
+    first_part = _losses(interrupted / "checkpoint-3")
+    resumed = _losses(main(_argv(tiny_model_dir, packed_mixture, interrupted, resume_from_checkpoint="true", **steps)))
+
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6] and sorted(first_part) == [1, 2, 3]
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step
+
+
+def _trainer(model_dir, mixture, output_dir, **args):
+    config = CPTConfig(
+        output_dir=str(output_dir), report_to="none", save_strategy="no", disable_tqdm=True, **args
+    )
+    dataset = MixtureDataset(mixture, 128, num_sequences=8, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return CPTTrainer(model=model, args=config, train_dataset=dataset, data_collator=PackedCollator())
+
+
+def _uneven_dataset(path) -> str:
+    """Two 128-token rows: one with 3 loss targets (an SFT-style mask), one with about 120."""
+    ids = torch.randint(3, 300, (2, 128), generator=torch.Generator().manual_seed(5)).tolist()
+    mask = [[1 if 60 <= t < 63 else 0 for t in range(128)], [1] * 128]
+    spans = [[[0, 50], [50, 128]], [[0, 30], [30, 90], [90, 128]]]
+    Dataset.from_dict({"input_ids": ids, "indices": spans, "mask": mask, "domain": ["a", "b"]}).save_to_disk(path)
+    return str(path)
+
+
+def test_gradient_accumulation_equals_one_big_batch_and_the_global_token_mean(tiny_model_dir, tmp_path):
+    long_only = {_uneven_dataset(tmp_path / "uneven"): 1.0}
+    common = dict(max_steps=1, optim="sgd", learning_rate=0.5, warmup_steps=0, lr_scheduler_type="constant", max_grad_norm=0)
+    accumulated = _trainer(tiny_model_dir, long_only, tmp_path / "a", per_device_train_batch_size=1, gradient_accumulation_steps=2, **common)
+    big_batch = _trainer(tiny_model_dir, long_only, tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=1, **common)
+
+    # the global token mean of the step, computed by hand with the initial model
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    sums, counts = [], []
+    for index in range(2):
+        batch = PackedCollator()([accumulated.train_dataset[index]])
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        sums.append(F.cross_entropy(logits, batch["shift_labels"][0], ignore_index=-100, reduction="sum").item())
+        counts.append((batch["shift_labels"] != -100).sum().item())
+    assert counts[0] != counts[1], "the test needs micro-batches with different token counts"
+    global_mean = sum(sums) / sum(counts)
+    mean_of_means = (sums[0] / counts[0] + sums[1] / counts[1]) / 2
+    assert abs(global_mean - mean_of_means) > 1e-4
+
+    accumulated.train()
+    big_batch.train()
+    assert accumulated.state.log_history[0]["loss"] == pytest.approx(global_mean, rel=1e-4)
+    assert big_batch.state.log_history[0]["loss"] == pytest.approx(global_mean, rel=1e-4)
+    for (name, a), b in zip(accumulated.model.named_parameters(), big_batch.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_stage_handoff_loads_optimizer_state_with_a_fresh_schedule(tiny_model_dir, packed_mixture, tmp_path):
+    stage1 = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "stage1", max_steps=2, learning_rate=1e-3))
+    saved = torch.load(os.path.join(stage1, "checkpoint-2", "optimizer.pt"), weights_only=True)
+
+    stage2 = _trainer(
+        stage1, packed_mixture, tmp_path / "stage2", init_from=stage1, load_optimizer_state=True,
+        learning_rate=5e-4, max_steps=10, per_device_train_batch_size=1,
+    )
+    optimizer = stage2.create_optimizer()
+    for index, state in saved["state"].items():
+        torch.testing.assert_close(optimizer.state_dict()["state"][index]["exp_avg"], state["exp_avg"])
+    scheduler = stage2.create_scheduler(num_training_steps=10, optimizer=optimizer)
+    assert scheduler.base_lrs == [5e-4] * len(optimizer.param_groups)
+    assert scheduler.last_epoch == 0 and optimizer.param_groups[0]["lr"] == 0.0  # warm-up starts over
+
+
+def test_recipe_errors_name_the_field_and_the_fix(tiny_model_dir, packed_mixture, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(RecipeError, match="did you mean 'learning_rate'|Did you mean 'learning_rate'"):
+        main(_argv(tiny_model_dir, packed_mixture, out) + ["--learning_rat", "1"])
+    with pytest.raises(RecipeError, match="max_length"):
+        main(_argv(tiny_model_dir, packed_mixture, out, max_length="long"))
+    with pytest.raises(RecipeError, match="model_name_or_path"):
+        main(_argv(str(tmp_path / "no-such-model"), packed_mixture, out))
+    with pytest.raises(RecipeError, match="sum to 1"):
+        main(_argv(tiny_model_dir, {k: 0.7 for k in packed_mixture}, out))
+    with pytest.raises(RecipeError, match="does not exist"):
+        main(_argv(tiny_model_dir, {str(tmp_path / "missing"): 1.0}, out))
+    with pytest.raises(RecipeError, match="global_batch_size=3"):
+        main(_argv(tiny_model_dir, packed_mixture, out, global_batch_size=3))
+    assert not (out / "config.json").exists()
+
+
+def test_unknown_key_in_a_yaml_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: x\nrope_thetta: 1e6\n")
+    with pytest.raises(RecipeError, match="rope_thetta.*rope_theta"):
+        main([str(recipe)])

@@ -1,0 +1,110 @@
+"""Packed rows must behave exactly like the documents run one by one, for every backend here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama_config
+from transformers import AttentionInterface, LlamaForCausalLM
+
+from prolong.attention import DocumentMaskingError, check_document_masking
+from prolong.collator import PackedCollator
+from prolong.loss import chunked_cross_entropy_sum
+
+DOC_LENGTHS = [7, 33, 1, 20]
+
+
+def _backends():
+    names = ["sdpa", "eager", "flex_attention"]
+    if torch.cuda.is_available():
+        names += ["varlen"]
+    return names
+
+
+def _model(attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = tiny_llama_config(320)
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config).eval()
+
+
+def _documents():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 300, (n,), generator=gen) for n in DOC_LENGTHS]
+
+
+def _packed_batch(docs):
+    spans, start = [], 0
+    for doc in docs:
+        spans.append([start, start + len(doc)])
+        start += len(doc)
+    return PackedCollator()([{"input_ids": torch.cat(docs).tolist(), "indices": spans}])
+
+
+@pytest.mark.parametrize("attn", _backends())
+def test_packed_forward_and_loss_equal_separate_documents(attn):
+    model = _model(attn)
+    docs = _documents()
+    batch = _packed_batch(docs)
+    hidden = {}
+    model.model.register_forward_hook(lambda m, a, out: hidden.__setitem__("h", out.last_hidden_state))
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        packed_loss_sum = chunked_cross_entropy_sum(hidden["h"], model.lm_head.weight, batch["shift_labels"], 16)
+        start, separate_sum, separate_count = 0, 0.0, 0
+        for doc in docs:
+            alone = model(input_ids=doc[None], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start : start + len(doc)], alone, atol=2e-5, rtol=1e-4)
+            if len(doc) > 1:
+                separate_sum += F.cross_entropy(alone[:-1], doc[1:], reduction="sum").item()
+                separate_count += len(doc) - 1
+            start += len(doc)
+    assert (batch["shift_labels"] != -100).sum().item() == separate_count
+    assert packed_loss_sum.item() == pytest.approx(separate_sum, rel=1e-5)
+
+
+def test_collator_positions_and_labels():
+    batch = PackedCollator()(
+        [{"input_ids": [5, 6, 7, 8, 9], "indices": [[0, 2], [2, 5]]}, {"input_ids": [1, 2], "indices": [[0, 2]], "mask": [0, 1]}]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 1]]
+    # first token of every document has no target; mask 0 drops a target too
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9, -100, 2]]
+    assert batch["shift_labels"].tolist() == [[6, -100, 8, 9, -100, 2, -100]]
+    assert "attention_mask" not in batch
+    with pytest.raises(ValueError, match="indices"):
+        PackedCollator()([{"input_ids": [1, 2, 3], "indices": [[0, 2]]}])
+
+
+def test_chunked_cross_entropy_matches_full_and_never_nans():
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 8, requires_grad=True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    labels = torch.randint(0, 30, (50,))
+    labels[:20] = -100  # the first chunk of 16 has no valid label at all
+    loss = chunked_cross_entropy_sum(hidden, weight, labels, chunk_size=16)
+    reference = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(loss, reference)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(reference, (hidden, weight))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    nothing = chunked_cross_entropy_sum(hidden, weight, torch.full((50,), -100), chunk_size=16)
+    assert nothing.item() == 0.0 and not torch.isnan(nothing)
+
+
+def _leaky_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention over the whole row: documents see each other (the bug the guard exists for)."""
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def test_masking_guard_refuses_a_backend_that_mixes_documents():
+    AttentionInterface.register("leaky_test", _leaky_attention)
+    assert check_document_masking(_model("sdpa")) == 0.0
+    with pytest.raises(DocumentMaskingError, match="leaky_test"):
+        check_document_masking(_model("leaky_test"))

@@ -86,7 +86,8 @@ def plot_score_vs_length(scores: dict, path: str):
     ax.set_xlabel("input length (tokens)")
     ax.set_ylabel("score")
     ax.set_ylim(-2, 102)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     ax.set_title("Score vs. input length")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -14,7 +14,8 @@ from .runner import evaluate
 
 
 def parse_args(argv=None) -> tuple[str | None, dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --max_sample must not pass for --max_samples
     parser.add_argument("--config", help="YAML file with config keys")
     for key in DEFAULTS:
         parser.add_argument(f"--{key}", dest=key, default=None, help=f"default: {DEFAULTS[key]!r}")

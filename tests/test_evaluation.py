@@ -1,0 +1,240 @@
+"""Generated recall inputs, and the whole pipeline on a tiny random Llama on CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          TrainerControl, TrainerState, TrainingArguments)
+
+from evaluation import evaluate
+from evaluation.callback import RecallEvalCallback
+from evaluation.generation import HFGenerator, PromptBuilder
+from evaluation.synthetic import stable_seed
+from evaluation.tasks import DataFileMissing, LoadRequest, get_task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "helmet")
+RECALL = ["json_kv", "ruler_mk_needle", "ruler_mk_uuid", "ruler_mv"]
+CHAT_TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant\n{% endif %}")
+
+
+def make_tokenizer():
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
+              "One of the special magic numbers for happy-apple is: 1234567. Corresponding value: JSON data",
+              "0123456789abcdef-0123456789 Document (Title: Paris): Question: Answer: label: Ranking: ID3 > ID1"] * 30
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<eos>", "<unk>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_model(vocab_size: int, window: int = 2048, silent: bool = False):
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window,
+                         eos_token_id=0, bos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if silent:  # all logits equal: greedy picks id 0 = <eos> at once, so the output is empty
+        torch.nn.init.zeros_(model.lm_head.weight)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def recall_samples(tokenizer, name, length, seed=42, samples=3, depths=3):
+    task = get_task(name)
+    request = LoadRequest(length=length, input_budget=length - task.generation_max_length, max_samples=samples,
+                          seed=seed, shots=task.shots, data_dir="unused", num_depths=depths,
+                          count_tokens=PromptBuilder(tokenizer).count(task, False))
+    return task, request, task.load(task, request)
+
+
+# ---------------------------------------------------------------------------------------------
+# generated recall inputs
+
+@pytest.mark.parametrize("name", RECALL)
+@pytest.mark.parametrize("length", [16384, 32768])
+def test_generated_input_has_requested_length_and_needle_depth(tokenizer, name, length):
+    task, request, samples = recall_samples(tokenizer, name, length)
+    builder = PromptBuilder(tokenizer)
+    for sample in samples:
+        ids = builder.ids(task, sample, False)
+        assert abs(len(ids) - request.input_budget) <= 0.01 * request.input_budget
+        assert len(ids) <= request.input_budget  # nothing will be cut
+        # needle depth: tokens of context before the needle / tokens of the whole context
+        context = sample["context"]
+        before = context[:context.index(sample["needle"])]
+        depth = len(tokenizer(before)["input_ids"]) / len(tokenizer(context)["input_ids"])
+        assert depth == pytest.approx(sample["depth"], abs=0.02), (name, sample["depth"], depth)
+        assert all(a in context for a in sample["answer"])
+    assert [s["depth"] for s in samples] == [0.0, 0.5, 1.0]
+
+
+def test_same_seed_gives_byte_identical_inputs_and_another_seed_differs(tokenizer):
+    for name in RECALL:
+        first = json.dumps(recall_samples(tokenizer, name, 4096)[2])
+        assert first == json.dumps(recall_samples(tokenizer, name, 4096)[2])
+        assert first != json.dumps(recall_samples(tokenizer, name, 4096, seed=7)[2])
+
+
+def test_seeds_do_not_depend_on_python_hash_randomisation():
+    # a fixed value: sha256-based, so PYTHONHASHSEED cannot change it
+    assert stable_seed("json_kv", 8192, 0, 42) == stable_seed("json_kv", 8192, 0, 42)
+    code = ("from evaluation.synthetic import build_json_kv, stable_seed;"
+            "print(build_json_kv(stable_seed('json_kv', 8192, 0, 42), 5, 0.5)['context'])")
+    outputs = {subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": hs}).stdout for hs in ("1", "2")}
+    assert len(outputs) == 1 and "JSON data" in outputs.pop()
+
+
+def test_truncation_cuts_only_the_end_of_the_context(tokenizer):
+    task = get_task("kilt_nq")
+    sample = {"context": "Document (Title: A): " + "alpha beta gamma " * 200, "question": "who?", "demos": "DEMO\n\n",
+              "answer": ["x"]}
+    ids, cut = PromptBuilder(tokenizer).truncated_ids(task, sample, False, 300)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(ids) <= 300 and cut > 0
+    assert text.startswith("Use the given documents") and "DEMO\n\nDocument (Title: A): alpha beta" in text
+    assert text.endswith("\n\nQuestion: who?\nAnswer:")
+
+
+def test_chunked_prefill_matches_a_full_forward(tokenizer):
+    model = make_model(len(tokenizer)).eval()
+    ids = torch.tensor([tokenizer("The grass is green. " * 60)["input_ids"]])
+    generator = HFGenerator(model, tokenizer, prefill_chunk_size=64)
+    with torch.no_grad():
+        cache = generator._prefill(ids)
+        assert cache.get_seq_length() == ids.shape[1] - 1
+        chunked = model(input_ids=ids[:, -1:], cache=cache).logits[0, -1]
+        full = model(input_ids=ids).logits[0, -1]
+    torch.testing.assert_close(chunked, full, atol=1e-4, rtol=1e-4)
+    assert generator.generate(ids[0].tolist(), 8, False) == HFGenerator(model, tokenizer, 0).generate(ids[0].tolist(), 8, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline on a tiny random model
+
+def test_recall_pipeline_writes_predictions_scores_report_and_plots(model_dir, tmp_path):
+    out = tmp_path / "run"
+    scores = evaluate(model_dir, tasks=RECALL, lengths=[512, 1024, 4096], output_dir=str(out), max_samples=2,
+                      num_depths=2)
+    for name in RECALL:
+        for length in (512, 1024):
+            lines = (out / "predictions" / f"{name}_{length}.jsonl").read_text().splitlines()
+            assert len(lines) == 2
+            record = json.loads(lines[0])
+            assert record["input_tokens"] <= length - get_task(name).generation_max_length
+            assert record["truncated_tokens"] == 0
+    # 4096 is beyond the model's 2048-token window: reported, not run
+    beyond = [r for r in scores["results"] if r["length"] == 4096]
+    assert beyond and all(r["status"] == "beyond_window" and "2048" in r["message"] for r in beyond)
+    assert not (out / "predictions" / "json_kv_4096.jsonl").exists()
+    saved = json.loads((out / "scores.json").read_text())
+    assert set(saved["categories"]["recall"]) == {"512", "1024"}
+    report = (out / "report.md").read_text()
+    assert "| Recall |" in report and "beyond window" in report
+    for plot in ("score_vs_length.png", "recall_depth_heatmap.png"):
+        assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_data_tasks_read_helmet_formats(model_dir, tmp_path):
+    scores = evaluate(model_dir, tasks=["kilt_nq", "msmarco_rerank_psg", "icl_trec_coarse", "infbench_choice_eng"],
+                      lengths=[1024], output_dir=str(tmp_path), max_samples=2, data_dir=FIXTURES, plots=False)
+    by_task = {r["task"]: r for r in scores["results"]}
+    assert {r["status"] for r in by_task.values()} == {"ok"}
+    assert by_task["msmarco_rerank_psg"]["metric"] == "NDCG@10"
+    assert by_task["infbench_choice_eng"]["use_chat_template"] is True  # QA runs with the chat template
+    assert by_task["kilt_nq"]["use_chat_template"] is False and by_task["kilt_nq"]["stop_newline"] is True
+    record = json.loads((tmp_path / "predictions" / "kilt_nq_1024.jsonl").read_text().splitlines()[0])
+    assert "\n" not in record["output"]  # the newline stop is honoured
+    # the demo sampling is deterministic: same prompt inputs twice
+    task = get_task("kilt_nq")
+    request = LoadRequest(length=1024, input_budget=1004, max_samples=3, seed=42, shots=2, data_dir=FIXTURES)
+    first = task.load(task, request)
+    assert first == task.load(task, request) and first[0]["demos"].count("Question: demo question") == 2
+
+
+def test_missing_data_file_says_where_to_download(model_dir, tmp_path):
+    with pytest.raises(DataFileMissing, match="huggingface.co/datasets/princeton-nlp/HELMET"):
+        evaluate(model_dir, tasks=["kilt_nq"], lengths=[1024], output_dir=str(tmp_path), data_dir=str(tmp_path))
+    with pytest.raises(DataFileMissing, match="CogComp/trec"):
+        evaluate(model_dir, tasks=["icl_trec_fine"], lengths=[1024], output_dir=str(tmp_path), data_dir=str(tmp_path))
+
+
+def test_unknown_task_and_unknown_option_are_clear_errors(model_dir, tmp_path):
+    with pytest.raises(KeyError, match="Unknown task 'json_kvv'.*json_kv"):
+        evaluate(model_dir, tasks=["json_kvv"], lengths=[512], output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="Unknown config key"):
+        evaluate(model_dir, tasks=["json_kv"], lengths=[512], output_dir=str(tmp_path), max_sample=3)
+    cli = subprocess.run([sys.executable, "-m", "evaluation.run", "--model", model_dir, "--max_sample", "3"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert cli.returncode != 0 and "unknown option(s) --max_sample" in cli.stderr
+
+
+def test_model_that_emits_nothing_scores_zero(tokenizer, tmp_path):
+    silent = make_model(len(tokenizer), silent=True)
+    scores = evaluate(silent, tokenizer=tokenizer, tasks=["json_kv", "ruler_mv"], lengths=[512], max_samples=2,
+                      output_dir=str(tmp_path), plots=False)
+    assert [r["score"] for r in scores["results"]] == [0.0, 0.0]
+    record = json.loads((tmp_path / "predictions" / "json_kv_512.jsonl").read_text().splitlines()[0])
+    assert record["output"] == ""
+
+
+def test_interrupted_run_resumes_skipping_done_samples(model_dir, tmp_path):
+    kwargs = dict(tasks=["json_kv"], lengths=[512], output_dir=str(tmp_path), max_samples=3, plots=False)
+    evaluate(model_dir, **kwargs)
+    path = tmp_path / "predictions" / "json_kv_512.jsonl"
+    lines = path.read_text().splitlines()
+    kept = json.loads(lines[0])
+    kept["output"] = "MARKER"  # a rerun that redid this sample would overwrite it
+    # simulate an interruption: one complete sample, then a line torn mid-write
+    path.write_text(json.dumps(kept) + "\n" + lines[1][:25])
+    scores = evaluate(model_dir, **kwargs)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["id"] for r in records] == [json.loads(line)["id"] for line in lines]
+    assert records[0]["output"] == "MARKER" and scores["results"][0]["n"] == 3
+
+
+def test_cli_and_compare(model_dir, tmp_path):
+    for name in ("a", "b"):
+        run = subprocess.run([sys.executable, "-m", "evaluation.run", "--config", "evaluation/configs/recall.yaml",
+                              "--model", model_dir, "--lengths", "512", "--max_samples", "1", "--tasks", "json_kv",
+                              "--plots", "false", "--output_dir", str(tmp_path / name)],
+                             cwd=REPO, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+    table = subprocess.run([sys.executable, "-m", "evaluation.compare", str(tmp_path / "a"), str(tmp_path / "b")],
+                           cwd=REPO, capture_output=True, text=True).stdout
+    assert "| a | 512 |" in table and "| b | 512 |" in table and "Recall" in table
+
+
+def test_callback_evaluates_on_save_and_restores_train_mode(tokenizer, tmp_path):
+    model = make_model(len(tokenizer)).train()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    state = TrainerState(global_step=5)
+    os.makedirs(tmp_path / "checkpoint-5")
+    callback = RecallEvalCallback(lengths=[512], tasks=["json_kv"], num_samples=2)
+    callback.on_save(args, state, TrainerControl(), model=model, processing_class=tokenizer)
+    assert model.training
+    assert "eval_recall/json_kv_512" in state.log_history[-1] and state.log_history[-1]["step"] == 5
+    assert json.loads((tmp_path / "checkpoint-5" / "recall_eval" / "scores.json").read_text())["results"][0]["n"] == 2

@@ -138,13 +138,14 @@ def test_chunked_prefill_matches_a_full_forward(tokenizer):
 def test_recall_pipeline_writes_predictions_scores_report_and_plots(model_dir, tmp_path):
     out = tmp_path / "run"
     scores = evaluate(model_dir, tasks=RECALL, lengths=[512, 1024, 4096], output_dir=str(out), max_samples=2,
+                      generation_max_length=16,
                       num_depths=2)
     for name in RECALL:
         for length in (512, 1024):
             lines = (out / "predictions" / f"{name}_{length}.jsonl").read_text().splitlines()
             assert len(lines) == 2
             record = json.loads(lines[0])
-            assert record["input_tokens"] <= length - get_task(name).generation_max_length
+            assert record["input_tokens"] <= length - 16
             assert record["truncated_tokens"] == 0
     # 4096 is beyond the model's 2048-token window: reported, not run
     beyond = [r for r in scores["results"] if r["length"] == 4096]
@@ -202,7 +203,8 @@ def test_model_that_emits_nothing_scores_zero(tokenizer, tmp_path):
 
 
 def test_interrupted_run_resumes_skipping_done_samples(model_dir, tmp_path):
-    kwargs = dict(tasks=["json_kv"], lengths=[512], output_dir=str(tmp_path), max_samples=3, plots=False)
+    kwargs = dict(tasks=["json_kv"], lengths=[512], output_dir=str(tmp_path), max_samples=3, plots=False,
+                  generation_max_length=16)
     evaluate(model_dir, **kwargs)
     path = tmp_path / "predictions" / "json_kv_512.jsonl"
     lines = path.read_text().splitlines()
@@ -220,7 +222,7 @@ def test_cli_and_compare(model_dir, tmp_path):
     for name in ("a", "b"):
         run = subprocess.run([sys.executable, "-m", "evaluation.run", "--config", "evaluation/configs/recall.yaml",
                               "--model", model_dir, "--lengths", "512", "--max_samples", "1", "--tasks", "json_kv",
-                              "--plots", "false", "--output_dir", str(tmp_path / name)],
+                              "--plots", "false", "--generation_max_length", "8", "--output_dir", str(tmp_path / name)],
                              cwd=REPO, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-2000:]
     table = subprocess.run([sys.executable, "-m", "evaluation.compare", str(tmp_path / "a"), str(tmp_path / "b")],
@@ -233,7 +235,7 @@ def test_callback_evaluates_on_save_and_restores_train_mode(tokenizer, tmp_path)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     state = TrainerState(global_step=5)
     os.makedirs(tmp_path / "checkpoint-5")
-    callback = RecallEvalCallback(lengths=[512], tasks=["json_kv"], num_samples=2)
+    callback = RecallEvalCallback(lengths=[512], tasks=["json_kv"], num_samples=2, generation_max_length=16)
     callback.on_save(args, state, TrainerControl(), model=model, processing_class=tokenizer)
     assert model.training
     assert "eval_recall/json_kv_512" in state.log_history[-1] and state.log_history[-1]["step"] == 5

@@ -253,3 +253,84 @@ __all__ = [
     "resolve_gradient_accumulation",
     "theta_warning",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised fine-tuning (prolong/run_sft.py). Parsed together with ModelConfig, without
+# DataConfig: SFTConfig has its own max_length (tokens per packed sequence).
+
+from trl import SFTConfig  # noqa: E402  (only the SFT section needs TRL)
+
+
+@dataclass
+class SFTRecipeConfig(SFTConfig):
+    """trl.SFTConfig with ProLong's SFT defaults (UltraChat, lr 2e-5 cosine to 2e-6, 5% warmup,
+    conversations packed whole into 64K padding-free rows) and our data / LoRA fields."""
+
+    learning_rate: float = 2e-5
+    lr_scheduler_type: SchedulerType | str = "cosine_with_min_lr"
+    lr_scheduler_kwargs: dict | str | None = field(default_factory=lambda: {"min_lr_rate": 0.1})
+    warmup_steps: float = 0.05
+    adam_beta2: float = 0.95  # the CPT stages' AdamW settings
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    bf16: bool | None = field(default=None, metadata={"help": "Defaults to True when CUDA is available."})
+    max_length: int | None = field(default=65536, metadata={"help": "Tokens per packed training row."})
+    packing: bool = True
+    packing_strategy: str = "bfd"  # whole conversations, padding-free, attention kept inside each one
+    completion_only_loss: bool | None = True  # prompt/completion data: loss on the completion only
+    logging_steps: float = 1
+    save_steps: float = 125
+    report_to: None | str | list[str] = "tensorboard"
+    output_dir: str | None = "outputs/sft"
+    # ModelConfig.trust_remote_code is the one recipe key; this copy is filled from it by run_sft.
+    trust_remote_code: bool = field(default=False, init=False)
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id (HuggingFaceH4/ultrachat_200k), a save_to_disk directory, a .jsonl/.json/.parquet "
+            "file, or a `prolong-data pack --mode sft` directory. Rows hold `messages`, or `prompt` + "
+            "`completion`, or packed `input_ids`/`indices`/`mask`."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration (subset)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on (UltraChat: train_sft)."})
+    global_batch_size: int | None = field(
+        default=None, metadata={"help": "Packed rows per optimizer step, over all devices (sets accumulation)."}
+    )
+    check_document_masking: bool = field(
+        default=True, metadata={"help": "Probe the real model at start-up: conversations must not see each other."}
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of all weights."})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "Module names, or all-linear."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = torch.cuda.is_available()
+        if isinstance(self.lr_scheduler_kwargs, str):
+            self.lr_scheduler_kwargs = json.loads(self.lr_scheduler_kwargs)
+        super().__post_init__()
+        if not self.average_tokens_across_devices:
+            raise RecipeError(
+                "average_tokens_across_devices: false would average per-device means, which weighs tokens "
+                "unequally across devices; remove it (the SFT loss is a token mean over all devices)."
+            )
+        if self.assistant_only_loss:
+            raise RecipeError(
+                "assistant_only_loss: prolong/sft.py already masks every non-assistant token for any chat "
+                "template (no {% generation %} markers needed); remove assistant_only_loss from the recipe."
+            )
+        if self.packing and self.packing_strategy == "wrapped":
+            raise RecipeError(
+                "packing_strategy: wrapped cuts conversations and lets them attend to each other; use bfd."
+            )
+        if self.max_length is None or self.max_length <= 0:
+            raise RecipeError(f"max_length must be a positive number of tokens, got {self.max_length}.")

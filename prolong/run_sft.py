@@ -1,0 +1,72 @@
+"""Supervised fine-tuning of a long-context model on chat data (ProLong's final stage), with TRL.
+
+    accelerate launch prolong/run_sft.py recipes/prolong-8b/sft.yaml [--field value ...]
+    python prolong/run_sft.py recipes/tiny/sft.yaml --max_steps 5
+
+Loss on assistant tokens only (any chat template, see prolong/sft.py), conversations packed whole
+into padding-free rows with document masking, loss averaged over the tokens of the whole step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # `python prolong/run_sft.py` from a checkout that is not pip-installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from transformers import set_seed
+from trl import SFTTrainer
+
+from prolong.attention import check_document_masking
+from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe, resolve_gradient_accumulation
+from prolong.model import load_model, load_tokenizer
+from prolong.outputs import save_final_model, setup_logging
+from prolong.run_cpt import resolve_resume
+from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, lora_config,
+                         prepare_sft_dataset, use_prepacked_rows)
+
+logger = logging.getLogger("prolong.run_sft")
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
+    model_cfg, args, recipe = parse_recipe((ModelConfig, SFTRecipeConfig), argv, return_recipe=True)
+    setup_logging(args)
+    args.trust_remote_code = model_cfg.trust_remote_code
+    resolve_gradient_accumulation(args, args)  # SFTRecipeConfig carries global_batch_size itself
+    set_seed(args.seed)
+    max_length = args.max_length
+
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_model(model_cfg, max_length)  # keeps the checkpoint's RoPE unless the recipe sets it
+    if args.check_document_masking:
+        check_document_masking(model)
+    model, tokenizer = apply_chat_template_path(model, tokenizer, args)
+    dataset = load_sft_dataset(args.dataset_name, args.dataset_config, args.dataset_split)
+    train_dataset, stats = prepare_sft_dataset(dataset, tokenizer, max_length, args.dataset_num_proc)
+    if stats.kind == "packed":
+        use_prepacked_rows(args)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(args),
+        callbacks=callbacks,
+    )
+    check_token_averaging(trainer)
+    trainer.train(resume_from_checkpoint=resolve_resume(args))
+
+    return save_final_model(
+        trainer,
+        base_model=model_cfg.model_name_or_path,
+        stage="sft",
+        recipe=recipe,
+        max_length=max_length,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""SFT data: chat, prompt/completion or packed datasets -> pre-tokenized rows for TRL's SFTTrainer.
+
+Loss masks are computed here for ANY chat template, with or without `{% generation %}` markers:
+``prolong.data.tokenize.tokenize_conversation`` (the same code `prolong-data tokenize` uses) renders
+the conversation prefix by prefix and marks the tokens whose first character lies inside an
+assistant turn. We then unmark the template's whitespace after the end-of-turn token (ChatML's
+"\\n" after <|im_end|>): generation stops at the end token, so that text is never produced. The
+masked text of every assistant turn is therefore exactly its content + the end-of-turn token.
+
+Output columns, by kind of input:
+
+* ``messages`` (UltraChat's layout)  -> ``input_ids``, ``assistant_masks``
+* string ``prompt`` + ``completion``  -> ``input_ids``, ``completion_mask`` (conversational
+  prompt/completion rows are joined into ``messages``: the loss is on the assistant turns)
+* ``prolong-data pack --mode sft``    -> ``input_ids``, ``labels``, ``seq_lengths``: rows stay as
+  packed; TRL's padding-free collator turns ``seq_lengths`` into position restarts.
+
+TRL folds the masks into ``labels`` and, with ``packing_strategy: bfd``, bin-packs whole
+conversations into padding-free rows. Conversations longer than ``max_length`` are DROPPED and
+counted (a truncated reply would teach the model to stop mid-answer; ProLong also drops them), as
+are conversations without an assistant token.
+
+    python -m prolong.sft chatterbot --out demo_data/chatterbot   (the tiny recipe's chat data)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from prolong.config import RecipeError
+from prolong.data.storage import atomic_output_dir, read_metadata
+from prolong.data.tokenize import tokenize_conversation
+
+logger = logging.getLogger(__name__)
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+IGNORE_INDEX = -100
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class SFTDataError(ValueError):
+    """The SFT dataset or tokenizer cannot be used; the message says what to change."""
+
+
+@dataclass
+class SFTDataStats:
+    kind: str  # messages | prompt_completion | packed
+    examples: int  # conversations (or packed rows) read
+    kept: int
+    dropped_too_long: int
+    dropped_no_target: int
+    tokens: int
+    target_tokens: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_sft_dataset(name: str | None, config: str | None = None, split: str = "train") -> datasets.Dataset:
+    """A Hub id, a data file (.jsonl/.json/.parquet/.csv), a folder of data files, or a saved dataset."""
+    if not name:
+        raise RecipeError("dataset_name is missing: e.g. HuggingFaceH4/ultrachat_200k (dataset_split: train_sft).")
+    path = Path(name)
+    if path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise RecipeError(f"dataset_name: cannot read '{name}'; use one of {sorted(_FILE_BUILDERS)}.")
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    if path.is_dir():
+        metadata = read_metadata(path) or {}
+        if metadata.get("format") == "prolong-packed" and metadata.get("mode") != "sft":
+            raise SFTDataError(
+                f"{name} was packed with --mode {metadata.get('mode')}, which cuts and mixes documents; "
+                "SFT needs conversations packed whole: `prolong-data pack --mode sft`."
+            )
+        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise RecipeError(f"dataset_split: '{split}' is not in {name} (splits: {list(dataset)}).")
+                dataset = dataset[split]
+            return dataset
+        return datasets.load_dataset(str(path), config, split=split)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return datasets.load_dataset(name, config, split=split)
+    raise RecipeError(f"dataset_name: '{name}' is neither a file, a directory nor a Hub id (org/name).")
+
+
+def dataset_kind(columns: list[str]) -> str:
+    if "input_ids" in columns and "indices" in columns:
+        return "packed"
+    if "messages" in columns:
+        return "messages"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt_completion"
+    raise SFTDataError(
+        f"The SFT dataset has columns {columns}. It needs `messages` (a list of {{role, content}} turns, "
+        "UltraChat's layout), or `prompt` + `completion`, or to be a `prolong-data pack --mode sft` "
+        "directory (input_ids/indices/mask). Rename the column (e.g. dataset.rename_column('conversation', "
+        "'messages')) or convert the rows."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Assistant-token masks
+
+
+def _check_messages(messages, row: int) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise SFTDataError(f"row {row}: `messages` must be a non-empty list of {{role, content}} turns, got {messages!r:.80}.")
+    for turn, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise SFTDataError(f"row {row}, turn {turn}: each message needs `role` and `content`, got {message!r:.80}.")
+        if message["role"] not in CHAT_ROLES:
+            raise SFTDataError(
+                f"row {row}, turn {turn}: unknown role {message['role']!r}; roles are {', '.join(CHAT_ROLES)}. "
+                "Map the dataset's roles first (e.g. human -> user, gpt -> assistant)."
+            )
+
+
+def _unmark_trailing_whitespace(input_ids: list[int], mask: list[int], tokenizer) -> list[int]:
+    """Unmark whitespace-only tokens at the end of each assistant span (template text after the end token)."""
+    for end in [t for t in range(len(mask)) if mask[t] and (t + 1 == len(mask) or not mask[t + 1])]:
+        t = end
+        while t >= 0 and mask[t] and not tokenizer.decode([input_ids[t]]).strip():
+            mask[t] = 0
+            t -= 1
+    return mask
+
+
+def conversation_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, mask) of one conversation: mask is 1 on assistant content + end-of-turn tokens."""
+    input_ids, mask = tokenize_conversation(tokenizer, messages, tokenizer.eos_token_id)
+    return input_ids, _unmark_trailing_whitespace(input_ids, mask, tokenizer)
+
+
+def _tokenize_messages(batch, rows, tokenizer):
+    out = {"input_ids": [], "assistant_masks": []}
+    for row, messages in zip(rows, batch["messages"]):
+        _check_messages(messages, row)
+        input_ids, mask = conversation_tokens(tokenizer, messages)
+        out["input_ids"].append(input_ids)
+        out["assistant_masks"].append(mask)
+    out["length"] = [len(ids) for ids in out["input_ids"]]
+    out["num_targets"] = [sum(mask) for mask in out["assistant_masks"]]
+    return out
+
+
+def _tokenize_prompt_completion(batch, rows, tokenizer):
+    out = {"input_ids": [], "completion_mask": []}
+    for row, prompt, completion in zip(rows, batch["prompt"], batch["completion"]):
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise SFTDataError(f"row {row}: `prompt` and `completion` must both be strings or both be message lists.")
+        prompt_ids = tokenizer(prompt)["input_ids"]  # with the tokenizer's BOS, like plain text
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out["input_ids"].append(prompt_ids + completion_ids)
+        out["completion_mask"].append([0] * len(prompt_ids) + [1] * len(completion_ids))
+    out["length"] = [len(ids) for ids in out["input_ids"]]
+    out["num_targets"] = [sum(mask) for mask in out["completion_mask"]]
+    return out
+
+
+def _packed_rows(batch):
+    """prolong-data sft rows -> labels (-100 where mask is 0) and the document lengths of each row."""
+    out = {"labels": [], "seq_lengths": []}
+    masks = batch.get("mask") or [None] * len(batch["input_ids"])
+    for input_ids, spans, mask in zip(batch["input_ids"], batch["indices"], masks):
+        labels = np.asarray(input_ids, dtype=np.int64)
+        if mask is not None:
+            labels[np.asarray(mask) == 0] = IGNORE_INDEX
+        out["labels"].append(labels.tolist())
+        out["seq_lengths"].append([int(end) - int(start) for start, end in spans])
+    out["length"] = [len(ids) for ids in batch["input_ids"]]
+    out["num_targets"] = [int((np.asarray(labels) != IGNORE_INDEX).sum()) for labels in out["labels"]]
+    return out
+
+
+def prepare_sft_dataset(
+    dataset: datasets.Dataset, tokenizer, max_length: int, num_proc: int | None = None
+) -> tuple[datasets.Dataset, SFTDataStats]:
+    """Tokenize, mask and filter ``dataset`` into the pre-tokenized rows SFTTrainer takes (module doc)."""
+    kind = dataset_kind(dataset.column_names)
+    if kind == "prompt_completion" and len(dataset) and not isinstance(dataset[0]["prompt"], str):
+        dataset = dataset.map(lambda row: {"messages": row["prompt"] + row["completion"]}, num_proc=num_proc)
+        kind = "messages"
+    if kind == "messages" and not tokenizer.chat_template:
+        raise SFTDataError(
+            f"The tokenizer of '{tokenizer.name_or_path}' has no chat template, so `messages` cannot be rendered. "
+            "Set `chat_template_path:` in the recipe to a .jinja file or to a tokenizer whose template to copy "
+            "(e.g. meta-llama/Meta-Llama-3-8B-Instruct), or start from a checkpoint that has one."
+        )
+    if kind == "packed":
+        if "mask" not in dataset.column_names:
+            logger.warning("The packed SFT dataset has no `mask` column: every token is a loss target.")
+        mapped = dataset.map(_packed_rows, batched=True, num_proc=num_proc, desc="Reading packed SFT rows")
+        keep_columns = ["input_ids", "labels", "seq_lengths"]
+    else:
+        function = _tokenize_messages if kind == "messages" else _tokenize_prompt_completion
+        mapped = dataset.map(
+            function, batched=True, with_indices=True, fn_kwargs={"tokenizer": tokenizer}, num_proc=num_proc,
+            remove_columns=dataset.column_names, desc="Tokenizing SFT data with assistant masks",
+        )
+        keep_columns = ["input_ids", "assistant_masks" if kind == "messages" else "completion_mask"]
+
+    lengths = np.asarray(mapped["length"], dtype=np.int64)
+    targets = np.asarray(mapped["num_targets"], dtype=np.int64)
+    too_long = lengths > max_length
+    if kind == "packed" and too_long.any():
+        raise SFTDataError(
+            f"Packed rows of up to {lengths.max()} tokens exceed max_length={max_length}; re-pack with "
+            f"`prolong-data pack --mode sft --length {max_length}` or raise max_length."
+        )
+    no_target = ~too_long & (targets == 0)
+    keep = np.flatnonzero(~too_long & ~no_target)
+    stats = SFTDataStats(
+        kind=kind, examples=len(lengths), kept=len(keep), dropped_too_long=int(too_long.sum()),
+        dropped_no_target=int(no_target.sum()), tokens=int(lengths[keep].sum()), target_tokens=int(targets[keep].sum()),
+    )
+    if stats.dropped_too_long:
+        logger.warning("Dropped %d conversation(s) longer than max_length=%d (never truncated).",
+                       stats.dropped_too_long, max_length)
+    if stats.dropped_no_target:
+        logger.warning("Dropped %d conversation(s) with no assistant token to learn.", stats.dropped_no_target)
+    if not stats.kept:
+        raise SFTDataError(f"No trainable example is left ({stats}); check max_length and the roles.")
+    logger.info("SFT data: %s", stats)
+    if len(keep) < len(lengths):
+        mapped = mapped.select(keep)
+    return mapped.select_columns(keep_columns), stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer set-up pieces run_sft.py needs
+
+
+def apply_chat_template_path(model, tokenizer, args):
+    """Apply ``chat_template_path`` BEFORE tokenizing (TRL would apply it only after our masks)."""
+    if args.chat_template_path is None:
+        return model, tokenizer
+    if os.path.isfile(args.chat_template_path):
+        tokenizer.chat_template = Path(args.chat_template_path).read_text(encoding="utf-8")
+    else:
+        from trl.chat_template_utils import clone_chat_template
+
+        model, tokenizer, _ = clone_chat_template(model, tokenizer, args.chat_template_path)
+    args.chat_template_path = None  # applied; SFTTrainer must not apply it again
+    return model, tokenizer
+
+
+def use_prepacked_rows(args) -> None:
+    """prolong-data rows are already packed: TRL must neither re-pack nor truncate them, only collate
+    them padding-free (seq_lengths -> position_ids restarts, no attention mask)."""
+    args.packing = False
+    args.padding_free = True
+    args.max_length = None
+
+
+def lora_config(args):
+    if not args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    targets = args.lora_target_modules
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules="all-linear" if targets in (["all-linear"], "all-linear") else targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_token_averaging(trainer) -> None:
+    """The loss must be a mean over every target token of the optimizer step (all micro-batches,
+    all devices). Trainer only counts them (num_items_in_batch) when the model takes loss kwargs."""
+    if not (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None):
+        raise RecipeError(
+            f"{type(trainer.model).__name__} takes no loss kwargs, so the Trainer would not count the target "
+            "tokens of the whole step and would average per-micro-batch means; use a transformers causal LM."
+        )
+    if not trainer.args.average_tokens_across_devices:
+        raise RecipeError("average_tokens_across_devices must stay true (token mean over all devices).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline demo chat data
+
+
+def build_chatterbot_dataset(out_dir: str, language: str = "english", overwrite: bool = False) -> str:
+    """chatterbot-corpus's YAML conversations (PyPI, offline) -> a `messages` dataset saved atomically.
+
+    Each YAML conversation alternates user / assistant turns; a trailing unanswered turn is dropped.
+    """
+    import chatterbot_corpus
+    import yaml
+
+    data_dir = Path(chatterbot_corpus.__file__).parent / "data" / language
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"chatterbot-corpus has no '{language}' data ({data_dir}).")
+    rows = []
+    for path in sorted(data_dir.glob("*.yml")):
+        with open(path, encoding="utf-8") as f:
+            document = yaml.load(f, Loader=yaml.BaseLoader) or {}  # BaseLoader: "yes" stays a string
+        for conversation in document.get("conversations") or []:
+            turns = [turn.strip() for turn in conversation if isinstance(turn, str) and turn.strip()]
+            turns = turns[: len(turns) // 2 * 2]
+            if turns:
+                messages = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
+                rows.append({"messages": messages, "category": path.stem})
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+    logger.info("Wrote %d chatterbot conversations to %s", len(rows), out_dir)
+    return str(out_dir)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    chatterbot = sub.add_parser("chatterbot", help="chatterbot-corpus -> `messages` dataset (offline demo data)")
+    chatterbot.add_argument("--out", required=True)
+    chatterbot.add_argument("--language", default="english")
+    chatterbot.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(build_chatterbot_dataset(args.out, args.language, args.overwrite))
+
+
+if __name__ == "__main__":
+    main()

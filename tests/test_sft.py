@@ -1,0 +1,286 @@
+"""SFT: assistant-only masks for real chat templates, packed == unpacked token-mean loss, LoRA,
+RoPE kept from the CPT checkpoint, and bad inputs failing early with a fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import WORDS, train_tiny_tokenizer
+from datasets import Dataset
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from prolong.config import ModelConfig, RecipeError, SFTRecipeConfig, parse_recipe
+from prolong.model import load_model
+from prolong.sft import SFTDataError, conversation_tokens, dataset_kind, prepare_sft_dataset
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def _sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _conversations(n, seed=0, turns=2):
+    rng = random.Random(seed)
+    conversations = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": _sentence(rng, 4)}] if rng.random() < 0.5 else []
+        for _ in range(turns):
+            messages += [{"role": "user", "content": _sentence(rng, rng.randint(2, 12))},
+                         {"role": "assistant", "content": _sentence(rng, rng.randint(1, 15))}]
+        conversations.append(messages)
+    return conversations
+
+
+def _masked_runs(tokenizer, input_ids, mask):
+    """Decoded text of each maximal run of masked (loss) tokens."""
+    runs, current = [], []
+    for token, bit in zip(input_ids, mask):
+        if bit:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+def _llama3_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    corpus = [_sentence(rng, 40) for _ in range(200)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # all bytes, "\n" too
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    fast.chat_template = LLAMA3_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from prolong.demo import load_smollm2_tokenizer
+
+    return load_smollm2_tokenizer()
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+
+
+@pytest.mark.parametrize("template", ["chatml-smollm2", "llama3"])
+def test_mask_covers_exactly_assistant_content_and_end_token(template, request):
+    if template == "chatml-smollm2":
+        tokenizer, end = request.getfixturevalue("smollm2_tokenizer"), "<|im_end|>"
+        assert "{% generation %}" not in tokenizer.chat_template
+    else:
+        tokenizer, end = _llama3_tokenizer(), "<|eot_id|>"
+    for messages in _conversations(6, seed=3, turns=3):
+        input_ids, mask = conversation_tokens(tokenizer, messages)
+        assert len(input_ids) == len(mask)
+        expected = [m["content"] + end for m in messages if m["role"] == "assistant"]
+        assert _masked_runs(tokenizer, input_ids, mask) == expected
+        # the whole rendered conversation is there: masks are on the real training tokens
+        assert tokenizer.decode(input_ids).startswith(tokenizer.apply_chat_template(messages, tokenize=False))
+
+
+def test_prompt_completion_rows_mask_the_prompt():
+    tokenizer = train_tiny_tokenizer()
+    data = Dataset.from_dict({"prompt": ["the of and to"], "completion": [" in is that"]})
+    rows, stats = prepare_sft_dataset(data, tokenizer, max_length=64)
+    assert stats.kind == "prompt_completion" and rows.column_names == ["input_ids", "completion_mask"]
+    assert _masked_runs(tokenizer, rows[0]["input_ids"], rows[0]["completion_mask"]) == [" in is that<|im_end|>"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed == unpacked, token-averaged over micro-batches
+
+
+def _sft_config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_length=256,
+                  per_device_train_batch_size=4, gradient_checkpointing=False, logging_steps=1,
+                  dataloader_drop_last=False, save_strategy="no")
+    values.update(overrides)
+    return SFTRecipeConfig(**values)
+
+
+def test_packed_loss_equals_unpacked_token_mean(tiny_model_dir, tmp_path):
+    from trl import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = load_model(ModelConfig(model_name_or_path=tiny_model_dir, attn_implementation="sdpa"))
+    conversations = _conversations(12, seed=5)
+    rows, _ = prepare_sft_dataset(Dataset.from_dict({"messages": conversations}), tokenizer, 256)
+    args = _sft_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    assert trainer.model_accepts_loss_kwargs  # so the Trainer counts tokens over the whole step
+
+    # One optimizer step = 2 micro-batches of padding-free rows, each holding several conversations.
+    batches, num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 2, torch.device("cpu"))
+    assert all("attention_mask" not in b and (b["position_ids"] == 0).sum() > 2 for b in batches)
+    model.eval()
+    with torch.no_grad():
+        packed = sum(trainer.compute_loss(model, dict(b), num_items_in_batch=num_items) for b in batches)
+
+        # The same conversations one by one: sum of assistant-token cross-entropies / their count.
+        total, count = 0.0, 0
+        for batch in batches:
+            labels = batch["labels"][0]
+            starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [labels.numel()]
+            for start, end in zip(starts[:-1], starts[1:]):
+                logits = model(input_ids=batch["input_ids"][:, start:end]).logits[0, :-1]
+                target = labels[start + 1 : end]
+                total += F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
+                count += int((target != -100).sum())
+    assert int(num_items) == count
+    torch.testing.assert_close(packed, total / count, rtol=1e-5, atol=1e-5)
+
+
+def test_prepacked_prolong_data_rows_keep_boundaries_and_masks(tiny_model_dir, tmp_path):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from prolong.data.pack import pack_dataset
+    from prolong.data.tokenize import tokenize_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    raw = Dataset.from_dict({"messages": _conversations(10, seed=7)})
+    tokenized, _ = tokenize_dataset(raw, tokenizer, text_field="messages")
+    pack_dataset(tokenized, tmp_path / "packed", mode="sft", length=128)
+    from prolong.sft import load_sft_dataset
+
+    rows, stats = prepare_sft_dataset(load_sft_dataset(str(tmp_path / "packed")), tokenizer, 128)
+    assert stats.kind == "packed" and rows.column_names == ["input_ids", "labels", "seq_lengths"]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([rows[0], rows[1]])
+    lengths = rows[0]["seq_lengths"] + rows[1]["seq_lengths"]
+    starts = torch.tensor([0] + lengths).cumsum(0)[:-1]
+    assert torch.equal((batch["position_ids"][0] == 0).nonzero().flatten(), starts)
+    assert (batch["labels"][0, starts] == -100).all()  # no target crosses a conversation boundary
+    assert (batch["labels"] != -100).sum() == sum((torch.tensor(r["labels"]) != -100).sum() for r in (rows[0], rows[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: RoPE kept from the CPT checkpoint, chat template saved; LoRA adapter
+
+
+def _write_chat_jsonl(path, conversations):
+    with open(path, "w") as f:
+        for messages in conversations:
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return str(path)
+
+
+def _run_args(model_dir, data, out, *extra):
+    return ["--model_name_or_path", model_dir, "--dataset_name", data, "--output_dir", out,
+            "--max_length", "128", "--per_device_train_batch_size", "2", "--max_steps", "2",
+            "--learning_rate", "1e-2", "--use_cpu", "true", "--report_to", "none",
+            "--gradient_checkpointing", "false", "--save_strategy", "no", "--attn_implementation", "sdpa", *extra]
+
+
+@pytest.fixture(scope="module")
+def cpt_checkpoint(tiny_model_dir, tmp_path_factory):
+    """A stage output with a raised theta, saved the way run_cpt saves it (load_model + save)."""
+    path = str(tmp_path_factory.mktemp("cpt-output"))
+    model = load_model(ModelConfig(model_name_or_path=tiny_model_dir, rope_theta=5e5))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
+def test_sft_keeps_the_checkpoint_rope_and_saves_the_chat_template(cpt_checkpoint, tmp_path):
+    from prolong.run_sft import main
+
+    too_long = [{"role": "user", "content": "the " * 200}, {"role": "assistant", "content": "of"}]
+    data = _write_chat_jsonl(tmp_path / "chat.jsonl", _conversations(16, seed=9) + [too_long])
+    out = main(_run_args(cpt_checkpoint, data, str(tmp_path / "sft")))
+    config = AutoConfig.from_pretrained(out)
+    assert config.rope_parameters["rope_theta"] == 5e5
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.chat_template == AutoTokenizer.from_pretrained(cpt_checkpoint).chat_template
+    assert "sft" in open(os.path.join(out, "README.md")).read()
+
+    # ... unless the recipe overrides it
+    model_cfg, args = parse_recipe((ModelConfig, SFTRecipeConfig), _run_args(cpt_checkpoint, data, "x", "--rope_theta", "1e6"))
+    assert load_model(model_cfg, args.max_length).config.rope_parameters["rope_theta"] == 1e6
+
+
+def test_lora_run_saves_an_adapter_that_changes_the_output(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    from prolong.run_sft import main
+
+    data = _write_chat_jsonl(tmp_path / "chat.jsonl", _conversations(16, seed=11))
+    out = main(_run_args(tiny_model_dir, data, str(tmp_path / "lora"), "--use_peft", "true", "--lora_r", "4"))
+    adapter = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert adapter["r"] == 4 and not os.path.exists(os.path.join(out, "model.safetensors"))
+    ids = torch.tensor([[5, 17, 42, 99, 120, 7]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, out).eval()
+        after = tuned(ids).logits
+    assert (before - after).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors before TRL
+
+
+def test_bad_datasets_fail_with_a_fix():
+    tokenizer = train_tiny_tokenizer()
+    with pytest.raises(SFTDataError, match="needs `messages`"):
+        dataset_kind(["text", "id"])
+    bad_role = Dataset.from_dict({"messages": [[{"role": "human", "content": "the"}, {"role": "gpt", "content": "of"}]]})
+    with pytest.raises(SFTDataError, match="unknown role 'human'"):
+        prepare_sft_dataset(bad_role, tokenizer, 64)
+    no_template = train_tiny_tokenizer()
+    no_template.chat_template = None
+    with pytest.raises(SFTDataError, match="chat_template_path"):
+        prepare_sft_dataset(Dataset.from_dict({"messages": _conversations(2)}), no_template, 64)
+
+
+def test_too_long_and_untrainable_conversations_are_dropped_and_counted():
+    tokenizer = train_tiny_tokenizer()
+    conversations = _conversations(5, seed=1) + [
+        [{"role": "user", "content": "the " * 300}, {"role": "assistant", "content": "of"}],
+        [{"role": "user", "content": "no reply"}],
+    ]
+    rows, stats = prepare_sft_dataset(Dataset.from_dict({"messages": conversations}), tokenizer, max_length=256)
+    assert (stats.examples, stats.kept, stats.dropped_too_long, stats.dropped_no_target) == (7, 5, 1, 1)
+    assert max(len(ids) for ids in rows["input_ids"]) <= 256
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--average_tokens_across_devices", "false"], "per-device means"),
+        (["--assistant_only_loss", "true"], "already masks"),
+        (["--packing_strategy", "wrapped"], "use bfd"),
+        (["--lora_alhpa", "8"], "Did you mean 'lora_alpha'"),
+    ],
+)
+def test_recipe_refuses_configurations_that_break_the_loss(flags, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe((ModelConfig, SFTRecipeConfig), ["--model_name_or_path", "x", "--use_cpu", "true", *flags])
+
+
+def test_recipes_parse():
+    for recipe in ("recipes/prolong-8b/sft.yaml", "recipes/prolong-8b/sft-lora.yaml", "recipes/tiny/sft.yaml"):
+        model_cfg, args = parse_recipe((ModelConfig, SFTRecipeConfig), [recipe, "--use_cpu", "true"])
+        assert args.packing and args.packing_strategy == "bfd" and args.average_tokens_across_devices
+    assert args.model_init_kwargs is None and model_cfg.model_name_or_path == "outputs/tiny-cpt"

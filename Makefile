@@ -26,11 +26,11 @@ $(STAMP): requirements.txt setup.cfg
 $(DEMO)/base-model/config.json: $(STAMP)
 	$(PY) -m prolong.demo model --out $(DEMO)/base-model
 
-$(DEMO)/packed/prolong_demo.json: $(DEMO)/base-model/config.json
+$(DEMO)/packed/short/prolong_data.json: $(DEMO)/base-model/config.json
 	$(PY) -m prolong.demo data --tokenizer $(DEMO)/base-model --out $(DEMO)/packed --length 2048
 
 demo-model: $(DEMO)/base-model/config.json
-demo-data: $(DEMO)/packed/prolong_demo.json
+demo-data: $(DEMO)/packed/short/prolong_data.json
 
 # The embedded default: tiny continued pre-training (512 -> 2K context), then tiny SFT, on CPU.
 demo: demo-data

@@ -107,15 +107,22 @@ class CPTConfig(TrainingArguments):
     check_document_masking: bool = field(
         default=True, metadata={"help": "Probe the real model at start-up: documents must not see each other."}
     )
+    activation_offload: bool = field(
+        default=False, metadata={"help": "Keep saved activations in CPU memory during the forward (longer rows)."}
+    )
     eval_recall_lengths: list[int] | None = field(
         default=None, metadata={"help": "Run a small recall evaluation at these lengths at every checkpoint."}
     )
+    eval_recall_samples: int = field(default=10, metadata={"help": "Samples per recall task and length."})
 
     def __post_init__(self):
-        if self.bf16 is None:
-            import torch
+        import torch
 
+        if self.bf16 is None:
             self.bf16 = torch.cuda.is_available()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # without this, TrainingArguments runs each torchrun process alone on CPU (no gloo group)
+            self.use_cpu = True
         if isinstance(self.lr_scheduler_kwargs, str):
             self.lr_scheduler_kwargs = json.loads(self.lr_scheduler_kwargs)
         super().__post_init__()
@@ -132,14 +139,14 @@ class CPTConfig(TrainingArguments):
 
 def resolve_gradient_accumulation(data: DataConfig, args: TrainingArguments) -> None:
     """Derive gradient_accumulation_steps from global_batch_size, refusing batches that don't divide."""
-    if data.global_batch_size is None:
-        return
     sp = getattr(args, "sequence_parallel_size", 1)
     if args.world_size % sp:
         raise RecipeError(
             f"sequence_parallel_size={sp} does not divide the {args.world_size} processes; "
             "launch a multiple of it or change sequence_parallel_size."
         )
+    if data.global_batch_size is None:
+        return
     per_step = args.per_device_train_batch_size * (args.world_size // sp)
     if data.global_batch_size % per_step:
         raise RecipeError(

@@ -109,7 +109,7 @@ def main(argv=None) -> None:
         from prolong.data.demo import build_demo_corpus
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        print(build_demo_corpus(tokenizer, args.out, length=args.length))
+        print(build_demo_corpus(tokenizer, args.out, length=args.length, overwrite=True))
 
 
 if __name__ == "__main__":

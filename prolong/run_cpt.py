@@ -20,6 +20,7 @@ from prolong.collator import PackedCollator
 from prolong.config import CPTConfig, DataConfig, ModelConfig, RecipeError, parse_recipe, resolve_gradient_accumulation
 from prolong.data.mixture import BalancedOrder, MixtureDataset
 from prolong.model import load_model, load_tokenizer
+from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
 from prolong.outputs import save_final_model, setup_logging
 from prolong.trainer import CPTTrainer, last_checkpoint
 
@@ -59,15 +60,26 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     model = load_model(model_cfg, data_cfg.max_length, path=args.init_from)
     if args.check_document_masking:
         check_document_masking(model)
+    collator, layout = PackedCollator(), None
+    if args.sequence_parallel_size > 1:  # after the probe: it runs a whole row on each rank
+        layout = init_parallel_layout(args.sequence_parallel_size)
+        enable_sequence_parallel(model, layout.sp_group)
+        collator = SequenceParallelCollator(collator, layout.sp_rank, layout.sp_size, tokenizer.pad_token_id or 0)
     train_dataset = build_train_dataset(data_cfg, args)
 
+    callbacks = list(callbacks or [])
+    if args.eval_recall_lengths:
+        from evaluation.callback import RecallEvalCallback
+
+        callbacks.append(RecallEvalCallback(lengths=args.eval_recall_lengths, num_samples=args.eval_recall_samples))
     trainer = CPTTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
-        data_collator=PackedCollator(),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        parallel_layout=layout,
     )
     trainer.train(resume_from_checkpoint=resolve_resume(args))
 

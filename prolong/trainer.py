@@ -29,6 +29,7 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
 from prolong.loss import chunked_cross_entropy_sum
+from prolong.parallel import activation_offload, sequence_parallel_dataloader
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ class CPTTrainer(Trainer):
     # our compute_loss divides by the whole step's token count itself
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, parallel_layout=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.parallel_layout = parallel_layout  # set when sequence parallelism is on
         # make the Trainer count label tokens over the whole step for any model class
         self.model_accepts_loss_kwargs = True
         unwrapped = self.model
@@ -83,13 +85,29 @@ class CPTTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         return SequentialSampler(train_dataset or self.train_dataset)
 
+    def get_train_dataloader(self):
+        if self.parallel_layout is None:
+            return super().get_train_dataloader()
+        # the ranks of a sequence-parallel group read the same batch: deal batches by
+        # data-parallel rank (accelerate would deal them over all processes)
+        return sequence_parallel_dataloader(
+            self.train_dataset,
+            self.args.per_device_train_batch_size,
+            self.data_collator,
+            self.parallel_layout,
+            sampler=self._get_train_sampler(),
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+
     # -- loss --------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         shift_labels = inputs["shift_labels"]
         self._tokens_since_log += inputs["input_ids"].numel()
         model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
         # logits_to_keep=1: the model computes one row of logits; the loss uses the hidden states
-        outputs = model(**model_inputs, use_cache=False, logits_to_keep=1)
+        with activation_offload(self.args.activation_offload):
+            outputs = model(**model_inputs, use_cache=False, logits_to_keep=1)
         hidden = self._capture.hidden
         self._capture.hidden = None
         if self._liger_loss is not None:

@@ -27,12 +27,15 @@ $(DEMO)/base-model/config.json: $(STAMP)
 	$(PY) -m prolong.demo model --out $(DEMO)/base-model
 
 $(DEMO)/packed/short/prolong_data.json: $(DEMO)/base-model/config.json
-	$(PY) -m prolong.demo data --tokenizer $(DEMO)/base-model --out $(DEMO)/packed --length 2048
+	$(PY) -m prolong.demo data --tokenizer $(DEMO)/base-model --out $(DEMO)/packed --length 1024
+
+$(DEMO)/chatterbot/state.json: $(STAMP)
+	$(PY) -m prolong.sft chatterbot --out $(DEMO)/chatterbot --overwrite
 
 demo-model: $(DEMO)/base-model/config.json
-demo-data: $(DEMO)/packed/short/prolong_data.json
+demo-data: $(DEMO)/packed/short/prolong_data.json $(DEMO)/chatterbot/state.json
 
-# The embedded default: tiny continued pre-training (512 -> 2K context), then tiny SFT, on CPU.
+# The embedded default: tiny continued pre-training (256 -> 1K context), then tiny SFT, on CPU.
 demo: demo-data
 	$(PY) prolong/run_cpt.py recipes/tiny/cpt.yaml
 	$(PY) prolong/run_sft.py recipes/tiny/sft.yaml

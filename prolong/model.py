@@ -12,6 +12,7 @@ import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from prolong.attention import choose_attn_implementation
 from prolong.config import ModelConfig, RecipeError, theta_warning
@@ -58,8 +59,16 @@ def apply_rope_settings(
                 warning = theta_warning(params["rope_theta"], max_length)
                 if warning:
                     logger.warning(warning)
-    if hasattr(text_config, "validate_rope"):
+    for params in _rope_dicts(text_config):
+        rope_type = params.get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise RecipeError(
+                f"rope_scaling: unknown rope_type '{rope_type}'; use one of default, {', '.join(ROPE_INIT_FUNCTIONS)}."
+            )
+    try:
         text_config.validate_rope()
+    except (KeyError, ValueError) as error:
+        raise RecipeError(f"rope_scaling / rope_theta: {error}") from error
     return config
 
 

@@ -89,9 +89,12 @@ def load_sft_dataset(name: str | None, config: str | None = None, split: str = "
                 dataset = dataset[split]
             return dataset
         return datasets.load_dataset(str(path), config, split=split)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.parent.is_dir():
         return datasets.load_dataset(name, config, split=split)
-    raise RecipeError(f"dataset_name: '{name}' is neither a file, a directory nor a Hub id (org/name).")
+    raise RecipeError(
+        f"dataset_name: '{name}' is neither an existing file or directory nor a Hub id (org/name). "
+        "The tiny recipe's chat data is built with `python -m prolong.sft chatterbot --out demo_data/chatterbot`."
+    )
 
 
 def dataset_kind(columns: list[str]) -> str:

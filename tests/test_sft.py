@@ -173,6 +173,11 @@ def test_prepacked_prolong_data_rows_keep_boundaries_and_masks(tiny_model_dir, t
     assert (batch["labels"][0, starts] == -100).all()  # no target crosses a conversation boundary
     assert (batch["labels"] != -100).sum() == sum((torch.tensor(r["labels"]) != -100).sum() for r in (rows[0], rows[1]))
 
+    from prolong.run_sft import main  # and the entry point trains on them as they are
+
+    out = main(_run_args(tiny_model_dir, str(tmp_path / "packed"), str(tmp_path / "sft")))
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+
 
 # ---------------------------------------------------------------------------------------------
 # End to end: RoPE kept from the CPT checkpoint, chat template saved; LoRA adapter

@@ -27,7 +27,7 @@ $(DEMO)/base-model/config.json: $(STAMP)
 	$(PY) -m prolong.demo model --out $(DEMO)/base-model
 
 $(DEMO)/packed/short/prolong_data.json: $(DEMO)/base-model/config.json
-	$(PY) -m prolong.demo data --tokenizer $(DEMO)/base-model --out $(DEMO)/packed --length 1024
+	$(PY) -m prolong.data demo --tokenizer $(DEMO)/base-model --out $(DEMO)/packed --length 1024 --overwrite
 
 $(DEMO)/chatterbot/state.json: $(STAMP)
 	$(PY) -m prolong.sft chatterbot --out $(DEMO)/chatterbot --overwrite

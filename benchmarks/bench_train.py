@@ -20,7 +20,8 @@ OOM state are the method's own), on the SAME rows of the SAME randomly initialis
 
 One step = ``training_step`` (forward + backward, under the Trainer's autocast) + AdamW step +
 ``zero_grad`` (no gradient clipping, no scheduler). ``--warmup`` steps run first and are not timed.
-Activation checkpointing (``--activation-checkpointing``) and its CPU offload (``--offload``: the
+Activation checkpointing (``--activation-checkpointing``, of every ``--checkpoint-every``-th decoder
+layer) and its CPU offload (``--offload``: the
 checkpointed layers' saved tensors go to pinned host memory through
 ``torch.autograd.graph.save_on_cpu``, transformers' ``activation_checkpointing_kwargs={"offload": True}``)
 apply to all three methods alike.
@@ -184,7 +185,11 @@ def trainer_arguments(ns, cuda: bool) -> dict:
     )
     if ns.activation_checkpointing:
         kwargs["activation_checkpointing"] = True
-        kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False, "offload": ns.offload}
+        kwargs["activation_checkpointing_kwargs"] = {
+            "use_reentrant": False,
+            "offload": ns.offload,
+            "every_n_layers": ns.checkpoint_every,  # 1 = every layer; 2 = every other layer, ...
+        }
     return kwargs
 
 
@@ -409,6 +414,7 @@ def worker_command(method: str, ns, out: str) -> list[str]:
         cmd.append("--activation-checkpointing")
     if ns.offload:
         cmd.append("--offload")
+    cmd += ["--checkpoint-every", str(ns.checkpoint_every)]
     if ns.peak_tflops:
         cmd += ["--peak-tflops", str(ns.peak_tflops)]
     return cmd
@@ -465,6 +471,7 @@ def run_all(ns) -> dict:
         timed_steps=ns.steps,
         long_share=ns.long_share,
         activation_checkpointing=ns.activation_checkpointing,
+        checkpoint_every=ns.checkpoint_every,
         offload=ns.offload,
         loss=ns.loss,
         optimizer=ns.optimizer,
@@ -486,6 +493,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--long-share", type=float, default=LONG_SHARE, help="share of one-document rows")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--offload", action="store_true", help="with --activation-checkpointing: save_on_cpu")
+    parser.add_argument("--checkpoint-every", type=int, default=1,
+                        help="with --activation-checkpointing: checkpoint every N-th decoder layer only")
     parser.add_argument("--loss", choices=("chunked", "liger"), default="chunked", help="prolong's loss (liger: CUDA)")
     parser.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
                         help="none: forward + backward only (no optimizer state in memory)")

@@ -129,20 +129,9 @@ def _check_messages(messages, row: int) -> None:
             )
 
 
-def _unmark_trailing_whitespace(input_ids: list[int], mask: list[int], tokenizer) -> list[int]:
-    """Unmark whitespace-only tokens at the end of each assistant span (template text after the end token)."""
-    for end in [t for t in range(len(mask)) if mask[t] and (t + 1 == len(mask) or not mask[t + 1])]:
-        t = end
-        while t >= 0 and mask[t] and not tokenizer.decode([input_ids[t]]).strip():
-            mask[t] = 0
-            t -= 1
-    return mask
-
-
 def conversation_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """(input_ids, mask) of one conversation: mask is 1 on assistant content + end-of-turn tokens."""
-    input_ids, mask = tokenize_conversation(tokenizer, messages, tokenizer.eos_token_id)
-    return input_ids, _unmark_trailing_whitespace(input_ids, mask, tokenizer)
+    return tokenize_conversation(tokenizer, messages, tokenizer.eos_token_id)
 
 
 def _tokenize_messages(batch, rows, tokenizer):

@@ -117,7 +117,18 @@ def tokenize_conversation(tokenizer, messages: list[dict], eos_id: int) -> tuple
     if not input_ids or input_ids[-1] != eos_id:
         input_ids.append(eos_id)
         mask.append(0)
-    return input_ids, mask
+    return input_ids, _unmark_trailing_whitespace(input_ids, mask, tokenizer)
+
+
+def _unmark_trailing_whitespace(input_ids: list[int], mask: list[int], tokenizer) -> list[int]:
+    """Unmark whitespace-only tokens at the end of each assistant span: template text after the
+    end-of-turn token (ChatML's newline after <|im_end|>) is not the assistant's to predict."""
+    for end in [t for t in range(len(mask)) if mask[t] and (t + 1 == len(mask) or not mask[t + 1])]:
+        t = end
+        while t >= 0 and mask[t] and not tokenizer.decode([input_ids[t]]).strip():
+            mask[t] = 0
+            t -= 1
+    return mask
 
 
 def _tokenize_chats(batch, tokenizer, text_field, bos_id, eos_id, domain):

@@ -49,10 +49,16 @@ def write_model_card(
     if summary:
         figures.append(f"- training time: {summary[-1]['train_runtime']:.0f} s")
     evaluation = "No evaluation results yet (run `python -m evaluation.run --model THIS_DIR`)."
-    eval_path = os.path.join(output_dir, "eval_results.json")
-    if os.path.exists(eval_path):
-        with open(eval_path) as f:
-            evaluation = "```json\n" + json.dumps(json.load(f), indent=2) + "\n```"
+    recall = [entry for entry in (log_history or []) if any(k.startswith("eval_recall/") for k in entry)]
+    if recall:  # written by evaluation.callback.RecallEvalCallback at each checkpoint
+        rows = ["| step | task / length | score |", "| --- | --- | --- |"]
+        rows += [
+            f"| {entry.get('step', '')} | {key.removeprefix('eval_recall/')} | {value:.3f} |"
+            for entry in recall[-1:]
+            for key, value in entry.items()
+            if key.startswith("eval_recall/")
+        ]
+        evaluation = "Recall evaluation at the last checkpoint (`eval_recall_lengths`):\n\n" + "\n".join(rows)
     front_matter = {"base_model": base_model, "library_name": "transformers", "tags": ["prolong", "long-context", stage]}
     text = f"""---
 {yaml.safe_dump(front_matter, sort_keys=False).strip()}

@@ -171,3 +171,14 @@ def test_unknown_key_in_a_yaml_recipe(tmp_path):
     recipe.write_text("model_name_or_path: x\nrope_thetta: 1e6\n")
     with pytest.raises(RecipeError, match="rope_thetta.*rope_theta"):
         main([str(recipe)])
+
+
+def test_recall_evaluation_runs_at_checkpoints_and_reaches_the_model_card(tiny_model_dir, packed_mixture, tmp_path):
+    out = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "eval", max_steps=2, save_steps=2, max_length=512,
+                     eval_recall_lengths=512, eval_recall_samples=1))
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        history = json.load(f)["log_history"]
+    recall = [entry for entry in history if any(key.startswith("eval_recall/") for key in entry)]
+    assert recall and all(0.0 <= v <= 1.0 for k, v in recall[-1].items() if k.startswith("eval_recall/"))
+    assert os.path.isdir(os.path.join(out, "checkpoint-2", "recall_eval"))
+    assert "Recall evaluation at the last checkpoint" in open(os.path.join(out, "README.md")).read()

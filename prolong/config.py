@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
+from trl import SFTConfig
 
 
 class RecipeError(ValueError):
@@ -251,22 +252,9 @@ def theta_warning(theta: float, max_length: int) -> str | None:
     return None
 
 
-__all__ = [
-    "CPTConfig",
-    "DataConfig",
-    "ModelConfig",
-    "RecipeError",
-    "parse_recipe",
-    "resolve_gradient_accumulation",
-    "theta_warning",
-]
-
-
 # ---------------------------------------------------------------------------------------------
 # Supervised fine-tuning (prolong/run_sft.py). Parsed together with ModelConfig, without
 # DataConfig: SFTConfig has its own max_length (tokens per packed sequence).
-
-from trl import SFTConfig  # noqa: E402  (only the SFT section needs TRL)
 
 
 @dataclass

@@ -76,7 +76,7 @@ class CPTTrainer(Trainer):
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # CUDA only (NOTES)
 
             self._liger_loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=self._softcap)
-        self._tokens_since_log = 0
+        self._tokens_since_log, self._step_of_last_log = 0, 0
         self._time_of_last_log = time.perf_counter()
         self.add_callback(_PreemptionCallback())
         self.add_callback(_SaveAtEndCallback())
@@ -134,7 +134,7 @@ class CPTTrainer(Trainer):
             now = time.perf_counter()
             elapsed = max(now - self._time_of_last_log, 1e-9)
             tokens = self._tokens_since_log * self.accelerator.num_processes
-            steps = max(self.state.global_step - getattr(self, "_step_of_last_log", 0), 1)
+            steps = max(self.state.global_step - self._step_of_last_log, 1)
             logs["tokens_per_second"] = round(tokens / elapsed, 1)
             logs["tokens_per_second_per_device"] = round(tokens / elapsed / self.accelerator.num_processes, 1)
             logs["step_time_s"] = round(elapsed / steps, 3)

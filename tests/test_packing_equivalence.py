@@ -16,10 +16,7 @@ DOC_LENGTHS = [7, 33, 1, 20]
 
 
 def _backends():
-    names = ["sdpa", "eager", "flex_attention"]
-    if torch.cuda.is_available():
-        names += ["varlen"]
-    return names
+    return ["sdpa", "eager", "flex_attention"]  # the CUDA-only ones: tests/test_gpu.py
 
 
 def _model(attn: str) -> LlamaForCausalLM:

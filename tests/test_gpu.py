@@ -1,0 +1,74 @@
+"""GPU-only paths (skipped without CUDA): varlen / flash attention on packed rows and Liger's loss.
+
+Run on a GPU machine with `pytest tests/test_gpu.py -v` (flash-attn and liger-kernel optional:
+their tests skip when the package is missing). CPU equivalents live in test_packing_equivalence.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
+
+from prolong.attention import check_document_masking, choose_attn_implementation
+from prolong.collator import PackedCollator
+from prolong.loss import chunked_cross_entropy_sum
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BACKENDS = ["varlen", "sdpa", "flex_attention"] + (
+    ["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []
+)
+
+
+def _model(attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = tiny_llama_config(320, hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_packed_row_equals_documents_alone_on_gpu(attn):
+    model = _model(attn)
+    gen = torch.Generator().manual_seed(1)
+    docs = [torch.randint(3, 300, (n,), generator=gen) for n in (70, 1, 300, 129)]
+    spans, start = [], 0
+    for doc in docs:
+        spans.append([start, start + len(doc)])
+        start += len(doc)
+    batch = PackedCollator()([{"input_ids": torch.cat(docs).tolist(), "indices": spans}])
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(), use_cache=False
+        ).logits[0].float()
+        start = 0
+        for doc in docs:
+            alone = model(input_ids=doc[None].cuda(), use_cache=False).logits[0].float()
+            torch.testing.assert_close(packed[start : start + len(doc)], alone, atol=3e-2, rtol=3e-2)
+            start += len(doc)
+    assert check_document_masking(model) == 0.0
+
+
+def test_auto_picks_a_varlen_kernel_on_gpu():
+    assert choose_attn_implementation("auto") in ("flash_attention_2", "varlen")
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("liger_kernel"), reason="liger-kernel not installed")
+def test_liger_fused_loss_equals_the_chunked_loss():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3000, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(500, 64, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 500, (3000,), device="cuda")
+    labels[:1500] = -100
+    ours = chunked_cross_entropy_sum(hidden, weight, labels, chunk_size=1024)
+    liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, labels)
+    reference = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(liger, reference, rtol=1e-4, atol=1e-2)

@@ -62,8 +62,8 @@ def choose_attn_implementation(requested: str) -> str:
         if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
             return VARLEN
         return "flex_attention"
-    # On CPU flex_attention compiles for tens of seconds per shape; sdpa's dense block mask is
-    # exact and faster at the short lengths a CPU can train.
+    # On CPU, flex_attention has no backward in torch 2.13 ("FlexAttention does not support
+    # backward on CPU"); sdpa's dense block-diagonal mask is exact at the lengths a CPU can train.
     return "sdpa"
 
 

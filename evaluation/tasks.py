@@ -369,6 +369,10 @@ def load_infbench(task: Task, req: LoadRequest) -> list:
             sample["answer"] = [letter, f"{letter}. {row['answer'][0]}"]
         samples.append(sample)
     chosen = helmet_shuffle(samples, req.seed)[:req.max_samples]
+    if task.name == "infbench_sum_eng":  # key points for the summarisation judge (HELMET's file; optional)
+        keypoints = _keypoints_by_id(os.path.join(folder, "longbook_sum_eng_keypoints.jsonl"), "keypoints")
+        for sample in chosen:
+            sample["keypoints"] = keypoints.get(str(sample["id"]))
     if req.shots > 0:
         for sample in chosen:
             demos = helmet_shuffle([s for s in samples if s["id"] != sample["id"]], req.seed)[:req.shots]
@@ -388,8 +392,12 @@ def load_multi_lexsum(task: Task, req: LoadRequest) -> list:
            f"load_dataset('allenai/multi_lexsum', name='v20230518')[split].to_json('{folder}/<split>.jsonl') "
            "for validation and train")
     rows = [r for r in read_jsonl(os.path.join(folder, "validation.jsonl"), how) if r.get("summary/short")]
+    # judge inputs: key points from the row or HELMET's multi_lexsum_val.jsonl (optional), expert = summary/long
+    keypoints = _keypoints_by_id(os.path.join(folder, "multi_lexsum_val.jsonl"), "summary/short_keypoints")
     test = [{"id": str(r.get("id", i)), "context": "\n\n".join(r["sources"]), "question": "",
-             "answer": r["summary/short"]} for i, r in enumerate(rows)]
+             "answer": r["summary/short"], "expert_summary": r.get("summary/long"),
+             "keypoints": r.get("summary/short_keypoints") or keypoints.get(str(r.get("id", i))),
+             } for i, r in enumerate(rows)]
     test = helmet_shuffle(test, req.seed)[:req.max_samples]
     train = []
     if req.shots > 0:
@@ -402,6 +410,13 @@ def load_multi_lexsum(task: Task, req: LoadRequest) -> list:
             sample["demo"] = ("Example summaries:\n\n" + "\n\n".join(f"Summary: {d['answer']}" for d in demos)
                               + "\n\nNow, write a summary of the following legal documents.\n")
     return test
+
+
+def _keypoints_by_id(path: str, key: str) -> dict:
+    """{id: key points} from one of HELMET's key-point files; {} when the file is absent (judge then skips)."""
+    if not os.path.exists(path):
+        return {}
+    return {str(r["id"]): r[key] for r in read_jsonl(path) if r.get(key)}
 
 
 def score_rouge(output: str, sample: dict) -> dict:

@@ -25,7 +25,7 @@ DEFAULTS = {
     "allow_beyond_window": False,     # run lengths above max_position_embeddings (e.g. RoPE-scaled)
     "resume": True,                   # skip samples already in the per-sample jsonl
     "plots": True,
-    "judge_base_url": None,           # OpenAI-compatible endpoint for NarrativeQA (else "skipped")
+    "judge_base_url": None,           # OpenAI-compatible judge for NarrativeQA and summarisation (else "skipped")
     "judge_model": None,
     "judge_api_key_env": "OPENAI_API_KEY",
 }

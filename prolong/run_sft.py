@@ -17,13 +17,13 @@ if __package__ in (None, ""):  # `python prolong/run_sft.py` from a checkout tha
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transformers import set_seed
-from trl import SFTTrainer
 
 from prolong.attention import check_document_masking
 from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe, resolve_gradient_accumulation
 from prolong.model import load_model, load_tokenizer
 from prolong.outputs import save_final_model, setup_logging
 from prolong.run_cpt import resolve_resume
+from prolong.trainer import SFTTrainer
 from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, lora_config,
                          prepare_sft_dataset, use_prepacked_rows)
 

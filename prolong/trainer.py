@@ -8,7 +8,7 @@ What it adds, and why each is not already in transformers:
   fused kernel replaces the chunked loss on CUDA when ``use_liger_kernel`` is set.
 * a sequential sampler: ``MixtureDataset`` already shuffles deterministically, so the data
   position is the step counter and resuming is exact.
-* tokens/s, step time and peak memory in the logs.
+* tokens/s, step time and peak memory in the logs (``ThroughputLogMixin``, shared with SFT).
 * stage hand-off: ``init_from`` + ``load_optimizer_state`` loads the previous stage's optimizer
   state into a fresh optimizer whose learning-rate schedule starts over.
 * preemption: SIGTERM / SIGUSR1 save a checkpoint, then stop.
@@ -25,6 +25,7 @@ import signal
 import time
 
 import torch
+import trl
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
@@ -58,7 +59,42 @@ class _HiddenStateCapture:
         self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
 
-class CPTTrainer(Trainer):
+class ThroughputLogMixin:
+    """Adds tokens/s, step time and peak memory to the Trainer's training logs."""
+
+    _tokens_since_log = 0
+    _step_of_last_log = 0
+    _time_of_last_log = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._time_of_last_log is None:
+            self._time_of_last_log = time.perf_counter()
+        self._tokens_since_log += inputs["input_ids"].numel()  # per process (an SP chunk with SP)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._time_of_last_log is not None:
+            now = time.perf_counter()
+            elapsed = max(now - self._time_of_last_log, 1e-9)
+            tokens = self._tokens_since_log * self.accelerator.num_processes
+            steps = max(self.state.global_step - self._step_of_last_log, 1)
+            logs["tokens_per_second"] = round(tokens / elapsed, 1)
+            logs["tokens_per_second_per_device"] = round(tokens / elapsed / self.accelerator.num_processes, 1)
+            logs["step_time_s"] = round(elapsed / steps, 3)
+            if torch.cuda.is_available():
+                logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            else:
+                logs["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            self._tokens_since_log, self._time_of_last_log = 0, now
+            self._step_of_last_log = self.state.global_step
+        super().log(logs, start_time)
+
+
+class SFTTrainer(ThroughputLogMixin, trl.SFTTrainer):
+    """TRL's SFTTrainer with our throughput logging (the SFT stage, prolong/run_sft.py)."""
+
+
+class CPTTrainer(ThroughputLogMixin, Trainer):
     # our compute_loss divides by the whole step's token count itself
     loss_is_scaled_for_ga = True
 
@@ -76,8 +112,6 @@ class CPTTrainer(Trainer):
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # CUDA only (NOTES)
 
             self._liger_loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=self._softcap)
-        self._tokens_since_log, self._step_of_last_log = 0, 0
-        self._time_of_last_log = time.perf_counter()
         self.add_callback(_PreemptionCallback())
         self.add_callback(_SaveAtEndCallback())
 
@@ -103,7 +137,6 @@ class CPTTrainer(Trainer):
     # -- loss --------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         shift_labels = inputs["shift_labels"]
-        self._tokens_since_log += inputs["input_ids"].numel()
         model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
         # logits_to_keep=1: the model computes one row of logits; the loss uses the hidden states
         with activation_offload(self.args.activation_offload):
@@ -127,24 +160,6 @@ class CPTTrainer(Trainer):
             # processes; DDP/FSDP then average gradients over processes, which the factor undoes.
             loss = loss_sum / num_items_in_batch * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
-
-    # -- visibility --------------------------------------------------------------------------
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            now = time.perf_counter()
-            elapsed = max(now - self._time_of_last_log, 1e-9)
-            tokens = self._tokens_since_log * self.accelerator.num_processes
-            steps = max(self.state.global_step - self._step_of_last_log, 1)
-            logs["tokens_per_second"] = round(tokens / elapsed, 1)
-            logs["tokens_per_second_per_device"] = round(tokens / elapsed / self.accelerator.num_processes, 1)
-            logs["step_time_s"] = round(elapsed / steps, 3)
-            if torch.cuda.is_available():
-                logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            else:
-                logs["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-            self._tokens_since_log, self._time_of_last_log = 0, now
-            self._step_of_last_log = self.state.global_step
-        super().log(logs, start_time)
 
     # -- stage hand-off ----------------------------------------------------------------------
     def create_optimizer(self, model=None):

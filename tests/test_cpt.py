@@ -39,10 +39,13 @@ def _argv(model_dir, mixture, output_dir, **overrides):
     return argv
 
 
-def _losses(output_dir):
+def _log(output_dir):
     with open(os.path.join(output_dir, "trainer_state.json")) as f:
-        history = json.load(f)["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+        return json.load(f)["log_history"]
+
+
+def _losses(output_dir):
+    return {entry["step"]: entry["loss"] for entry in _log(output_dir) if "loss" in entry}
 
 
 def test_raised_theta_is_saved_and_changes_the_inverse_frequencies(tiny_model_dir, packed_mixture, tmp_path):
@@ -56,6 +59,7 @@ def test_raised_theta_is_saved_and_changes_the_inverse_frequencies(tiny_model_di
     expected = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     torch.testing.assert_close(trained.model.rotary_emb.inv_freq, expected)
     assert not torch.allclose(base.model.rotary_emb.inv_freq, expected)
+    assert _losses(out) and all(e["tokens_per_second"] > 0 for e in _log(out) if "loss" in e)
     card = open(os.path.join(out, "README.md")).read()
     assert "1000000.0" in card and "| 60% |" in card
     assert not os.path.exists(os.path.join(out, ".final-tmp"))

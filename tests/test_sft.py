@@ -218,6 +218,8 @@ def test_sft_keeps_the_checkpoint_rope_and_saves_the_chat_template(cpt_checkpoin
     saved = AutoTokenizer.from_pretrained(out)
     assert saved.chat_template == AutoTokenizer.from_pretrained(cpt_checkpoint).chat_template
     assert "sft" in open(os.path.join(out, "README.md")).read()
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        assert any(entry.get("tokens_per_second", 0) > 0 for entry in json.load(f)["log_history"])
 
     # ... unless the recipe overrides it
     model_cfg, args = parse_recipe((ModelConfig, SFTRecipeConfig), _run_args(cpt_checkpoint, data, "x", "--rope_theta", "1e6"))

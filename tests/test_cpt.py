@@ -77,7 +77,8 @@ class _PreemptAt(TrainerCallback):
 
 
 def test_preempted_run_resumes_with_the_uninterrupted_loss_curve(tiny_model_dir, packed_mixture, tmp_path):
-    steps = dict(max_steps=6, save_steps=100)  # only the preemption / final step save
+    # accumulation 2: the data position must count micro-batches, not optimizer steps
+    steps = dict(max_steps=6, save_steps=100, per_device_train_batch_size=1, global_batch_size=2)
     reference = _losses(main(_argv(tiny_model_dir, packed_mixture, tmp_path / "full", **steps)))
 
     interrupted = tmp_path / "interrupted"

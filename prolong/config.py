@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -19,6 +20,9 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig
+
+
+logger = logging.getLogger(__name__)
 
 
 class RecipeError(ValueError):
@@ -77,6 +81,32 @@ class DataConfig:
             raise RecipeError(f"max_length must be positive, got {self.max_length}.")
 
 
+def apply_machine_defaults(args) -> None:
+    """Defaults that depend on the machine, shared by the CPT and SFT configs (before validation)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.bf16 is None:
+        args.bf16 = cuda
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cuda:
+        # without this, TrainingArguments runs each torchrun process alone on CPU (no gloo group)
+        args.use_cpu = True
+    if args.use_liger_kernel and not cuda:
+        # liger-kernel imports on CPU but fails at the first forward, and patches classes globally
+        logger.warning("use_liger_kernel needs CUDA: turned off on this machine (chunked loss instead).")
+        args.use_liger_kernel = False
+    if isinstance(args.lr_scheduler_kwargs, str):
+        args.lr_scheduler_kwargs = json.loads(args.lr_scheduler_kwargs)
+
+
+def refuse_per_device_loss_averaging(args) -> None:
+    if not args.average_tokens_across_devices:
+        raise RecipeError(
+            "average_tokens_across_devices: false would average per-device means, which weighs tokens "
+            "unequally across devices; remove it (the loss is a token mean over all devices)."
+        )
+
+
 @dataclass
 class CPTConfig(TrainingArguments):
     """TrainingArguments with ProLong's continued pre-training defaults and our additions."""
@@ -117,23 +147,11 @@ class CPTConfig(TrainingArguments):
     eval_recall_samples: int = field(default=10, metadata={"help": "Samples per recall task and length."})
 
     def __post_init__(self):
-        import torch
-
-        if self.bf16 is None:
-            self.bf16 = torch.cuda.is_available()
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-            # without this, TrainingArguments runs each torchrun process alone on CPU (no gloo group)
-            self.use_cpu = True
-        if isinstance(self.lr_scheduler_kwargs, str):
-            self.lr_scheduler_kwargs = json.loads(self.lr_scheduler_kwargs)
+        apply_machine_defaults(self)
         super().__post_init__()
+        refuse_per_device_loss_averaging(self)
         if self.load_optimizer_state and not self.init_from:
             raise RecipeError("load_optimizer_state: true needs init_from: <previous stage output_dir>.")
-        if not self.average_tokens_across_devices:
-            raise RecipeError(
-                "average_tokens_across_devices: false would average per-device means, which weighs tokens "
-                "unequally across devices; remove it (the loss is a token mean over all devices)."
-            )
         if self.sequence_parallel_size < 1:
             raise RecipeError(f"sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}.")
 
@@ -306,18 +324,9 @@ class SFTRecipeConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        if self.bf16 is None:
-            import torch
-
-            self.bf16 = torch.cuda.is_available()
-        if isinstance(self.lr_scheduler_kwargs, str):
-            self.lr_scheduler_kwargs = json.loads(self.lr_scheduler_kwargs)
+        apply_machine_defaults(self)
         super().__post_init__()
-        if not self.average_tokens_across_devices:
-            raise RecipeError(
-                "average_tokens_across_devices: false would average per-device means, which weighs tokens "
-                "unequally across devices; remove it (the SFT loss is a token mean over all devices)."
-            )
+        refuse_per_device_loss_averaging(self)
         if self.assistant_only_loss:
             raise RecipeError(
                 "assistant_only_loss: prolong/sft.py already masks every non-assistant token for any chat "

@@ -187,3 +187,10 @@ def test_recall_evaluation_runs_at_checkpoints_and_reaches_the_model_card(tiny_m
     assert recall and all(0.0 <= v <= 1.0 for k, v in recall[-1].items() if k.startswith("eval_recall/"))
     assert os.path.isdir(os.path.join(out, "checkpoint-2", "recall_eval"))
     assert "Recall evaluation at the last checkpoint" in open(os.path.join(out, "README.md")).read()
+
+
+def test_liger_is_turned_off_without_cuda(tiny_model_dir, packed_mixture, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    out = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "liger", max_steps=1, use_liger_kernel="true"))
+    assert AutoConfig.from_pretrained(out).rope_parameters  # trained and saved with the chunked loss

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_llama_config
 from transformers import AutoConfig, LlamaForCausalLM
 
-from prolong.config import ModelConfig, RecipeError
+from prolong.config import CPTConfig, DataConfig, ModelConfig, RecipeError, parse_recipe
 from prolong.model import apply_rope_settings, load_model
 
 
@@ -48,3 +48,21 @@ def test_load_model_applies_theta_and_keeps_it_without_override(tiny_model_dir):
 def test_invalid_rope_scaling_is_refused(bad):
     with pytest.raises(RecipeError, match="rope"):
         apply_rope_settings(tiny_llama_config(320), None, bad, max_length=1024)
+
+
+@pytest.mark.parametrize("recipe", ["recipes/tiny/cpt.yaml", "recipes/smollm2-135m/cpt.yaml",
+                                    "recipes/prolong-8b/stage1.yaml", "recipes/prolong-8b/stage2.yaml"])
+def test_cpt_recipes_parse_with_the_papers_numbers(recipe):
+    model_cfg, data_cfg, args = parse_recipe((ModelConfig, DataConfig, CPTConfig), [recipe, "--use_cpu", "true"])
+    assert abs(sum(data_cfg.dataset_mixture.values()) - 1.0) < 1e-9
+    assert (args.adam_beta2, args.weight_decay, args.max_grad_norm, args.warmup_steps) == (0.95, 0.1, 1.0, 0.1)
+    assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    if "stage1" in recipe:  # 64 x 64K = 4M tokens, 5000 steps, theta 8e6
+        assert (model_cfg.rope_theta, data_cfg.max_length, data_cfg.global_batch_size, args.max_steps) == (
+            8e6, 65536, 64, 5000)
+        assert args.learning_rate == 1e-5
+    if "stage2" in recipe:  # 16 x 512K = 8M tokens, 2500 steps, theta 1.28e8, SP 8, stage-1 hand-off
+        assert (model_cfg.rope_theta, data_cfg.max_length, data_cfg.global_batch_size, args.max_steps) == (
+            1.28e8, 524288, 16, 2500)
+        assert args.learning_rate == 5e-6 and args.sequence_parallel_size == 8
+        assert args.init_from and args.load_optimizer_state

@@ -26,7 +26,17 @@ def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=
     last, so an interrupted save never leaves a directory that ``from_pretrained`` would load.
     """
     output_dir = trainer.args.output_dir
+    if trainer.state.global_step < trainer.state.max_steps:  # preempted: the checkpoint is the state
+        logger.warning(
+            "Stopped at step %d of %d: no final model written; continue with --resume_from_checkpoint true.",
+            trainer.state.global_step,
+            trainer.state.max_steps,
+        )
+        return output_dir
     staging = os.path.join(output_dir, ".final-tmp")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted save
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(staging)  # every process takes part (FSDP gathers); rank 0 writes
     if trainer.is_world_process_zero():
         trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # the loss curve, for the record
@@ -43,6 +53,9 @@ def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=
             mixture=mixture,
             log_history=trainer.state.log_history,
         )
+        # a model from an earlier run in this directory stops looking complete until the new one is in
+        if os.path.exists(os.path.join(output_dir, "config.json")):
+            os.remove(os.path.join(output_dir, "config.json"))
         names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
         for name in names:
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))

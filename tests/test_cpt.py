@@ -84,6 +84,7 @@ def test_preempted_run_resumes_with_the_uninterrupted_loss_curve(tiny_model_dir,
     interrupted = tmp_path / "interrupted"
     main(_argv(tiny_model_dir, packed_mixture, interrupted, **steps), callbacks=[_PreemptAt(3)])
     assert sorted(p for p in os.listdir(interrupted) if p.startswith("checkpoint")) == ["checkpoint-3"]
+    assert not (interrupted / "config.json").exists()  # an unfinished run presents no final model
     first_part = _losses(interrupted / "checkpoint-3")
     resumed = _losses(main(_argv(tiny_model_dir, packed_mixture, interrupted, resume_from_checkpoint="true", **steps)))
 

@@ -71,16 +71,42 @@ class DocumentMaskingError(RuntimeError):
     pass
 
 
+def guard_document_masking(model, args) -> None:
+    """Run ``check_document_masking`` once, on the main process, on its training device.
+
+    The model is still on CPU here (the Trainer places it later) while flash/varlen kernels need
+    CUDA, and with FSDP's RAM-efficient loading only the main process holds real weights.
+    The other processes wait for the verdict.
+    """
+    if not args.check_document_masking:
+        return
+    with args.main_process_first(local=False, desc="document-masking probe"):
+        if args.process_index == 0:
+            check_document_masking(model, device=args.device)
+
+
 @torch.no_grad()
-def check_document_masking(model, doc_len: int = 48, seed: int = 0) -> float:
+def check_document_masking(model, doc_len: int = 48, seed: int = 0, device=None) -> float:
     """Refuse to train if packed documents can see each other with this model and backend.
 
     Packs two documents A and B in one row exactly as training does, replaces every token of A,
     and checks that B's logits do not move. Returns the largest change seen (0 when masked).
+    With ``device``, the model is moved there for the probe and back afterwards.
     """
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    if device != home:
+        model.to(device)
+    try:
+        return _probe(model, doc_len, seed, device)
+    finally:
+        if device != home:
+            model.to(home)
+
+
+def _probe(model, doc_len: int, seed: int, device: torch.device) -> float:
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(seed)
     doc_a, doc_b, doc_a2 = (torch.randint(3, vocab, (doc_len,), generator=gen) for _ in range(3))

@@ -150,6 +150,11 @@ class CPTConfig(TrainingArguments):
         apply_machine_defaults(self)
         super().__post_init__()
         refuse_per_device_loss_averaging(self)
+        if self.eval_recall_lengths and self.sequence_parallel_size > 1:
+            raise RecipeError(
+                "eval_recall_lengths runs generation on the main process alone, which sequence-parallel "
+                "attention cannot do; drop it and evaluate checkpoints with `python -m evaluation.run`."
+            )
         if self.load_optimizer_state and not self.init_from:
             raise RecipeError("load_optimizer_state: true needs init_from: <previous stage output_dir>.")
         if self.sequence_parallel_size < 1:

@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # `python prolong/run_cpt.py` from a checkout tha
 
 from transformers import set_seed
 
-from prolong.attention import check_document_masking
+from prolong.attention import guard_document_masking
 from prolong.collator import PackedCollator
 from prolong.config import CPTConfig, DataConfig, ModelConfig, RecipeError, parse_recipe, resolve_gradient_accumulation
 from prolong.data.mixture import BalancedOrder, MixtureDataset
@@ -58,10 +58,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
 
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, data_cfg.max_length, path=args.init_from)
-    if args.check_document_masking:
-        check_document_masking(model)
+    guard_document_masking(model, args)
     collator, layout = PackedCollator(), None
-    if args.sequence_parallel_size > 1:  # after the probe: it runs a whole row on each rank
+    if args.sequence_parallel_size > 1:  # after the probe, which runs a whole row without SP
         layout = init_parallel_layout(args.sequence_parallel_size)
         enable_sequence_parallel(model, layout.sp_group)
         collator = SequenceParallelCollator(collator, layout.sp_rank, layout.sp_size, tokenizer.pad_token_id or 0)

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # `python prolong/run_sft.py` from a checkout tha
 
 from transformers import set_seed
 
-from prolong.attention import check_document_masking
+from prolong.attention import guard_document_masking
 from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe, resolve_gradient_accumulation
 from prolong.model import load_model, load_tokenizer
 from prolong.outputs import save_final_model, setup_logging
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
 
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, max_length)  # keeps the checkpoint's RoPE unless the recipe sets it
-    if args.check_document_masking:
-        check_document_masking(model)
+    guard_document_masking(model, args)
     model, tokenizer = apply_chat_template_path(model, tokenizer, args)
     dataset = load_sft_dataset(args.dataset_name, args.dataset_config, args.dataset_split)
     train_dataset, stats = prepare_sft_dataset(dataset, tokenizer, max_length, args.dataset_num_proc)

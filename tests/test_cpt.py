@@ -195,3 +195,8 @@ def test_liger_is_turned_off_without_cuda(tiny_model_dir, packed_mixture, tmp_pa
         pytest.skip("CPU-only behaviour")
     out = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "liger", max_steps=1, use_liger_kernel="true"))
     assert AutoConfig.from_pretrained(out).rope_parameters  # trained and saved with the chunked loss
+
+
+def test_recall_evaluation_with_sequence_parallelism_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match="eval_recall_lengths"):
+        CPTConfig(output_dir=str(tmp_path), eval_recall_lengths=[512], sequence_parallel_size=2, report_to="none")

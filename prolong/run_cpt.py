@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     )
     trainer.train(resume_from_checkpoint=resolve_resume(args))
 
-    return save_final_model(
+    output_dir = save_final_model(
         trainer,
         base_model=args.init_from or model_cfg.model_name_or_path,
         stage="continued-pretraining",
@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         max_length=data_cfg.max_length,
         mixture=data_cfg.dataset_mixture,
     )
+    # destroy the process group before exit: a gloo group left to the interpreter's teardown
+    # can abort the process ("terminate called without an active exception")
+    trainer.end()
+    return output_dir
 
 
 if __name__ == "__main__":

@@ -58,13 +58,17 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     check_token_averaging(trainer)
     trainer.train(resume_from_checkpoint=resolve_resume(args))
 
-    return save_final_model(
+    output_dir = save_final_model(
         trainer,
         base_model=model_cfg.model_name_or_path,
         stage="sft",
         recipe=recipe,
         max_length=max_length,
     )
+    # destroy the process group before exit: a gloo group left to the interpreter's teardown
+    # can abort the process ("terminate called without an active exception")
+    trainer.end()
+    return output_dir
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Activation checkpointing (``--activation-checkpointing``, of every ``--checkpoin
 layer) and its CPU offload (``--offload``: the
 checkpointed layers' saved tensors go to pinned host memory through
 ``torch.autograd.graph.save_on_cpu``, transformers' ``activation_checkpointing_kwargs={"offload": True}``)
-apply to all three methods alike.
+apply to all three methods alike. ``--tiled-mlp TOKENS`` (our ``tiled_mlp_tokens``) applies to ``prolong`` only.
 
 Data (seeded, identical for every method): each row is ``length`` tokens. A share ``--long-share``
 (default 0.6, ProLong's 60% long data) of the rows is ONE full-length document (a book or a code
@@ -211,7 +211,8 @@ def build_trainer(method: str, model, ns, cuda: bool, first_row: list[np.ndarray
         from prolong.config import CPTConfig
         from prolong.trainer import CPTTrainer
 
-        args = CPTConfig(**common, use_liger_kernel=ns.loss == "liger" and cuda, check_document_masking=False)
+        args = CPTConfig(**common, use_liger_kernel=ns.loss == "liger" and cuda, check_document_masking=False,
+                         tiled_mlp_tokens=ns.tiled_mlp)
         return CPTTrainer(model=model, args=args, data_collator=PackedCollator())
     if method == "trl-padding-free":
         from datasets import Dataset
@@ -414,7 +415,7 @@ def worker_command(method: str, ns, out: str) -> list[str]:
         cmd.append("--activation-checkpointing")
     if ns.offload:
         cmd.append("--offload")
-    cmd += ["--checkpoint-every", str(ns.checkpoint_every)]
+    cmd += ["--checkpoint-every", str(ns.checkpoint_every), "--tiled-mlp", str(ns.tiled_mlp)]
     if ns.peak_tflops:
         cmd += ["--peak-tflops", str(ns.peak_tflops)]
     return cmd
@@ -473,6 +474,7 @@ def run_all(ns) -> dict:
         activation_checkpointing=ns.activation_checkpointing,
         checkpoint_every=ns.checkpoint_every,
         offload=ns.offload,
+        tiled_mlp_tokens=ns.tiled_mlp,
         loss=ns.loss,
         optimizer=ns.optimizer,
         memory=memory_kind,
@@ -495,6 +497,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--offload", action="store_true", help="with --activation-checkpointing: save_on_cpu")
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="with --activation-checkpointing: checkpoint every N-th decoder layer only")
+    parser.add_argument("--tiled-mlp", type=int, default=0, metavar="TOKENS",
+                        help="prolong only: run each MLP on tiles of TOKENS tokens (tiled_mlp_tokens); 0 = off")
     parser.add_argument("--loss", choices=("chunked", "liger"), default="chunked", help="prolong's loss (liger: CUDA)")
     parser.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
                         help="none: forward + backward only (no optimizer state in memory)")
@@ -531,7 +535,8 @@ def main(argv=None) -> None:
     meta = report["meta"]
     print(f"\n{meta.get('device')} | shape {ns.shape} | {meta.get('dtype')} | versions {meta.get('versions')}")
     print(f"{ns.warmup} warm-up + {ns.steps} timed steps per length, long-document share {ns.long_share}, "
-          f"activation checkpointing {ns.activation_checkpointing}, offload {ns.offload}, loss {ns.loss}, "
+          f"activation checkpointing {ns.activation_checkpointing}, offload {ns.offload}, "
+          f"tiled MLP {ns.tiled_mlp or 'off'}, loss {ns.loss}, "
           f"memory = {meta.get('memory')}\n")
     print(markdown_table(report["results"]))
     if ns.json:

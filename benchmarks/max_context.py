@@ -24,7 +24,9 @@ sdpa's dense block mask it does not (the mask grows as length^2).
 Memory options (``OPTIONS``): activation checkpointing of every decoder layer; CPU offload of the
 checkpointed layers' saved inputs (``torch.autograd.graph.save_on_cpu`` with pinned memory, through
 transformers' ``activation_checkpointing_kwargs={"offload": True}``); our chunked cross-entropy vs
-Liger's fused linear cross-entropy (CUDA only, needs ``pip install liger-kernel``).
+Liger's fused linear cross-entropy (CUDA only, needs ``pip install liger-kernel``); the tiled MLP
+(``tiled_mlp_tokens: 8192``: each MLP runs on 8K-token tiles recomputed in the backward, so a layer's
+recomputation holds one tile's intermediate activations, not the whole row's).
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ OPTIONS = {
     "ckpt+offload": ["--activation-checkpointing", "--offload"],
     "ckpt+fused-loss": ["--activation-checkpointing", "--loss", "liger"],
     "ckpt+offload+fused-loss": ["--activation-checkpointing", "--offload", "--loss", "liger"],
+    "ckpt+offload+tiled-mlp": ["--activation-checkpointing", "--offload", "--tiled-mlp", "8192"],
+    "ckpt+offload+tiled-mlp+fused-loss": [
+        "--activation-checkpointing", "--offload", "--tiled-mlp", "8192", "--loss", "liger",
+    ],
 }
 CUDA_ONLY = ("fused-loss",)
 

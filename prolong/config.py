@@ -141,6 +141,11 @@ class CPTConfig(TrainingArguments):
     activation_offload: bool = field(
         default=False, metadata={"help": "Keep saved activations in CPU memory during the forward (longer rows)."}
     )
+    tiled_mlp_tokens: int = field(
+        default=0,
+        metadata={"help": "0: off. Run each MLP on tiles of this many tokens, recomputed in the backward "
+                  "(ALST's TiledMLP: frees the MLP's intermediate activations at 256K+ tokens per GPU)."},
+    )
     eval_recall_lengths: list[int] | None = field(
         default=None, metadata={"help": "Run a small recall evaluation at these lengths at every checkpoint."}
     )
@@ -159,6 +164,8 @@ class CPTConfig(TrainingArguments):
             raise RecipeError("load_optimizer_state: true needs init_from: <previous stage output_dir>.")
         if self.sequence_parallel_size < 1:
             raise RecipeError(f"sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}.")
+        if self.tiled_mlp_tokens < 0:
+            raise RecipeError(f"tiled_mlp_tokens must be 0 (off) or a number of tokens, got {self.tiled_mlp_tokens}.")
 
 
 def resolve_gradient_accumulation(data: DataConfig, args: TrainingArguments) -> None:

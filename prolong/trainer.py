@@ -30,7 +30,7 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
 from prolong.loss import chunked_cross_entropy_sum
-from prolong.parallel import activation_offload, sequence_parallel_dataloader
+from prolong.parallel import activation_offload, enable_tiled_mlp, sequence_parallel_dataloader
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,8 @@ class CPTTrainer(ThroughputLogMixin, Trainer):
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # CUDA only (NOTES)
 
             self._liger_loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=self._softcap)
+        if self.args.tiled_mlp_tokens:  # after the Trainer applied Liger's kernels: it tiles those
+            enable_tiled_mlp(unwrapped, self.args.tiled_mlp_tokens)
         self.add_callback(_PreemptionCallback())
         self.add_callback(_SaveAtEndCallback())
 

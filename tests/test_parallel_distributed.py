@@ -60,6 +60,7 @@ SEQUENCE_PARALLEL_CASES = [
     "sp_qwen3",  # q_norm/k_norm before RoPE, per chunk
     "sp_gradient_checkpointing",  # recomputation reuses the per-forward global positions
     "sp_fsdp2",  # Ulysses inside fully_shard instead of DDP
+    "sp_fsdp2_tiled_mlp_checkpointing",  # tiled MLP's recomputation inside FSDP2 and checkpointing
 ]
 
 
@@ -78,11 +79,21 @@ def test_cut_documents_would_be_detected(results):
     assert result["grad_diff"] > 100 * TOLERANCE * result["grad_scale"]
 
 
-@pytest.mark.parametrize("name", ["ddp_vs_single_process", "fsdp2_vs_single_process"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ddp_vs_single_process",
+        "fsdp2_vs_single_process",
+        "ddp_tiled_mlp_vs_single_process",  # tiled MLP's parameter gradients go through DDP's reducer
+        "fsdp2_tiled_mlp_vs_single_process",
+    ],
+)
 def test_data_parallel_matches_single_process(results, name):
     """2 ranks x 1 micro-batch == 1 process x 2 accumulated micro-batches (same global batch),
     gradients and parameters after one AdamW step; FSDP2 therefore also equals DDP."""
     result = case(results, name)
     assert result["loss_diff"] < TOLERANCE
     assert result["grad_diff"] < 1e-6
-    assert result["param_diff_after_step"] < 1e-6
+    # AdamW's first step is about lr * sign(grad): for near-zero gradients the summation-order
+    # noise of the tiles' parameter gradients shows up amplified (a wrong gradient moves ~lr = 1e-2)
+    assert result["param_diff_after_step"] < (1e-4 if "tiled" in name else 1e-6)

@@ -31,6 +31,7 @@ from prolong.loss import chunked_cross_entropy_sum
 from prolong.parallel import (
     SequenceParallelCollator,
     enable_sequence_parallel,
+    enable_tiled_mlp,
     init_parallel_layout,
 )
 
@@ -139,7 +140,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def sequence_parallel_case(document_lengths, family="llama", heads=4, kv_heads=2, inner=INNER,
-                           wrap="ddp", checkpointing=False, reference_lengths=None) -> dict:
+                           wrap="ddp", checkpointing=False, reference_lengths=None, tiled_mlp=0) -> dict:
     """SP over the whole world (2 ranks, one row) vs. one process on the whole row.
 
     ``reference_lengths`` (a control) gives the reference other document boundaries over the same tokens.
@@ -153,6 +154,8 @@ def sequence_parallel_case(document_lengths, family="llama", heads=4, kv_heads=2
     reference_loss = reference_step(reference, [row])
 
     enable_sequence_parallel(parallel, layout.sp_group)
+    if tiled_mlp:
+        enable_tiled_mlp(parallel, tiled_mlp)
     if checkpointing:
         parallel.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     parallel.train()
@@ -197,7 +200,7 @@ def _fully_shard(model):
     return fully_shard(model)
 
 
-def data_parallel_case(wrap: str) -> dict:
+def data_parallel_case(wrap: str, tiled_mlp: int = 0) -> dict:
     """2 data-parallel ranks (DDP or FSDP2), one micro-batch each, vs. one process accumulating both."""
     layout = init_parallel_layout(sp_size=1)
     examples = packed_examples([[20, 12], [32], [7, 9, 16], [25, 7]], seed=2)
@@ -211,6 +214,8 @@ def data_parallel_case(wrap: str) -> dict:
 
     reference = tiny_model()
     parallel = copy.deepcopy(reference)
+    if tiled_mlp:
+        enable_tiled_mlp(parallel, tiled_mlp)
     reference_loss = reference_step(reference, rank_batches)
     reference_grads = full_gradients(reference)
     torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1).step()
@@ -245,11 +250,17 @@ CASES = {
     "sp_qwen3": lambda: sequence_parallel_case([40, 30, 26], family="qwen3"),
     "sp_gradient_checkpointing": lambda: sequence_parallel_case([40, 30, 26], checkpointing=True),
     "sp_fsdp2": lambda: sequence_parallel_case([40, 30, 26], wrap="fsdp2"),
+    # tiled MLP (8-token tiles of each 48-token chunk) inside FSDP2 + checkpointing + SP
+    "sp_fsdp2_tiled_mlp_checkpointing": lambda: sequence_parallel_case(
+        [40, 30, 26], wrap="fsdp2", checkpointing=True, tiled_mlp=8
+    ),
     # control: the same tokens with the crossing document cut at the chunk boundary (what ProLong's
     # original SP computed) must NOT match, or the comparisons above could not see a cut document
     "control_cut_document_differs": lambda: sequence_parallel_case([40, 30, 26], reference_lengths=[40, 8, 22, 26]),
     "ddp_vs_single_process": lambda: data_parallel_case("ddp"),
     "fsdp2_vs_single_process": lambda: data_parallel_case("fsdp2"),
+    "ddp_tiled_mlp_vs_single_process": lambda: data_parallel_case("ddp", tiled_mlp=8),
+    "fsdp2_tiled_mlp_vs_single_process": lambda: data_parallel_case("fsdp2", tiled_mlp=8),
 }
 
 

@@ -1,0 +1,150 @@
+"""Tiled MLP (``tiled_mlp_tokens``): the same loss and gradients as the plain MLP, a fraction of the
+saved activations, the forward's autocast in the backward's recomputation, and the same loss curve
+through run_cpt. (Under DDP, FSDP2 and sequence parallelism: tests/distributed/parallel_worker.py.)"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from test_cpt import _argv, _losses
+from transformers import LlamaForCausalLM, TrainerCallback
+
+from prolong.collator import PackedCollator
+from prolong.config import CPTConfig, RecipeError
+from prolong.parallel import enable_tiled_mlp
+from prolong.run_cpt import main
+
+
+def _packed_row(document_lengths, vocab_size=300, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (sum(document_lengths),), generator=generator).tolist()
+    spans, start = [], 0
+    for length in document_lengths:
+        spans.append([start, start + length])
+        start += length
+    return PackedCollator()([{"input_ids": ids, "indices": spans}])
+
+
+def _loss_and_gradients(model, row):
+    model.zero_grad()
+    out = model(input_ids=row["input_ids"], position_ids=row["position_ids"], labels=row["labels"])
+    out.loss.backward()
+    return out.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, out.loss.grad_fn
+
+
+def _graph_has(grad_fn, name: str) -> bool:
+    seen, stack = set(), [grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == name:
+            return True
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return False
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tiled_mlp_gives_the_same_loss_and_gradients(checkpointing):
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(tiny_llama_config(320))
+    tiled = copy.deepcopy(plain)
+    assert enable_tiled_mlp(tiled, tile_tokens=16) == 2  # one MLP per decoder layer
+    for model in (plain, tiled):
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    row = _packed_row([40, 30, 29])  # 99 tokens: 7 tiles, the last one short
+
+    loss, grads, _ = _loss_and_gradients(plain, row)
+    tiled_loss, tiled_grads, grad_fn = _loss_and_gradients(tiled, row)
+
+    if not checkpointing:  # the tiled op is in the graph (under checkpointing it is inside the recompute)
+        assert _graph_has(grad_fn, "_TiledMLPFunctionBackward")
+    assert torch.allclose(tiled_loss, loss, rtol=1e-6, atol=0)
+    for name, grad in grads.items():
+        assert torch.allclose(tiled_grads[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def _saved_activation_bytes(model, row) -> int:
+    """Bytes autograd keeps for the backward, parameters excluded."""
+    params = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        if tensor.data_ptr() not in params:
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=row["input_ids"], position_ids=row["position_ids"], labels=row["labels"])
+    return total
+
+
+def test_tiled_mlp_keeps_a_fraction_of_the_activations():
+    # a wide MLP, as in real models (intermediate = 4-8x hidden), dominates the saved activations
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(tiny_llama_config(320, intermediate_size=1024))
+    tiled = copy.deepcopy(plain)
+    enable_tiled_mlp(tiled, tile_tokens=16)
+    row = _packed_row([128, 128])
+    plain_bytes, tiled_bytes = _saved_activation_bytes(plain, row), _saved_activation_bytes(tiled, row)
+    # per layer the MLP saves 4 x tokens x 1024 floats untiled, only its tokens x 64 input tiled
+    assert tiled_bytes < 0.3 * plain_bytes, (tiled_bytes, plain_bytes)
+
+
+class _AutocastRecordingMLP(torch.nn.Module):
+    """A real position-wise MLP that records whether autocast was on at each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+        self.autocast_on_calls = []
+
+    def forward(self, x):
+        self.autocast_on_calls.append(torch.is_autocast_enabled("cpu"))
+        return self.down(torch.nn.functional.silu(self.up(x)))
+
+
+def test_backward_recomputes_under_the_forwards_autocast():
+    layer = torch.nn.Module()
+    layer.mlp = _AutocastRecordingMLP()
+    enable_tiled_mlp(layer, tile_tokens=4)
+    x = torch.randn(1, 12, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.mlp(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()  # outside autocast, as the Trainer's backward is
+    assert len(layer.mlp.autocast_on_calls) == 6  # 3 tiles forward + 3 recomputed
+    assert all(layer.mlp.autocast_on_calls)
+    assert x.grad is not None and layer.mlp.up.weight.grad is not None
+
+
+class _RecordTileSizes(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.tile_sizes = [getattr(layer.mlp, "tiled_mlp_tokens", None) for layer in model.model.layers]
+
+
+def test_run_cpt_with_tiled_mlp_reproduces_the_loss_curve(tiny_model_dir, packed_mixture, tmp_path):
+    plain = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "plain", max_steps=3))
+    recorder = _RecordTileSizes()
+    tiled = main(
+        _argv(tiny_model_dir, packed_mixture, tmp_path / "tiled", max_steps=3, tiled_mlp_tokens=32), [recorder]
+    )
+    assert recorder.tile_sizes == [32, 32]  # rows are 2 x 128 tokens: 8 tiles per MLP
+    reference, losses = _losses(plain), _losses(tiled)
+    assert sorted(losses) == sorted(reference) == [1, 2, 3]
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_bad_tile_sizes_are_refused():
+    with pytest.raises(RecipeError, match="tiled_mlp_tokens"):
+        CPTConfig(output_dir="unused", tiled_mlp_tokens=-1)
+    with pytest.raises(ValueError, match="no decoder layers with an `mlp`"):
+        enable_tiled_mlp(torch.nn.Linear(2, 2), 16)

@@ -72,3 +72,25 @@ def test_liger_fused_loss_equals_the_chunked_loss():
     reference = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction="sum")
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-2)
     torch.testing.assert_close(liger, reference, rtol=1e-4, atol=1e-2)
+
+
+def test_tiled_mlp_under_bf16_autocast_on_gpu():
+    """The Trainer's bf16 path: fp32 weights, CUDA autocast; the backward's recomputation runs
+    on the autograd engine's CUDA thread, where autocast must be re-entered."""
+    import copy
+
+    from prolong.parallel import enable_tiled_mlp
+
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(tiny_llama_config(320, hidden_size=256, intermediate_size=1024)).cuda()
+    tiled = copy.deepcopy(plain)
+    enable_tiled_mlp(tiled, tile_tokens=64)
+    ids = torch.randint(3, 300, (1, 500), device="cuda")
+    grads = []
+    for model in (plain, tiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        grads.append({name: p.grad.float() for name, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=2e-2, atol=2e-3, msg=name)

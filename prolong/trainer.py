@@ -164,33 +164,59 @@ class CPTTrainer(ThroughputLogMixin, Trainer):
         return (loss, outputs) if return_outputs else loss
 
     # -- stage hand-off ----------------------------------------------------------------------
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        if self.args.load_optimizer_state and self.state.global_step == 0:
-            self._load_previous_stage_optimizer(optimizer)
-        return optimizer
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._resuming = bool(resume_from_checkpoint)  # a resumed run restores its own optimizer
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # The Trainer calls this once the optimizer is prepared (its state sharded under FSDP2)
+        # and before it restores a checkpoint of this run: the place to take over the previous
+        # stage's moments, just before the new schedule records its starting learning rate.
+        if self.args.load_optimizer_state and not getattr(self, "_resuming", False) and self.lr_scheduler is None:
+            self._load_previous_stage_optimizer(optimizer or self.optimizer)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _load_previous_stage_optimizer(self, optimizer) -> None:
         checkpoint = last_checkpoint(self.args.init_from) or self.args.init_from
-        path = os.path.join(checkpoint, "optimizer.pt")
-        if not os.path.isfile(path):
+        if self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "load_optimizer_state with DeepSpeed is not supported: use accelerate_configs/fsdp2.yaml for "
+                "the stage hand-off, or set load_optimizer_state: false to start a fresh optimizer."
+            )
+        # what the previous stage's Trainer saved: optimizer.pt (single device, DDP), or through
+        # accelerate under FSDP: optimizer_0/ (sharded state dict) or optimizer.bin (full)
+        saved = [name for name in ("optimizer.pt", "optimizer_0", "optimizer.bin")
+                 if os.path.exists(os.path.join(checkpoint, name))]
+        if not saved:
             raise FileNotFoundError(
-                f"load_optimizer_state: no optimizer.pt in {checkpoint}. The previous stage must save "
+                f"load_optimizer_state: no optimizer state in {checkpoint}. The previous stage must save "
                 "checkpoints (save_strategy: steps); set load_optimizer_state: false to start a fresh optimizer."
             )
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                "load_optimizer_state is implemented for DDP / single-device runs; with FSDP or DeepSpeed, "
-                "resume with resume_from_checkpoint instead."
-            )
         fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if self.is_fsdp_enabled:
+            if saved[0] == "optimizer.pt":
+                raise ValueError(
+                    f"load_optimizer_state: {checkpoint} was saved without FSDP; run this stage with the "
+                    "previous stage's accelerate config, or set load_optimizer_state: false."
+                )
+            from accelerate.utils import load_fsdp_optimizer
+
+            # reshards to this run's world size (torch.distributed.checkpoint)
+            load_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, optimizer, self.model, checkpoint)
+        else:
+            if saved[0] != "optimizer.pt":
+                raise ValueError(
+                    f"load_optimizer_state: {checkpoint} holds an FSDP optimizer state ({saved[0]}); run this "
+                    "stage with the previous stage's FSDP accelerate config, or set load_optimizer_state: false."
+                )
+            path = os.path.join(checkpoint, "optimizer.pt")
+            optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         # keep the moments, but this stage's hyper-parameters; dropping `initial_lr` makes the
         # new scheduler start from this stage's peak learning rate
         for group, fresh in zip(optimizer.param_groups, fresh_groups):
             group.pop("initial_lr", None)
             group.update(fresh)
-        logger.info("Loaded optimizer state of the previous stage from %s", path)
+        logger.info("Loaded the optimizer state of the previous stage from %s", checkpoint)
 
 
 class _PreemptionCallback(TrainerCallback):

@@ -19,6 +19,38 @@ def setup_logging(args) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
+def save_full_weights(trainer, path: str) -> None:
+    """trainer.save_model, with full (gathered) weights even when checkpoints are sharded.
+
+    Every process takes part (FSDP gathers, DeepSpeed consolidates); rank 0 writes. With FSDP's
+    SHARDED_STATE_DICT (our fsdp2.yaml: fast checkpoints) the Trainer's save_model writes nothing
+    at all, so the final save switches to FULL_STATE_DICT for its duration.
+    """
+    plugin = trainer.accelerator.state.fsdp_plugin if trainer.is_fsdp_enabled else None
+    if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        trainer.save_model(path)
+        return
+    previous = plugin.state_dict_type
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        trainer.save_model(path)
+    finally:
+        plugin.set_state_dict_type(previous)
+
+
+def require_loadable_weights(path: str) -> None:
+    """Refuse to publish a final model directory that from_pretrained could not load."""
+    has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
+    full_model = has("config.json") and (has("model.safetensors") or has("model.safetensors.index.json"))
+    adapter = has("adapter_config.json") and has("adapter_model.safetensors")
+    if not (full_model or adapter):
+        raise RuntimeError(
+            f"The final save wrote no loadable model to {path} (files: {sorted(os.listdir(path))}); "
+            "the training checkpoints in output_dir are intact. With DeepSpeed ZeRO-3 set "
+            "stage3_gather_16bit_weights_on_model_save: true."
+        )
+
+
 def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=None) -> str:
     """Save model, tokenizer and model card to output_dir, atomically, and push if asked.
 
@@ -37,8 +69,9 @@ def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted save
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(staging)  # every process takes part (FSDP gathers); rank 0 writes
+    save_full_weights(trainer, staging)
     if trainer.is_world_process_zero():
+        require_loadable_weights(staging)
         trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # the loss curve, for the record
         model = trainer.accelerator.unwrap_model(trainer.model)
         write_model_card(

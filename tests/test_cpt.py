@@ -205,3 +205,14 @@ def test_liger_is_turned_off_without_cuda(tiny_model_dir, packed_mixture, tmp_pa
 def test_recall_evaluation_with_sequence_parallelism_is_refused(tmp_path):
     with pytest.raises(RecipeError, match="eval_recall_lengths"):
         CPTConfig(output_dir=str(tmp_path), eval_recall_lengths=[512], sequence_parallel_size=2, report_to="none")
+
+
+def test_a_final_save_without_weights_is_refused(tiny_model_dir, tmp_path):
+    from prolong.outputs import require_loadable_weights
+
+    complete = tmp_path / "complete"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(complete)
+    require_loadable_weights(str(complete))  # a real saved model passes
+    os.remove(complete / "model.safetensors")  # what the Trainer leaves with FSDP's sharded state dict
+    with pytest.raises(RuntimeError, match="no loadable model"):
+        require_loadable_weights(str(complete))

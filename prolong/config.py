@@ -299,6 +299,9 @@ class SFTRecipeConfig(SFTConfig):
     adam_beta2: float = 0.95  # the CPT stages' AdamW settings
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
+    # TRL's default (True) under transformers' new name: the deprecated `gradient_checkpointing`
+    # alias would warn on every run
+    activation_checkpointing: bool | None = True
     bf16: bool | None = field(default=None, metadata={"help": "Defaults to True when CUDA is available."})
     max_length: int | None = field(default=65536, metadata={"help": "Tokens per packed training row."})
     packing: bool = True

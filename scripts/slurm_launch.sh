@@ -2,7 +2,7 @@
 # Multi-node ProLong training under SLURM: one `accelerate launch` per node, each starting one
 # process per GPU. Submit from the repository root:
 #
-#   sbatch --nodes 4 scripts/slurm_launch.sh recipes/prolong-8b/stage1.yaml --gradient_checkpointing false
+#   sbatch --nodes 4 scripts/slurm_launch.sh recipes/prolong-8b/stage1.yaml --activation_checkpointing false
 #   ACCELERATE_CONFIG=accelerate_configs/deepspeed_zero3.yaml sbatch --nodes 2 scripts/slurm_launch.sh RECIPE
 #
 # Extra arguments after the recipe override recipe fields. Environment knobs:

@@ -114,7 +114,7 @@ def test_prompt_completion_rows_mask_the_prompt():
 
 def _sft_config(tmp_path, **overrides):
     values = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_length=256,
-                  per_device_train_batch_size=4, gradient_checkpointing=False, logging_steps=1,
+                  per_device_train_batch_size=4, activation_checkpointing=False, logging_steps=1,
                   dataloader_drop_last=False, save_strategy="no")
     values.update(overrides)
     return SFTRecipeConfig(**values)
@@ -194,7 +194,7 @@ def _run_args(model_dir, data, out, *extra):
     return ["--model_name_or_path", model_dir, "--dataset_name", data, "--output_dir", out,
             "--max_length", "128", "--per_device_train_batch_size", "2", "--max_steps", "2",
             "--learning_rate", "1e-2", "--use_cpu", "true", "--report_to", "none",
-            "--gradient_checkpointing", "false", "--save_strategy", "no", "--attn_implementation", "sdpa", *extra]
+            "--activation_checkpointing", "false", "--save_strategy", "no", "--attn_implementation", "sdpa", *extra]
 
 
 @pytest.fixture(scope="module")

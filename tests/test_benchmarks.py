@@ -84,3 +84,36 @@ def test_bisection_finds_the_boundary_and_the_limit():
 def test_markdown_table_marks_oom():
     table = bench_train.markdown_table([{"method": "hf-padded", "length": 65536, "status": "OOM", "attn": "sdpa"}])
     assert "| 65536 | hf-padded | sdpa | - | - | - | OOM |" in table
+
+
+def _compare(tmp_path, base: dict, new: dict, capsys):
+    import compare_runs
+
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    status = compare_runs.main([str(tmp_path / "base.json"), str(tmp_path / "new.json")])
+    return status, capsys.readouterr()
+
+
+def test_compare_runs_flags_a_peak_memory_regression(tmp_path, capsys):
+    base = json.loads((ROOT / "benchmarks" / "results" / "cpu-tiny.json").read_text())
+    status, out = _compare(tmp_path, base, base, capsys)
+    assert status == 0 and "| 2048 | prolong |" in out.out and "+0.0%" in out.out
+
+    grown = json.loads(json.dumps(base))
+    row = next(r for r in grown["results"] if r["method"] == "prolong" and r["length"] == 2048)
+    row["peak_memory_gib"] *= 1.10
+    status, out = _compare(tmp_path, base, grown, capsys)
+    assert status == 1 and "prolong at 2048: peak memory" in out.out and "+10.0%" in out.out
+
+    oom = json.loads(json.dumps(base))
+    next(r for r in oom["results"] if r["method"] == "trl-padding-free" and r["length"] == 512)["status"] = "OOM"
+    status, out = _compare(tmp_path, base, oom, capsys)
+    assert status == 1 and "trl-padding-free at 512: OOM (baseline ran)" in out.out
+
+
+def test_compare_runs_refuses_runs_with_different_memory_options(tmp_path, capsys):
+    plain = json.loads((ROOT / "benchmarks" / "results" / "cpu-tiny.json").read_text())
+    checkpointed = json.loads((ROOT / "benchmarks" / "results" / "cpu-tiny-ckpt.json").read_text())
+    status, out = _compare(tmp_path, plain, checkpointed, capsys)
+    assert status == 2 and "activation_checkpointing: False vs True" in out.err

@@ -14,6 +14,8 @@ import logging
 import torch
 from transformers import AttentionInterface
 
+from prolong.collator import NOT_MODEL_INPUTS, PackedCollator
+
 logger = logging.getLogger(__name__)
 
 VARLEN = "varlen"
@@ -41,7 +43,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     position_ids = kwargs.get("position_ids")
     if position_ids is None or query.shape[0] != 1:
         raise ValueError("varlen attention needs one flat packed row with position_ids (use PackedCollator).")
-    cu, max_len = _cu_seqlens(position_ids)
+    if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
+        cu, max_len = kwargs["cu_seq_lens_q"].to(torch.int32), int(kwargs["max_length_q"])  # from the collator
+    else:
+        cu, max_len = _cu_seqlens(position_ids)  # a host sync, per layer
     # [1, heads, T, dim] -> [T, heads, dim]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     out = varlen_attn(
@@ -110,11 +115,12 @@ def _probe(model, doc_len: int, seed: int, device: torch.device) -> float:
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(seed)
     doc_a, doc_b, doc_a2 = (torch.randint(3, vocab, (doc_len,), generator=gen) for _ in range(3))
-    positions = torch.cat([torch.arange(doc_len), torch.arange(doc_len)])[None].to(device)
 
     def logits_of_b(first_doc):
-        ids = torch.cat([first_doc, doc_b])[None].to(device)
-        out = model(input_ids=ids, position_ids=positions, use_cache=False)
+        row = PackedCollator()([{"input_ids": torch.cat([first_doc, doc_b]).tolist(),
+                                 "indices": [[0, doc_len], [doc_len, 2 * doc_len]]}])
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in row.items() if k not in NOT_MODEL_INPUTS}
+        out = model(**inputs, use_cache=False)
         return out.logits[0, doc_len:].float()
 
     reference = logits_of_b(doc_a)

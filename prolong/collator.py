@@ -12,6 +12,10 @@ micro-batch into ONE row of shape ``[1, total_tokens]``:
   (``shift_labels[t]`` is the target of position ``t``). The Trainer counts ``shift_labels`` to
   know the number of loss tokens of the whole optimizer step.
 * No ``attention_mask``: an all-ones mask would make transformers ignore the packing.
+* ``cu_seq_lens_q/k`` and ``max_length_q/k`` (transformers' ``FlashAttentionKwargs``, as its
+  ``DataCollatorWithFlattening`` emits them): the same boundaries, computed here on the CPU, so the
+  varlen kernels (flash-attn, our ``varlen``) need no per-layer boundary search and host sync.
+  Backends with a mask builder (sdpa, eager, flex) ignore them and read ``position_ids``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100
+# transformers' FlashAttentionKwargs: document boundaries for the varlen kernels (see above)
+VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# collator outputs for the loss and the logs; everything else goes to the model
+NOT_MODEL_INPUTS = ("labels", "shift_labels", "document_lengths")
 
 
 def document_lengths(example: dict) -> list[int]:
@@ -36,7 +44,7 @@ def document_lengths(example: dict) -> list[int]:
 class PackedCollator:
     """Collates packed examples into one flat row with per-document positions and labels."""
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor | int]:
         ids_parts, label_parts, position_parts, lengths = [], [], [], []
         for example in examples:
             ids = np.asarray(example["input_ids"], dtype=np.int64)
@@ -58,11 +66,16 @@ class PackedCollator:
 
         labels = np.concatenate(label_parts)
         shift_labels = np.append(labels[1:], IGNORE_INDEX)
+        cu_seq_lens = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
         return {
             "input_ids": torch.from_numpy(np.concatenate(ids_parts))[None],
             "position_ids": torch.from_numpy(np.concatenate(position_parts))[None],
             "labels": torch.from_numpy(labels)[None],
             "shift_labels": torch.from_numpy(shift_labels)[None],
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max(lengths),
+            "max_length_k": max(lengths),
             # per-document lengths, for load balancing and FLOP accounting (not a model input)
             "document_lengths": torch.tensor(lengths, dtype=torch.int64),
         }

@@ -29,12 +29,12 @@ import trl
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
+from prolong.collator import NOT_MODEL_INPUTS
 from prolong.loss import chunked_cross_entropy_sum
 from prolong.parallel import activation_offload, enable_tiled_mlp, sequence_parallel_dataloader
 
 logger = logging.getLogger(__name__)
 
-NOT_MODEL_INPUTS = ("labels", "shift_labels", "document_lengths")
 
 
 def last_checkpoint(directory: str) -> str | None:

@@ -15,8 +15,9 @@ from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
 from prolong.attention import check_document_masking, choose_attn_implementation
-from prolong.collator import PackedCollator
+from prolong.collator import NOT_MODEL_INPUTS, PackedCollator
 from prolong.loss import chunked_cross_entropy_sum
+
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -43,9 +44,9 @@ def test_packed_row_equals_documents_alone_on_gpu(attn):
         start += len(doc)
     batch = PackedCollator()([{"input_ids": torch.cat(docs).tolist(), "indices": spans}])
     with torch.no_grad():
-        packed = model(
-            input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(), use_cache=False
-        ).logits[0].float()
+        # what training passes: positions and the collator's varlen boundaries (cu_seq_lens, max_length)
+        model_inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+        packed = model(**model_inputs, use_cache=False).logits[0].float()
         start = 0
         for doc in docs:
             alone = model(input_ids=doc[None].cuda(), use_cache=False).logits[0].float()

@@ -7,10 +7,12 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_llama_config
 from transformers import AttentionInterface, LlamaForCausalLM
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from prolong.attention import DocumentMaskingError, check_document_masking
-from prolong.collator import PackedCollator
+from prolong.collator import NOT_MODEL_INPUTS, PackedCollator
 from prolong.loss import chunked_cross_entropy_sum
+
 
 DOC_LENGTHS = [7, 33, 1, 20]
 
@@ -47,7 +49,9 @@ def test_packed_forward_and_loss_equal_separate_documents(attn):
     hidden = {}
     model.model.register_forward_hook(lambda m, a, out: hidden.__setitem__("h", out.last_hidden_state))
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        # everything the collator gives the model in training (positions, varlen boundaries)
+        model_inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+        packed = model(**model_inputs, use_cache=False).logits[0]
         packed_loss_sum = chunked_cross_entropy_sum(hidden["h"], model.lm_head.weight, batch["shift_labels"], 16)
         start, separate_sum, separate_count = 0, 0.0, 0
         for doc in docs:
@@ -71,6 +75,12 @@ def test_collator_positions_and_labels():
     assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9, -100, 2]]
     assert batch["shift_labels"].tolist() == [[6, -100, 8, 9, -100, 2, -100]]
     assert "attention_mask" not in batch
+    # the varlen kernels' boundaries, as transformers derives them from position_ids (per layer)
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == cu_q.tolist() == [0, 2, 5, 7]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == int(max_q) == 3
+    assert isinstance(batch["max_length_q"], int)  # a Python int: no host sync in the kernels
     with pytest.raises(ValueError, match="indices"):
         PackedCollator()([{"input_ids": [1, 2, 3], "indices": [[0, 2]]}])
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from prolong.collator import IGNORE_INDEX, PackedCollator
+from prolong.collator import IGNORE_INDEX, VARLEN_KWARGS, PackedCollator
 from prolong.parallel import (
     ParallelLayout,
     check_model_for_sequence_parallel,
@@ -16,6 +16,7 @@ from prolong.parallel import (
     data_parallel_batch_sampler,
     data_parallel_rank_and_size,
     init_parallel_layout,
+    pad_row_to_multiple,
     shard_batch_for_sequence_parallel,
 )
 from torch.utils.data import SequentialSampler
@@ -52,6 +53,10 @@ def test_padding_is_a_separate_dummy_document():
     assert positions.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 0]  # the pad restarts at 0
     assert labels[-2:].tolist() == [IGNORE_INDEX, IGNORE_INDEX]  # last real token and pad learn nothing
     assert chunks[0]["document_lengths"].tolist() == [6, 5, 1]
+    # the collator's whole-row boundaries would be wrong on a chunk: Ulysses rebuilds them
+    assert not any(key in chunk for chunk in chunks for key in VARLEN_KWARGS)
+    padded = pad_row_to_multiple(row, 4)
+    assert padded["cu_seq_lens_q"].tolist() == [0, 6, 11, 12] and padded["max_length_q"] == 6
 
 
 def test_length_not_divisible_without_padding_is_a_clear_error():

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from prolong.collator import IGNORE_INDEX
+from prolong.collator import IGNORE_INDEX, VARLEN_KWARGS
 
 ROW_KEYS = ("input_ids", "position_ids", "shift_labels")
 
@@ -42,6 +42,10 @@ def pad_row_to_multiple(batch: dict[str, torch.Tensor], multiple: int, pad_token
         padded["labels"] = _append(batch["labels"], torch.full((pad,), IGNORE_INDEX))
     if "document_lengths" in batch:
         padded["document_lengths"] = torch.cat([batch["document_lengths"], torch.tensor([pad])])
+    if "cu_seq_lens_q" in batch:
+        cu_seq_lens = torch.cat([batch["cu_seq_lens_q"], batch["cu_seq_lens_q"][-1:] + pad])
+        padded["cu_seq_lens_q"] = padded["cu_seq_lens_k"] = cu_seq_lens
+        padded["max_length_q"] = padded["max_length_k"] = max(batch["max_length_q"], pad)
     return padded
 
 
@@ -74,7 +78,9 @@ def shard_batch_for_sequence_parallel(
             "pass pad_to_multiple=True or pack sequences to a multiple of sp_size."
         )
     chunk = length // sp_size
-    sharded = {key: value for key, value in batch.items() if key != "labels"}
+    # labels: see above; the collator's cu_seq_lens / max_length describe the unpadded whole row, and
+    # the Ulysses attention rebuilds them from the gathered positions once per forward
+    sharded = {key: value for key, value in batch.items() if key != "labels" and key not in VARLEN_KWARGS}
     for key in ROW_KEYS:
         sharded[key] = batch[key][:, sp_rank * chunk : (sp_rank + 1) * chunk].contiguous()
     # document_lengths stays global (with the padding document): it describes the whole row

@@ -48,9 +48,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_caus
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from prolong.attention import VARLEN
+from prolong.collator import VARLEN_KWARGS
+
 ULYSSES_PREFIX = "ulysses_"
-# per-layer hints that describe a LOCAL chunk; they are recomputed for the global row
-_LOCAL_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def check_sequence_parallel_heads(num_heads: int, num_kv_heads: int, sp_size: int) -> None:
@@ -168,7 +169,7 @@ class UlyssesAttention:
                 f"{type(module).__name__} did not pass position_ids to the attention function; Ulysses "
                 "attention needs them to rebuild the document mask of the whole row."
             )
-        for name in _LOCAL_VARLEN_KWARGS:
+        for name in VARLEN_KWARGS:  # would describe a local chunk: rebuilt for the global row
             kwargs.pop(name, None)
         num_heads, num_kv_heads = query.shape[1], key.shape[1]
         check_sequence_parallel_heads(num_heads, num_kv_heads, self.sp_size)
@@ -214,13 +215,13 @@ class UlyssesAttention:
         return self._row
 
     def _mask_for(self, position_ids: torch.Tensor, query: torch.Tensor) -> tuple[Any, dict[str, Any]]:
-        if self.inner.startswith("flash_attention"):
+        if self.inner.startswith("flash_attention") or self.inner == VARLEN:
             (cu_seq_lens_q, cu_seq_lens_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
             varlen = dict(cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k)
             # one host sync per forward instead of one per layer
             return None, {**varlen, "max_length_q": int(max_q), "max_length_k": int(max_k)}
         if self.inner not in ALL_MASK_ATTENTION_FUNCTIONS:
-            return None, {}  # e.g. varlen: reads the global position_ids itself
+            return None, {}
         # transformers' own mask builder, for the inner backend and the whole row's shape and positions
         mask = create_causal_mask(
             config=SimpleNamespace(_attn_implementation=self.inner),

@@ -48,7 +48,7 @@ def device() -> torch.device:
 
 
 def to_device(batch: dict) -> dict:
-    return {key: value.to(device()) for key, value in batch.items()}
+    return {key: value.to(device()) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 def tiny_model(family: str = "llama", heads: int = 4, kv_heads: int = 2, attn: str = INNER):

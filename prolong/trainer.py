@@ -10,8 +10,10 @@ What it adds, and why each is not already in transformers:
   position is the step counter and resuming is exact.
 * tokens/s, step time and peak memory in the logs (``ThroughputLogMixin``, shared with SFT).
 * stage hand-off: ``init_from`` + ``load_optimizer_state`` loads the previous stage's optimizer
-  state into a fresh optimizer whose learning-rate schedule starts over.
+  state (also FSDP2's sharded one) into a fresh optimizer whose learning-rate schedule starts over.
 * preemption: SIGTERM / SIGUSR1 save a checkpoint, then stop.
+* memory knobs for the longest rows: ``activation_offload`` around the forward and
+  ``tiled_mlp_tokens`` (``prolong.parallel.memory``), applied after the Trainer's Liger kernels.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from prolong.loss import chunked_cross_entropy_sum
 from prolong.parallel import activation_offload, enable_tiled_mlp, sequence_parallel_dataloader
 
 logger = logging.getLogger(__name__)
-
 
 
 def last_checkpoint(directory: str) -> str | None:

@@ -63,3 +63,18 @@ def test_two_way_sequence_parallel_equals_one_process(tiny_model_dir, packed_mix
     _assert_same_curve(_losses(out), single_process_losses)
     with open(os.path.join(out, "config.json")) as f:
         assert "ulysses" not in json.dumps(json.load(f))  # the saved model loads with plain attention
+
+
+def test_sequence_parallel_run_resumes_without_repeating_data(tiny_model_dir, packed_mixture, tmp_path):
+    """Stage 2's mode: a 2-way sequence-parallel run resumed from its step-2 checkpoint continues
+    the uninterrupted loss curve (the SP data loader skips exactly the batches already trained)."""
+    import shutil
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _run(_argv(tiny_model_dir, packed_mixture, full, sequence_parallel_size=2), 2)  # 4 steps, saves at 2 and 4
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    _run(_argv(tiny_model_dir, packed_mixture, resumed, sequence_parallel_size=2, resume_from_checkpoint="true"), 2)
+    reference, losses = _losses(full), _losses(resumed)
+    assert sorted(losses) == sorted(reference) == [1, 2, 3, 4]
+    for step in (3, 4):  # trained after the resume; a repeated batch would change them
+        assert losses[step] == pytest.approx(reference[step], rel=1e-5), step

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,10 +44,15 @@ def _run(argv, processes: int):
 
 
 @pytest.fixture(scope="module")
-def single_process_losses(tiny_model_dir, packed_mixture, tmp_path_factory):
+def single_process_run(tiny_model_dir, packed_mixture, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "run"
     _run(_argv(tiny_model_dir, packed_mixture, out, max_steps=3, per_device_train_batch_size=2), 1)
-    return _losses(out)
+    return out  # checkpoints at steps 2 and 3
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(single_process_run):
+    return _losses(single_process_run)
 
 
 def test_two_process_ddp_equals_one_process(tiny_model_dir, packed_mixture, tmp_path, single_process_losses):
@@ -68,8 +74,6 @@ def test_two_way_sequence_parallel_equals_one_process(tiny_model_dir, packed_mix
 def test_sequence_parallel_run_resumes_without_repeating_data(tiny_model_dir, packed_mixture, tmp_path):
     """Stage 2's mode: a 2-way sequence-parallel run resumed from its step-2 checkpoint continues
     the uninterrupted loss curve (the SP data loader skips exactly the batches already trained)."""
-    import shutil
-
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _run(_argv(tiny_model_dir, packed_mixture, full, sequence_parallel_size=2), 2)  # 4 steps, saves at 2 and 4
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
@@ -78,3 +82,15 @@ def test_sequence_parallel_run_resumes_without_repeating_data(tiny_model_dir, pa
     assert sorted(losses) == sorted(reference) == [1, 2, 3, 4]
     for step in (3, 4):  # trained after the resume; a repeated batch would change them
         assert losses[step] == pytest.approx(reference[step], rel=1e-5), step
+
+
+def test_resume_on_a_different_number_of_processes_keeps_the_data_position(
+    tiny_model_dir, packed_mixture, tmp_path, single_process_run, single_process_losses
+):
+    """A run checkpointed by 1 process continues on 2 (same global batch): the mixture is a flat
+    sequence dealt round-robin, so the position after step N is N x global batch either way."""
+    resumed = tmp_path / "two"
+    shutil.copytree(single_process_run / "checkpoint-2", resumed / "checkpoint-2")
+    _run(_argv(tiny_model_dir, packed_mixture, resumed, max_steps=3, save_steps=2, per_device_train_batch_size=1,
+               resume_from_checkpoint="true"), 2)
+    _assert_same_curve(_losses(resumed), single_process_losses)

@@ -1,5 +1,6 @@
-"""run_cpt.py under torchrun (gloo, CPU): 2-process DDP and 2-way sequence parallelism must give
-the loss curve of one process with the same global batch."""
+"""run_cpt.py and run_sft.py under torchrun (gloo, CPU): 2-process DDP and 2-way sequence parallelism
+must give the loss curve of one process with the same global batch, and resumed runs (also on another
+process count) must continue it."""
 
 from __future__ import annotations
 
@@ -94,3 +95,25 @@ def test_resume_on_a_different_number_of_processes_keeps_the_data_position(
     _run(_argv(tiny_model_dir, packed_mixture, resumed, max_steps=3, save_steps=2, per_device_train_batch_size=1,
                resume_from_checkpoint="true"), 2)
     _assert_same_curve(_losses(resumed), single_process_losses)
+
+
+def test_two_process_sft_equals_one_process(tiny_model_dir, tmp_path):
+    """SFT (TRL's SFTTrainer, conversations packed whole): 2 processes x 1 packed row == 1 process x 2
+    rows; the loss is the token mean of the whole step over both devices."""
+    from test_sft import _conversations, _run_args, _write_chat_jsonl
+
+    data = _write_chat_jsonl(tmp_path / "chat.jsonl", _conversations(32, seed=3))
+
+    def sft(out, processes, per_device):
+        argv = _run_args(tiny_model_dir, data, str(out), "--max_steps", "3", "--logging_steps", "1",
+                         "--max_length", "64", "--learning_rate", "1e-3")
+        argv[argv.index("--per_device_train_batch_size") + 1] = str(per_device)
+        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        launcher = [sys.executable] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
+        result = subprocess.run([*launcher, "prolong/run_sft.py", *argv], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return _losses(out)
+
+    _assert_same_curve(sft(tmp_path / "ddp", 2, 1), sft(tmp_path / "one", 1, 2))

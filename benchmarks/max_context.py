@@ -25,7 +25,7 @@ Memory options (``OPTIONS``): activation checkpointing of every decoder layer; C
 checkpointed layers' saved inputs (``torch.autograd.graph.save_on_cpu`` with pinned memory, through
 transformers' ``activation_checkpointing_kwargs={"offload": True}``); our chunked cross-entropy vs
 Liger's fused linear cross-entropy (CUDA only, needs ``pip install liger-kernel``); the tiled MLP
-(``tiled_mlp_tokens: 8192``: each MLP runs on 8K-token tiles recomputed in the backward, so a layer's
+(``--tiled-mlp-tokens``, 8192 on GPU: each MLP runs on 8K-token tiles recomputed in the backward, so a layer's
 recomputation holds one tile's intermediate activations, not the whole row's).
 """
 
@@ -45,21 +45,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_train  # noqa: E402  (the probe is bench_train's worker)
 
+TILE = "<tile>"  # replaced by --tiled-mlp-tokens
 OPTIONS = {
     "none": [],
     "ckpt": ["--activation-checkpointing"],
     "ckpt+offload": ["--activation-checkpointing", "--offload"],
     "ckpt+fused-loss": ["--activation-checkpointing", "--loss", "liger"],
     "ckpt+offload+fused-loss": ["--activation-checkpointing", "--offload", "--loss", "liger"],
-    "ckpt+offload+tiled-mlp": ["--activation-checkpointing", "--offload", "--tiled-mlp", "8192"],
+    "ckpt+offload+tiled-mlp": ["--activation-checkpointing", "--offload", "--tiled-mlp", TILE],
     "ckpt+offload+tiled-mlp+fused-loss": [
-        "--activation-checkpointing", "--offload", "--tiled-mlp", "8192", "--loss", "liger",
+        "--activation-checkpointing", "--offload", "--tiled-mlp", TILE, "--loss", "liger",
     ],
 }
 CUDA_ONLY = ("fused-loss",)
 
-CPU_DEFAULTS = {"shape": "tiny", "start": 512, "limit": 4096, "granule": 512, "probe_timeout": 300}
-GPU_DEFAULTS = {"shape": "llama-3.2-1b", "start": 8192, "limit": 1_048_576, "granule": 8192, "probe_timeout": 600}
+# CPU: 2 probes per option (well under a minute in all), tiles small enough to be used
+CPU_DEFAULTS = {"shape": "tiny", "start": 1024, "limit": 2048, "granule": 512, "probe_timeout": 300,
+                "tiled_mlp_tokens": 256}
+GPU_DEFAULTS = {"shape": "llama-3.2-1b", "start": 8192, "limit": 1_048_576, "granule": 8192, "probe_timeout": 600,
+                "tiled_mlp_tokens": 8192}
 
 
 def longest_passing(probe, start: int, limit: int, granule: int) -> tuple[int, bool]:
@@ -91,7 +95,7 @@ def probe_command(ns, option: str, length: int, out: str) -> list[str]:
     """bench_train.py's worker, one untimed-warm-up-free step of the prolong method at `length`."""
     argv = ["--worker", "prolong", "--worker-out", out, "--shape", ns.shape, "--lengths", str(length),
             "--attn", ns.attn, "--warmup", "0", "--steps", "1", "--long-share", str(ns.long_share),
-            *OPTIONS[option]]
+            *(str(ns.tiled_mlp_tokens) if arg == TILE else arg for arg in OPTIONS[option])]
     return bench_train.worker_command("prolong", bench_train.parse_args(argv), out)
 
 
@@ -178,6 +182,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--check", type=int, help="probe only this length per option (no search)")
     parser.add_argument("--long-share", type=float, default=1.0, help="share of one-document rows (see above)")
     parser.add_argument("--probe-timeout", type=int, help="seconds before a probe counts as failed")
+    parser.add_argument("--tiled-mlp-tokens", type=int, help="tile size of the tiled-mlp options (GPU 8192, CPU 256)")
     parser.add_argument("--cpu", action="store_true", help="CPU mode (automatic without CUDA)")
     parser.add_argument("--cpu-memory-limit-gib", type=float,
                         help="CPU mode: cap each probe's address space (RLIMIT_AS) to find a boundary")
@@ -204,7 +209,7 @@ def main(argv=None) -> None:
         r.pop("meta", None)
     meta.update(date=started, command="python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
                 shape=ns.shape, attn_requested=ns.attn, long_share=ns.long_share,
-                cpu_memory_limit_gib=ns.cpu_memory_limit_gib)
+                cpu_memory_limit_gib=ns.cpu_memory_limit_gib, tiled_mlp_tokens=ns.tiled_mlp_tokens)
     print(f"\n{meta.get('device')} | shape {ns.shape} | versions {meta.get('versions')} | "
           f"rows: long-document share {ns.long_share}\n")
     print(markdown_table(rows, ns))

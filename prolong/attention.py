@@ -72,6 +72,22 @@ def choose_attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
+DENSE_MASK_BACKENDS = ("sdpa", "eager")
+
+
+def dense_mask_warning(attn: str, max_length: int | None) -> str | None:
+    """sdpa and eager mask packed rows with a dense T x T block-diagonal mask: exact, but its size
+    (T^2 bytes for sdpa's boolean mask, more for eager's scores) makes long rows impractical."""
+    if attn not in DENSE_MASK_BACKENDS or not max_length or max_length < 16384:
+        return None
+    gib = max_length**2 / 2**30
+    return (
+        f"attn_implementation={attn} builds a dense {max_length} x {max_length} document mask per packed row "
+        f"(>= {gib:.0f} GiB at max_length {max_length}): correct but slow and memory-bound. On a GPU use "
+        "attn_implementation: auto (flash_attention_2 or varlen) or flex_attention."
+    )
+
+
 class DocumentMaskingError(RuntimeError):
     pass
 

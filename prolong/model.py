@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from prolong.attention import choose_attn_implementation
+from prolong.attention import choose_attn_implementation, dense_mask_warning
 from prolong.config import ModelConfig, RecipeError, theta_warning
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ def load_model(cfg: ModelConfig, max_length: int | None = None, path: str | None
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
     apply_rope_settings(config, cfg.rope_theta, cfg.rope_scaling, max_length)
     attn = choose_attn_implementation(cfg.attn_implementation)
+    if warning := dense_mask_warning(attn, max_length):
+        logger.warning(warning)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         config=config,

@@ -115,3 +115,13 @@ def test_masking_guard_refuses_a_backend_that_mixes_documents():
     assert check_document_masking(_model("sdpa")) == 0.0
     with pytest.raises(DocumentMaskingError, match="leaky_test"):
         check_document_masking(_model("leaky_test"))
+
+
+def test_dense_mask_backends_are_warned_about_at_long_lengths():
+    from prolong.attention import dense_mask_warning
+
+    message = dense_mask_warning("sdpa", 65536)
+    assert "65536 x 65536" in message and "4 GiB" in message and "auto" in message
+    assert dense_mask_warning("eager", 131072) is not None
+    assert dense_mask_warning("sdpa", 4096) is None  # short rows: the mask is cheap
+    assert dense_mask_warning("varlen", 524288) is None and dense_mask_warning("flash_attention_2", 524288) is None

@@ -30,12 +30,14 @@ def save_full_weights(trainer, path: str) -> None:
     if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
         trainer.save_model(path)
         return
-    previous = plugin.state_dict_type
+    previous = (plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config)
+    # set_state_dict_type only fills configs that are None (FSDP1 reads them; FSDP2 gathers anyway)
+    plugin.state_dict_config = plugin.optim_state_dict_config = None
     plugin.set_state_dict_type("FULL_STATE_DICT")
     try:
         trainer.save_model(path)
     finally:
-        plugin.set_state_dict_type(previous)
+        plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config = previous
 
 
 def require_loadable_weights(path: str) -> None:

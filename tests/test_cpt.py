@@ -216,3 +216,28 @@ def test_a_final_save_without_weights_is_refused(tiny_model_dir, tmp_path):
     os.remove(complete / "model.safetensors")  # what the Trainer leaves with FSDP's sharded state dict
     with pytest.raises(RuntimeError, match="no loadable model"):
         require_loadable_weights(str(complete))
+
+
+@pytest.mark.parametrize("fsdp_version", [1, 2])
+def test_final_save_under_sharded_fsdp_checkpoints_gathers_full_weights(fsdp_version, tmp_path):
+    """accelerate enables FSDP on GPUs only, so the Trainer is stood in for; the plugin is accelerate's."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import FullStateDictConfig, ShardedStateDictConfig
+
+    from prolong.outputs import save_full_weights
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version, state_dict_type="SHARDED_STATE_DICT")
+    seen = []
+    trainer = SimpleNamespace(
+        is_fsdp_enabled=True,
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+        # transformers' Trainer.save_model writes weights only when this reads FULL_STATE_DICT
+        save_model=lambda path: seen.append((str(plugin.state_dict_type), type(plugin.state_dict_config))),
+    )
+    save_full_weights(trainer, str(tmp_path))
+    assert seen == [("StateDictType.FULL_STATE_DICT", FullStateDictConfig)]
+    # checkpoints after the final save stay sharded (fast)
+    assert "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+    assert isinstance(plugin.state_dict_config, ShardedStateDictConfig)

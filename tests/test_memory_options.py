@@ -1,6 +1,8 @@
-"""Tiled MLP (``tiled_mlp_tokens``): the same loss and gradients as the plain MLP, a fraction of the
-saved activations, the forward's autocast in the backward's recomputation, and the same loss curve
-through run_cpt. (Under DDP, FSDP2 and sequence parallelism: tests/distributed/parallel_worker.py.)"""
+"""Memory options. Tiled MLP (``tiled_mlp_tokens``): the same loss and gradients as the plain MLP,
+a fraction of the saved activations, the forward's autocast in the backward's recomputation.
+CPU activation offload: saved tensors are copied to the host. Through run_cpt, each option and their
+combination with checkpointing reproduce the plain loss curve. (Under DDP, FSDP2 and sequence
+parallelism: tests/distributed/parallel_worker.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from transformers import LlamaForCausalLM, TrainerCallback
 
 from prolong.collator import PackedCollator
 from prolong.config import CPTConfig, RecipeError
-from prolong.parallel import enable_tiled_mlp
+from prolong.parallel import activation_offload, enable_tiled_mlp
 from prolong.run_cpt import main
 
 
@@ -130,17 +132,40 @@ class _RecordTileSizes(TrainerCallback):
         self.tile_sizes = [getattr(layer.mlp, "tiled_mlp_tokens", None) for layer in model.model.layers]
 
 
-def test_run_cpt_with_tiled_mlp_reproduces_the_loss_curve(tiny_model_dir, packed_mixture, tmp_path):
-    plain = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "plain", max_steps=3))
+@pytest.fixture(scope="module")
+def plain_losses(tiny_model_dir, packed_mixture, tmp_path_factory):
+    return _losses(main(_argv(tiny_model_dir, packed_mixture, tmp_path_factory.mktemp("plain") / "run", max_steps=3)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"tiled_mlp_tokens": 32},  # rows are 2 x 128 tokens: 8 tiles per MLP
+        {"activation_offload": "true"},
+        {"activation_offload": "true", "activation_checkpointing": "true", "tiled_mlp_tokens": 32},
+    ],
+    ids=["tiled-mlp", "offload", "checkpointing+offload+tiled-mlp"],
+)
+def test_memory_options_reproduce_the_loss_curve(options, tiny_model_dir, packed_mixture, tmp_path, plain_losses):
     recorder = _RecordTileSizes()
-    tiled = main(
-        _argv(tiny_model_dir, packed_mixture, tmp_path / "tiled", max_steps=3, tiled_mlp_tokens=32), [recorder]
-    )
-    assert recorder.tile_sizes == [32, 32]  # rows are 2 x 128 tokens: 8 tiles per MLP
-    reference, losses = _losses(plain), _losses(tiled)
-    assert sorted(losses) == sorted(reference) == [1, 2, 3]
-    for step, loss in reference.items():
+    out = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "run", max_steps=3, **options), [recorder])
+    assert recorder.tile_sizes == [options.get("tiled_mlp_tokens")] * 2  # applied, or not at all
+    losses = _losses(out)
+    assert sorted(losses) == sorted(plain_losses) == [1, 2, 3]
+    for step, loss in plain_losses.items():
         assert losses[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_activation_offload_copies_saved_tensors_to_the_host():
+    # a meta tensor has no data to copy: the host copy that save_on_cpu makes of every tensor
+    # autograd saves is what fails, so this shows the copy happens (on CPU the copy is free)
+    x = torch.randn(8, device="meta", requires_grad=True)
+    x * x  # nothing is copied without the option
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        with activation_offload(True):
+            x * x
+    with activation_offload(False):
+        x * x
 
 
 def test_bad_tile_sizes_are_refused():

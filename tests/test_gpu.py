@@ -95,3 +95,23 @@ def test_tiled_mlp_under_bf16_autocast_on_gpu():
         grads.append({name: p.grad.float() for name, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_run_cpt_fast_path_on_gpu_follows_the_cpu_reference_curve(tiny_model_dir, packed_mixture, tmp_path):
+    """The whole GPU training path in one run: the auto backend (flash or varlen) fed the
+    collator's cu_seq_lens, bf16, Liger (if installed), tiled MLP, checkpointing, CPU offload,
+    the masking probe on CUDA; its loss curve must follow an fp32 sdpa run of the same recipe."""
+    from test_cpt import _argv, _losses
+
+    from prolong.run_cpt import main
+
+    reference = _losses(main(_argv(tiny_model_dir, packed_mixture, tmp_path / "ref", max_steps=3,
+                                   attn_implementation="sdpa", bf16="false", use_liger_kernel="false")))
+    fast = _losses(main(_argv(
+        tiny_model_dir, packed_mixture, tmp_path / "fast", max_steps=3, attn_implementation="auto", bf16="true",
+        use_liger_kernel=str(importlib.util.find_spec("liger_kernel") is not None).lower(),
+        tiled_mlp_tokens=32, activation_checkpointing="true", activation_offload="true",
+    )))
+    assert sorted(fast) == sorted(reference) == [1, 2, 3]
+    for step, loss in reference.items():
+        assert fast[step] == pytest.approx(loss, rel=2e-2), step  # bf16 vs fp32

@@ -209,14 +209,19 @@ def load_msmarco(task: Task, req: LoadRequest) -> list:
     data = read_jsonl(os.path.join(req.data_dir, "msmarco", f"test_reranking_data_k{k}_dep3.jsonl"))
     demos = read_jsonl(os.path.join(req.data_dir, "msmarco", "test_reranking_data_k10_dep3.jsonl"))
     data = sample_keys(data, "qid", req.max_samples, req.seed)
-    test_qids = {d["qid"] for d in data}
-    demos = [x for x in demos if x["qid"] not in test_qids]
+    # HELMET: drop every test query from the demonstrations only when the pool stays large (its
+    # k10 demo file holds the test queries themselves); otherwise only the sample's own query
+    demos_filtered = len(demos) > 2 * len(data)
+    if demos_filtered:
+        test_qids = {d["qid"] for d in data}
+        demos = [x for x in demos if x["qid"] not in test_qids]
     samples = []
     for d in data:
         template = "[ID: {id}] Document (Title: {title}): {text}" if "title" in d["ctxs"][0] else "[ID: {id}] Document: {text}"
         demo_text = ""
         if req.shots > 0:
-            for x in drop_duplicates(helmet_shuffle(demos, sha_seed(d["qid"])), "qid")[:req.shots]:
+            pool = demos if demos_filtered else [x for x in demos if x["qid"] != d["qid"]]
+            for x in drop_duplicates(helmet_shuffle(pool, sha_seed(d["qid"])), "qid")[:req.shots]:
                 ranking = " > ".join(c["id"] for c in sorted(x["ctxs"], key=lambda c: c["label"], reverse=True))
                 demo_text += ("\n\n".join(template.format(**c) for c in x["ctxs"])
                               + f"\n\nQuery: {x['query']}\nRanking: {ranking}\n\n")

@@ -65,10 +65,11 @@ def check_spans(row):
 
 @pytest.fixture(scope="module")
 def tokenized_dir(tmp_path_factory, tokenizer):
-    texts = make_texts(300) + ["", "   \n"]  # two empty documents to be skipped
+    # empty documents to be skipped, 200 in a row so that whole tokenizer batches are empty
+    texts = make_texts(300) + ["", "   \n"] + [""] * 198
     out = tmp_path_factory.mktemp("tok") / "web"
     metadata = tokenize_to_disk(datasets.Dataset.from_dict({"text": texts}), tokenizer, out, domain="web")
-    assert metadata["skipped"]["empty_documents"] == 2
+    assert metadata["skipped"]["empty_documents"] == 200
     return out, expected_docs(tokenizer, texts[:300])
 
 
@@ -201,3 +202,22 @@ def test_cli_tokenize_files_repos_and_inspect(tmp_path, tokenizer_dir, capsys):
     assert packed_summary["num_tokens"] == read_metadata(tmp_path / "packed")["num_tokens"]
     assert main(["inspect", str(tmp_path / "packed")]) == 0
     assert "tokens per domain" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("subset", ["select", "split", "concatenated"])
+def test_packing_a_subset_of_a_saved_dataset_packs_exactly_that_subset(subset, tmp_path):
+    """Contiguous selections slice the Arrow files without an index mapping, and a concatenation
+    with an in-memory dataset lists only its files: neither may be read as the whole files."""
+    saved = datasets.Dataset.from_dict({"input_ids": [[i] * 10 for i in range(100)], "domain": ["x"] * 100})
+    saved.save_to_disk(str(tmp_path / "in"))
+    loaded = datasets.load_from_disk(str(tmp_path / "in"))
+    extra = datasets.Dataset.from_dict({"input_ids": [[7] * 10] * 50, "domain": ["y"] * 50})
+    part = {
+        "select": lambda: loaded.select(range(10)),
+        "split": lambda: loaded.train_test_split(test_size=0.2, shuffle=False)["test"],
+        "concatenated": lambda: datasets.concatenate_datasets([loaded, extra]),
+    }[subset]()
+    metadata = pack_dataset(part, tmp_path / "out", mode="short", length=10)
+    assert metadata["num_tokens"] == 10 * len(part)
+    packed = datasets.load_from_disk(str(tmp_path / "out"))
+    assert sorted(tok for row in packed["input_ids"] for tok in row) == sorted(t for row in part["input_ids"] for t in row)

@@ -1,6 +1,7 @@
 """Generated recall inputs, and the whole pipeline on a tiny random Llama on CPU."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -240,3 +241,25 @@ def test_callback_evaluates_on_save_and_restores_train_mode(tokenizer, tmp_path)
     assert model.training
     assert "eval_recall/json_kv_512" in state.log_history[-1] and state.log_history[-1]["step"] == 5
     assert json.loads((tmp_path / "checkpoint-5" / "recall_eval" / "scores.json").read_text())["results"][0]["n"] == 2
+
+
+def test_rerank_demonstrations_follow_helmet_when_the_demo_file_holds_the_test_queries(tmp_path):
+    """HELMET's k10 demo file contains the test queries themselves (TREC DL'19): removing every
+    test query would leave no demonstration, so HELMET removes only each sample's own query."""
+    from evaluation.tasks import LoadRequest, get_task
+
+    def row(q):
+        ctxs = [{"id": str(i), "text": f"passage {i} of {q}", "label": i % 3} for i in range(1, 6)]
+        return json.dumps({"qid": q, "query": f"query {q}", "ctxs": ctxs})
+
+    (tmp_path / "msmarco").mkdir()
+    rows = "\n".join(row(f"q{i}") for i in range(6)) + "\n"  # the same queries in both files
+    for k in (10, 14):
+        (tmp_path / "msmarco" / f"test_reranking_data_k{k}_dep3.jsonl").write_text(rows)
+    task = get_task("msmarco_rerank_psg")
+    request = LoadRequest(length=4096, input_budget=4000, max_samples=100, seed=42, shots=2, data_dir=str(tmp_path))
+    samples = task.load(task, request)
+    assert len(samples) == 6
+    for sample in samples:
+        demo_queries = re.findall(r"Query: (query q\d)\nRanking", sample["demos"])
+        assert len(demo_queries) == 2 and f"query {sample['id']}" not in demo_queries

@@ -26,6 +26,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
+from datasets.table import ConcatenationTable, MemoryMappedTable
 
 logger = logging.getLogger("prolong.data")
 
@@ -165,6 +166,22 @@ class ShardedDatasetWriter:
         return self.num_rows
 
 
+def _is_exactly_its_cache_files(dataset: datasets.Dataset) -> bool:
+    """True when the dataset's rows are its Arrow files, whole and in order, so they can be
+    streamed straight from disk. A contiguous selection (select(range(n)), take, skip, shard,
+    an unshuffled split) slices the files without an index mapping, and a concatenation with an
+    in-memory dataset lists only its files in `cache_files`: both must go through datasets."""
+    if dataset._indices is not None or not dataset.cache_files:
+        return False
+    table = dataset.data
+    blocks = [block for row in table.blocks for block in row] if isinstance(table, ConcatenationTable) else [table]
+    return (
+        len(blocks) == len(dataset.cache_files)
+        and all(isinstance(block, MemoryMappedTable) and not block.replays for block in blocks)
+        and sum(block.num_rows for block in blocks) == dataset.num_rows
+    )
+
+
 def iter_table_chunks(dataset: datasets.Dataset, columns: list[str],
                       min_rows: int = 1024, max_values: int = 1 << 22) -> Iterator[pa.Table]:
     """Yield the dataset as pyarrow tables of about `min_rows` rows (fewer if `max_values` list
@@ -172,7 +189,7 @@ def iter_table_chunks(dataset: datasets.Dataset, columns: list[str],
     list_column = next((c for c in columns if isinstance(dataset.features[c], datasets.List)), None)
 
     def record_batches() -> Iterator[pa.RecordBatch]:
-        if dataset._indices is None and dataset.cache_files:
+        if _is_exactly_its_cache_files(dataset):
             for cache_file in dataset.cache_files:
                 with pa.OSFile(cache_file["filename"]) as source:
                     for batch in pa.ipc.open_stream(source):

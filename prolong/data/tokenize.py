@@ -76,7 +76,8 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase, eos_token: str | None 
 def _tokenize_texts(batch, tokenizer, text_field, bos_id, eos_id, domain):
     texts = batch[text_field]
     keep = [i for i, text in enumerate(texts) if isinstance(text, str) and text.strip()]
-    encoded = tokenizer([texts[i] for i in keep], add_special_tokens=False, verbose=False)["input_ids"]
+    # a batch whose texts are all empty: the fast tokenizer raises on an empty list
+    encoded = tokenizer([texts[i] for i in keep], add_special_tokens=False, verbose=False)["input_ids"] if keep else []
     prefix = [bos_id] if bos_id is not None else []
     input_ids = [prefix + ids + [eos_id] for ids in encoded]
     return {"input_ids": input_ids, "domain": _domains(batch, keep, domain),

@@ -73,6 +73,28 @@ def _llama3_tokenizer():
     return fast
 
 
+def _sentencepiece_vicuna_tokenizer():
+    """SentencePiece-style (Metaspace) tokens with a Vicuna-style template: the prompt ends with
+    "ASSISTANT: " and the tokenizer merges that space into the first word ("▁The")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEGHIJKLMNOPRSTUVWY:\n▁.?,")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet)
+    tok.train_from_iterator([_sentence(rng, 40) for _ in range(200)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'ASSISTANT: ' + m['content'] + '</s>\n' }}"
+        "{% else %}{{ m['role'].upper() + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}"
+    )
+    return fast
+
+
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
     from prolong.demo import load_smollm2_tokenizer
@@ -84,20 +106,25 @@ def smollm2_tokenizer():
 # Masks
 
 
-@pytest.mark.parametrize("template", ["chatml-smollm2", "llama3"])
+@pytest.mark.parametrize("template", ["chatml-smollm2", "llama3", "sentencepiece-vicuna"])
 def test_mask_covers_exactly_assistant_content_and_end_token(template, request):
     if template == "chatml-smollm2":
         tokenizer, end = request.getfixturevalue("smollm2_tokenizer"), "<|im_end|>"
         assert "{% generation %}" not in tokenizer.chat_template
-    else:
+    elif template == "llama3":
         tokenizer, end = _llama3_tokenizer(), "<|eot_id|>"
+    else:  # the first word's token starts in the prompt's trailing space and must still be a target
+        tokenizer, end = _sentencepiece_vicuna_tokenizer(), "</s>"
     for messages in _conversations(6, seed=3, turns=3):
         input_ids, mask = conversation_tokens(tokenizer, messages)
         assert len(input_ids) == len(mask)
         expected = [m["content"] + end for m in messages if m["role"] == "assistant"]
         assert _masked_runs(tokenizer, input_ids, mask) == expected
         # the whole rendered conversation is there: masks are on the real training tokens
-        assert tokenizer.decode(input_ids).startswith(tokenizer.apply_chat_template(messages, tokenize=False))
+        decoded, rendered = tokenizer.decode(input_ids), tokenizer.apply_chat_template(messages, tokenize=False)
+        if template == "sentencepiece-vicuna":  # Metaspace decoding spaces special tokens differently
+            decoded, rendered = "".join(decoded.split()), "".join(rendered.split())
+        assert decoded.startswith(rendered)
 
 
 def test_prompt_completion_rows_mask_the_prompt():

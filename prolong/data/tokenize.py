@@ -97,7 +97,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], eos_id: int) -> tuple
     """Token ids and assistant mask of one conversation rendered with the chat template.
 
     The characters of each assistant turn are found by rendering the conversation up to that turn
-    (with and without it); tokens starting inside those characters are loss targets. This works
+    (with and without it); tokens holding any of those characters are loss targets. This works
     with any template, including ones without `{% generation %}` markers.
     """
     text = _render(tokenizer, messages)
@@ -113,8 +113,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], eos_id: int) -> tuple
         assistant_spans.append((len(before), len(through)))
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     input_ids = list(encoding["input_ids"])
-    mask = [int(any(start <= char_start < end for start, end in assistant_spans))
-            for char_start, _ in encoding["offset_mapping"]]
+    # a token holding any character of an assistant turn is a target (as transformers'
+    # return_assistant_tokens_mask counts it); this includes a token that merges the prompt's
+    # trailing space with the first word (SentencePiece's "▁The" after "ASSISTANT: ")
+    mask = [int(any(start <= char_start < end or (char_start < end and char_end > start)
+                    for start, end in assistant_spans))
+            for char_start, char_end in encoding["offset_mapping"]]
     if not input_ids or input_ids[-1] != eos_id:
         input_ids.append(eos_id)
         mask.append(0)

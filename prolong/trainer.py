@@ -31,7 +31,7 @@ import trl
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
-from prolong.collator import NOT_MODEL_INPUTS
+from prolong.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
 from prolong.loss import chunked_cross_entropy_sum
 from prolong.parallel import activation_offload, enable_tiled_mlp, sequence_parallel_dataloader
 
@@ -138,6 +138,16 @@ class CPTTrainer(ThroughputLogMixin, Trainer):
         )
 
     # -- loss --------------------------------------------------------------------------------
+    def _get_num_items_in_batch(self, batch_samples, device):
+        # The loss tokens of the whole optimizer step on every process: the targets our loss sums
+        # (`shift_labels`). The Trainer's own count skips batches without `labels`, which
+        # sequence-parallel chunks drop (a local shift would lose the target at each chunk edge);
+        # without a count the loss would go unnormalised. Chunks are disjoint: the sum is exact.
+        count = sum((batch["shift_labels"] != IGNORE_INDEX).sum() for batch in batch_samples)
+        if self.args.world_size > 1:  # average_tokens_across_devices is enforced by the config
+            count = self.accelerator.gather(count.to(device)).sum()
+        return count.to(device)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         shift_labels = inputs["shift_labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
@@ -161,7 +171,9 @@ class CPTTrainer(ThroughputLogMixin, Trainer):
         else:
             # num_items_in_batch counts the valid tokens of the whole optimizer step on all
             # processes; DDP/FSDP then average gradients over processes, which the factor undoes.
-            loss = loss_sum / num_items_in_batch * self.accelerator.num_processes
+            # clamp: a step without any target (fully masked rows) has loss_sum 0; 0/0 would turn
+            # every weight into NaN through the optimizer
+            loss = loss_sum / num_items_in_batch.clamp(min=1) * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     # -- stage hand-off ----------------------------------------------------------------------

@@ -241,3 +241,17 @@ def test_final_save_under_sharded_fsdp_checkpoints_gathers_full_weights(fsdp_ver
     # checkpoints after the final save stay sharded (fast)
     assert "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
     assert isinstance(plugin.state_dict_config, ShardedStateDictConfig)
+
+
+def test_a_step_without_any_target_leaves_the_weights_finite(tiny_model_dir, tmp_path):
+    """Fully masked rows (prompt-only SFT-style data) can make a whole optimizer step target-free:
+    0 / 0 must not reach the optimizer as NaN."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (4, 128), generator=generator).tolist()
+    masks = [[0] * 128, [0] * 128, [1] * 128, [1] * 128]
+    data = str(tmp_path / "masked")
+    Dataset.from_dict({"input_ids": ids, "indices": [[[0, 128]]] * 4, "mask": masks, "domain": ["m"] * 4}).save_to_disk(data)
+    out = main(_argv(tiny_model_dir, {data: 1.0}, tmp_path / "run", per_device_train_batch_size=1, max_steps=4))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(entry.get("loss", 0) > 0 for entry in _log(out))  # the steps with targets still learn

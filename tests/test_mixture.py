@@ -100,3 +100,38 @@ def test_bad_mixtures_are_refused(three_domains, tmp_path):
     write_packed_dataset(str(empty), [], 64, "empty")
     with pytest.raises(RecipeError, match="no sequences"):
         MixtureDataset({str(empty): 1.0}, 64, 10)
+
+
+def _rows_dataset(path, lengths, nominal_length):
+    """A packed domain whose rows have the given token counts (sft bins can be shorter than the
+    nominal `length` the metadata records)."""
+    import json
+    import os
+
+    from datasets import Dataset
+
+    rows = [{"input_ids": list(range(n)), "indices": [[0, n]], "domain": os.path.basename(path)} for n in lengths]
+    Dataset.from_list(rows).save_to_disk(path)
+    with open(os.path.join(path, "prolong_data.json"), "w") as f:
+        json.dump({"length": nominal_length}, f)
+    return path
+
+
+def test_split_rows_shorter_than_the_nominal_length_give_no_empty_pieces(tmp_path):
+    path = _rows_dataset(str(tmp_path / "sft"), [1000, 300, 1000, 50], nominal_length=1000)
+    dataset = MixtureDataset({path: 1.0}, max_length=400, num_sequences=8, seed=0, block_size=8)
+    items = [dataset[i] for i in range(8)]  # one pass: 3 + 1 + 3 + 1 pieces
+    assert sorted(len(x["input_ids"]) for x in items) == sorted([400, 400, 200, 300, 400, 400, 200, 50])
+    PackedCollator()(items)  # every piece is a valid packed example
+
+
+def test_token_shares_hold_when_pieces_are_uneven(tmp_path):
+    """640-token rows cut at 480 give pieces of 480 and 160 tokens: shares must count real tokens."""
+    a = _rows_dataset(str(tmp_path / "a"), [640] * 20, nominal_length=640)
+    b = _rows_dataset(str(tmp_path / "b"), [480] * 20, nominal_length=480)
+    dataset = MixtureDataset({a: 0.5, b: 0.5}, max_length=480, num_sequences=1000, seed=0)
+    tokens = collections.Counter()
+    for i in range(1000):
+        example = dataset[i]
+        tokens[example["domain"]] += len(example["input_ids"])
+    assert tokens["a"] / sum(tokens.values()) == pytest.approx(0.5, abs=0.02)

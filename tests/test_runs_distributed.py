@@ -62,10 +62,15 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir, packed_mixture, tmp_
     _assert_same_curve(_losses(out), single_process_losses)
 
 
-def test_two_way_sequence_parallel_equals_one_process(tiny_model_dir, packed_mixture, tmp_path, single_process_losses):
+@pytest.mark.parametrize("micro_batch, accumulation", [(2, 1), (1, 2)])
+def test_two_way_sequence_parallel_equals_one_process(
+    micro_batch, accumulation, tiny_model_dir, packed_mixture, tmp_path, single_process_losses
+):
+    """Same global batch (2 rows per step); with accumulation the step's token count must span
+    both micro-batches' chunks, which carry shift_labels but no labels."""
     out = tmp_path / "sp"
-    argv = _argv(tiny_model_dir, packed_mixture, out, max_steps=3, per_device_train_batch_size=2,
-                 sequence_parallel_size=2)
+    argv = _argv(tiny_model_dir, packed_mixture, out, max_steps=3, per_device_train_batch_size=micro_batch,
+                 gradient_accumulation_steps=accumulation, sequence_parallel_size=2)
     _run(argv, 2)
     _assert_same_curve(_losses(out), single_process_losses)
     with open(os.path.join(out, "config.json")) as f:

@@ -23,6 +23,7 @@ import os
 from functools import lru_cache
 
 import numpy as np
+import pyarrow.compute as pc
 from datasets import load_from_disk
 from torch.utils.data import Dataset
 
@@ -47,6 +48,12 @@ def _packed_length(path: str, dataset) -> int:
         if length:
             return int(length)
     return len(dataset[0]["input_ids"])
+
+
+def _row_lengths(dataset) -> np.ndarray:
+    """Tokens per row, read from the Arrow column's offsets (no row is decoded)."""
+    column = dataset.with_format("arrow", columns=["input_ids"])[:]["input_ids"]
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _slice_example(example: dict, start: int, end: int) -> dict:
@@ -79,7 +86,9 @@ class MixtureDataset(Dataset):
             )
         self.paths = [p for p, share in mixture.items() if share > 0]
         self.seed, self.block_size, self.num_sequences, self.max_length = seed, block_size, num_sequences, max_length
-        self.datasets, self.pieces, item_tokens = [], [], []
+        # per domain: rows longer than max_length are cut into pieces; `piece_ends` (cumulative
+        # pieces per row) maps an item to its (row, piece), None when every row is one item
+        self.datasets, self.pieces, self.piece_ends, self.num_items, item_tokens = [], [], [], [], []
         for path in self.paths:
             if not os.path.isdir(path):
                 raise RecipeError(
@@ -111,9 +120,17 @@ class MixtureDataset(Dataset):
                     max_length,
                     pieces,
                 )
+            row_lengths = _row_lengths(dataset)
+            if pieces > 1:  # rows can be shorter than `length` (sft bins; a last short row): no empty pieces
+                piece_ends = np.cumsum(np.maximum(-(-row_lengths // max_length), 1))
+                num_items = int(piece_ends[-1])
+            else:
+                piece_ends, num_items = None, len(dataset)
             self.datasets.append(dataset)
             self.pieces.append(pieces)
-            item_tokens.append(min(length, max_length))
+            self.piece_ends.append(piece_ends)
+            self.num_items.append(num_items)
+            item_tokens.append(int(row_lengths.sum()) / num_items)  # the mean, not the nominal length
         # Token shares -> item shares: a domain of shorter items needs proportionally more of them.
         token_shares = np.array([mixture[p] for p in self.paths], dtype=np.float64)
         item_shares = token_shares / np.array(item_tokens)
@@ -131,8 +148,7 @@ class MixtureDataset(Dataset):
         return order
 
     def _make_permutation(self, domain: int, epoch: int) -> np.ndarray:
-        n_items = len(self.datasets[domain]) * self.pieces[domain]
-        return np.random.default_rng([self.seed, 1_000_003 + domain, epoch]).permutation(n_items)
+        return np.random.default_rng([self.seed, 1_000_003 + domain, epoch]).permutation(self.num_items[domain])
 
     def locate(self, index: int) -> tuple[int, int, int]:
         """(domain, row, piece) of item ``index``."""
@@ -142,10 +158,13 @@ class MixtureDataset(Dataset):
         order = self._block_order(block)
         domain = int(order[offset])
         occurrence = block * int(self.block_counts[domain]) + int((order[:offset] == domain).sum())
-        n_items = len(self.datasets[domain]) * self.pieces[domain]
-        epoch, k = divmod(occurrence, n_items)
-        row, piece = divmod(int(self._permutation(domain, epoch)[k]), self.pieces[domain])
-        return domain, row, piece
+        epoch, k = divmod(occurrence, self.num_items[domain])
+        item = int(self._permutation(domain, epoch)[k])
+        piece_ends = self.piece_ends[domain]
+        if piece_ends is None:
+            return domain, item, 0
+        row = int(np.searchsorted(piece_ends, item, side="right"))
+        return domain, row, item - (int(piece_ends[row - 1]) if row else 0)
 
     def __getitem__(self, index: int) -> dict:
         domain, row, piece = self.locate(index)

@@ -15,6 +15,7 @@ import torch
 from transformers import AttentionInterface
 
 from prolong.collator import NOT_MODEL_INPUTS, PackedCollator
+from prolong.loss import logit_scale_of, output_logits
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,26 @@ class DocumentMaskingError(RuntimeError):
     pass
 
 
+class OutputHeadError(RuntimeError):
+    pass
+
+
+def _check_output_head(model, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+    """The training loss never builds the model's logits: it applies the output head to the
+    decoder's hidden states itself (prolong.loss.output_logits). Refuse a model whose head does
+    something else (an unknown logit transform), which would train a different objective."""
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    ours = output_logits(hidden, head.weight, head.bias, logit_scale_of(model.config), softcap)
+    delta = (ours - logits).abs().max().item()
+    if not delta <= 1e-2 * (logits.abs().max().item() + 1e-6):
+        raise OutputHeadError(
+            f"{type(model).__name__} computes its logits differently from lm_head(hidden states) with its bias, "
+            f"logit scale and soft-capping (max difference {delta:.3g}): the chunked loss would train another "
+            "objective. This model's output head is not supported."
+        )
+
+
 def guard_document_masking(model, args) -> None:
     """Run ``check_document_masking`` once, on the main process, on its training device.
 
@@ -132,16 +153,26 @@ def _probe(model, doc_len: int, seed: int, device: torch.device) -> float:
     gen = torch.Generator().manual_seed(seed)
     doc_a, doc_b, doc_a2 = (torch.randint(3, vocab, (doc_len,), generator=gen) for _ in range(3))
 
+    captured = {}
+    hook = model.get_decoder().register_forward_hook(  # where the training loss reads its hidden states
+        lambda module, args, out: captured.__setitem__("hidden", out[0] if isinstance(out, tuple) else out.last_hidden_state)
+    )
+
     def logits_of_b(first_doc):
         row = PackedCollator()([{"input_ids": torch.cat([first_doc, doc_b]).tolist(),
                                  "indices": [[0, doc_len], [doc_len, 2 * doc_len]]}])
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in row.items() if k not in NOT_MODEL_INPUTS}
         out = model(**inputs, use_cache=False)
-        return out.logits[0, doc_len:].float()
+        return out.logits[0].float()
 
-    reference = logits_of_b(doc_a)
-    changed = logits_of_b(doc_a2)
-    model.train(was_training)
+    try:
+        reference = logits_of_b(doc_a)
+        _check_output_head(model, captured["hidden"][0], reference)
+        changed = logits_of_b(doc_a2)[doc_len:]
+        reference = reference[doc_len:]
+    finally:
+        hook.remove()
+        model.train(was_training)
     delta = (reference - changed).abs().max().item()
     scale = reference.abs().max().item() + 1e-6
     if not delta <= 1e-3 * scale:  # `not <=` also catches NaN

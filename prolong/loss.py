@@ -19,10 +19,30 @@ from torch.utils.checkpoint import checkpoint
 from prolong.collator import IGNORE_INDEX
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None):
-    logits = F.linear(hidden, weight).float()
+def logit_scale_of(config) -> float | None:
+    """The factor some models apply to their logits after the lm_head: Granite divides by
+    ``logits_scaling``, Cohere multiplies by ``logit_scale``. None when there is none."""
+    text = config.get_text_config()
+    if getattr(text, "logits_scaling", None) not in (None, 1, 1.0):
+        return 1.0 / text.logits_scaling
+    if getattr(text, "logit_scale", None) not in (None, 1, 1.0):
+        return float(text.logit_scale)
+    return None
+
+
+def output_logits(hidden, weight, bias=None, scale: float | None = None, softcap: float | None = None):
+    """What the model's head computes from its final hidden states: lm_head (with its bias, if
+    any), the model's logit scale, then Gemma-style soft-capping; in fp32."""
+    logits = F.linear(hidden, weight, bias).float()
+    if scale:
+        logits = logits * scale
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def _chunk_loss_sum(hidden, weight, bias, labels, scale, softcap):
+    logits = output_logits(hidden, weight, bias, scale, softcap)
     # reduction="sum" over ignore_index tokens gives 0 (never NaN) for a chunk with no valid label
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -33,6 +53,8 @@ def chunked_cross_entropy_sum(
     shift_labels: torch.Tensor,
     chunk_size: int = 4096,
     logit_softcap: float | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor:
     """Sum of token cross-entropies; ``shift_labels[t]`` is the target of ``hidden_states[t]``."""
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -46,8 +68,11 @@ def chunked_cross_entropy_sum(
         if torch.is_grad_enabled() and chunk_hidden.requires_grad:
             # recompute the chunk's logits in backward instead of keeping them
             total = total + checkpoint(
-                _chunk_loss_sum, chunk_hidden, lm_head_weight, chunk_labels, logit_softcap, use_reentrant=False
+                _chunk_loss_sum, chunk_hidden, lm_head_weight, lm_head_bias, chunk_labels, logit_scale,
+                logit_softcap, use_reentrant=False,
             )
         else:
-            total = total + _chunk_loss_sum(chunk_hidden, lm_head_weight, chunk_labels, logit_softcap)
+            total = total + _chunk_loss_sum(
+                chunk_hidden, lm_head_weight, lm_head_bias, chunk_labels, logit_scale, logit_softcap
+            )
     return total

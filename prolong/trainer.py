@@ -32,7 +32,8 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
 from prolong.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
-from prolong.loss import chunked_cross_entropy_sum
+from prolong.config import RecipeError
+from prolong.loss import chunked_cross_entropy_sum, logit_scale_of
 from prolong.parallel import activation_offload, enable_tiled_mlp, sequence_parallel_dataloader
 
 logger = logging.getLogger(__name__)
@@ -108,8 +109,14 @@ class CPTTrainer(ThroughputLogMixin, Trainer):
         self._capture = _HiddenStateCapture(unwrapped.get_decoder())
         self._lm_head = unwrapped.get_output_embeddings()
         self._softcap = getattr(unwrapped.config.get_text_config(), "final_logit_softcapping", None)
+        self._logit_scale = logit_scale_of(unwrapped.config)  # Granite, Cohere
         self._liger_loss = None
         if self.args.use_liger_kernel and torch.cuda.is_available():
+            if self._logit_scale is not None:
+                raise RecipeError(
+                    f"use_liger_kernel: Liger's fused loss cannot apply {type(unwrapped).__name__}'s logit scale "
+                    f"({self._logit_scale:g}); set use_liger_kernel: false (the chunked loss applies it)."
+                )
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # CUDA only (NOTES)
 
             self._liger_loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=self._softcap)
@@ -158,11 +165,13 @@ class CPTTrainer(ThroughputLogMixin, Trainer):
         self._capture.hidden = None
         if self._liger_loss is not None:
             loss_sum = self._liger_loss(
-                self._lm_head.weight, hidden.reshape(-1, hidden.shape[-1]), shift_labels.reshape(-1)
+                self._lm_head.weight, hidden.reshape(-1, hidden.shape[-1]), shift_labels.reshape(-1),
+                self._lm_head.bias,
             )
         else:
             loss_sum = chunked_cross_entropy_sum(
-                hidden, self._lm_head.weight, shift_labels, self.args.loss_chunk_size, self._softcap
+                hidden, self._lm_head.weight, shift_labels, self.args.loss_chunk_size, self._softcap,
+                lm_head_bias=self._lm_head.bias, logit_scale=self._logit_scale,
             )
         # keeps every parameter in the graph (DDP needs it) even if no token here has a label
         loss_sum = loss_sum + 0.0 * outputs.logits.sum()

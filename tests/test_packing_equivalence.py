@@ -125,3 +125,49 @@ def test_dense_mask_backends_are_warned_about_at_long_lengths():
     assert dense_mask_warning("eager", 131072) is not None
     assert dense_mask_warning("sdpa", 4096) is None  # short rows: the mask is cheap
     assert dense_mask_warning("varlen", 524288) is None and dense_mask_warning("flash_attention_2", 524288) is None
+
+
+def _small_head_models():
+    from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM, PhiConfig, PhiForCausalLM
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320)
+    torch.manual_seed(0)
+    phi = PhiForCausalLM(PhiConfig(**small))
+    torch.nn.init.normal_(phi.lm_head.bias, std=2.0)  # a bias that matters
+    return {
+        "phi-lm_head-bias": phi,
+        "granite-logits_scaling": GraniteForCausalLM(GraniteConfig(**small, logits_scaling=8.0)),
+        "cohere-logit_scale": CohereForCausalLM(CohereConfig(**small, logit_scale=0.0625)),
+    }
+
+
+@pytest.mark.parametrize("name", ["phi-lm_head-bias", "granite-logits_scaling", "cohere-logit_scale"])
+def test_chunked_loss_applies_the_models_output_head(name):
+    from prolong.loss import logit_scale_of
+
+    model = _small_head_models()[name].eval()
+    batch = _packed_batch(_documents())
+    hidden = {}
+    model.get_decoder().register_forward_hook(lambda m, a, out: hidden.__setitem__("h", out.last_hidden_state))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        expected = F.cross_entropy(logits.float(), batch["shift_labels"][0], ignore_index=-100, reduction="sum")
+        ours = chunked_cross_entropy_sum(hidden["h"], model.lm_head.weight, batch["shift_labels"], 16,
+                                         lm_head_bias=model.lm_head.bias, logit_scale=logit_scale_of(model.config))
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert check_document_masking(model) == 0.0  # the start-up probe accepts the head too
+
+
+def test_an_unknown_output_head_is_refused():
+    from prolong.attention import OutputHeadError
+
+    class DoubledLogits(LlamaForCausalLM):  # a head transform the chunked loss does not know
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    torch.manual_seed(0)
+    with pytest.raises(OutputHeadError, match="computes its logits differently"):
+        check_document_masking(DoubledLogits(tiny_llama_config(320)))

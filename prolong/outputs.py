@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import shutil
@@ -17,6 +18,13 @@ def setup_logging(args) -> None:
     level = logging.INFO if args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     transformers.utils.logging.set_verbosity(level)
+
+
+# weight and adapter files of a saved model (sharded or not), removed before a new final model moves in
+MODEL_FILES = (
+    "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "generation_config.json",
+)
 
 
 def save_full_weights(trainer, path: str) -> None:
@@ -88,9 +96,12 @@ def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=
             mixture=mixture,
             log_history=trainer.state.log_history,
         )
-        # a model from an earlier run in this directory stops looking complete until the new one is in
-        if os.path.exists(os.path.join(output_dir, "config.json")):
-            os.remove(os.path.join(output_dir, "config.json"))
+        # a model from an earlier run in this directory stops looking complete until the new one
+        # is in, and none of its weight files may outlive it (a stale adapter_config.json would
+        # make from_pretrained apply an old LoRA adapter to the new weights)
+        for name in os.listdir(output_dir):
+            if name == "config.json" or any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES):
+                os.remove(os.path.join(output_dir, name))
         names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
         for name in names:
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
@@ -100,3 +111,12 @@ def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=
     if trainer.args.push_to_hub:
         trainer.push_to_hub(commit_message=f"ProLong {stage}")
     return output_dir
+
+
+def close_process_group(trainer) -> None:
+    """Destroy the process group at the end of a completed run: a gloo group left to the
+    interpreter's teardown can abort the process ("terminate called without an active
+    exception"). Not after a preemption stop: with the training loop left mid-iteration, destroying
+    the group first made the exit hang (seen with gloo); those processes exit as they are."""
+    if trainer.state.global_step >= trainer.state.max_steps:
+        trainer.end()

@@ -21,7 +21,7 @@ from prolong.config import CPTConfig, DataConfig, ModelConfig, RecipeError, pars
 from prolong.data.mixture import BalancedOrder, MixtureDataset
 from prolong.model import load_model, load_tokenizer
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
-from prolong.outputs import save_final_model, setup_logging
+from prolong.outputs import close_process_group, save_final_model, setup_logging
 from prolong.trainer import CPTTrainer, last_checkpoint
 
 logger = logging.getLogger("prolong.run_cpt")
@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         max_length=data_cfg.max_length,
         mixture=data_cfg.dataset_mixture,
     )
-    # destroy the process group before exit: a gloo group left to the interpreter's teardown
-    # can abort the process ("terminate called without an active exception")
-    trainer.end()
+    close_process_group(trainer)
     return output_dir
 
 

@@ -71,6 +71,7 @@ class ThroughputLogMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._time_of_last_log is None:
             self._time_of_last_log = time.perf_counter()
+            self._step_of_last_log = self.state.global_step  # a resumed run starts counting here
         self._tokens_since_log += inputs["input_ids"].numel()  # per process (an SP chunk with SP)
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -92,11 +93,21 @@ class ThroughputLogMixin:
         super().log(logs, start_time)
 
 
-class SFTTrainer(ThroughputLogMixin, trl.SFTTrainer):
+class KeepModelCardMixin:
+    """``push_to_hub`` calls ``create_model_card``, which would replace the card that
+    ``prolong.outputs.save_final_model`` wrote (recipe, mixture, RoPE, figures) with a generic one."""
+
+    def create_model_card(self, *args, **kwargs):
+        if os.path.exists(os.path.join(self.args.output_dir, "README.md")):
+            return None
+        return super().create_model_card(*args, **kwargs)
+
+
+class SFTTrainer(KeepModelCardMixin, ThroughputLogMixin, trl.SFTTrainer):
     """TRL's SFTTrainer with our throughput logging (the SFT stage, prolong/run_sft.py)."""
 
 
-class CPTTrainer(ThroughputLogMixin, Trainer):
+class CPTTrainer(KeepModelCardMixin, ThroughputLogMixin, Trainer):
     # our compute_loss divides by the whole step's token count itself
     loss_is_scaled_for_ga = True
 
@@ -242,13 +253,19 @@ class CPTTrainer(ThroughputLogMixin, Trainer):
 
 
 class _PreemptionCallback(TrainerCallback):
-    """SIGTERM / SIGUSR1 (SLURM preemption, spot instances) -> save a checkpoint and stop."""
+    """SIGTERM / SIGUSR1 (SLURM preemption, spot instances) -> save a checkpoint and stop.
+
+    The signal reaches the ranks at different moments; every step the ranks agree (a max over a
+    one-element tensor) so that all of them stop after the same step. A rank stopping alone would
+    leave the others waiting in a collective.
+    """
 
     def __init__(self):
         self.requested = False
+        self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
-                signal.signal(sig, self._on_signal)
+                self._previous[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread (e.g. inside a notebook worker)
                 pass
 
@@ -257,10 +274,20 @@ class _PreemptionCallback(TrainerCallback):
         self.requested = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        requested = self.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(requested)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():  # after training, a signal ends the process again
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 class _SaveAtEndCallback(TrainerCallback):

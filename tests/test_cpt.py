@@ -255,3 +255,22 @@ def test_a_step_without_any_target_leaves_the_weights_finite(tiny_model_dir, tmp
     model = AutoModelForCausalLM.from_pretrained(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(entry.get("loss", 0) > 0 for entry in _log(out))  # the steps with targets still learn
+
+
+def test_final_save_replaces_an_earlier_models_files_and_keeps_its_card(tiny_model_dir, packed_mixture, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    # what an earlier LoRA run left in the same directory: from_pretrained would apply it on top
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    (out / "adapter_model.safetensors").write_bytes(b"stale")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    main(_argv(tiny_model_dir, packed_mixture, out, max_steps=1, save_steps=1))
+    assert sorted(p.name for p in out.glob("*adapter*")) == [] and not (out / "model-00001-of-00002.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "LlamaForCausalLM" and not hasattr(model, "peft_config")
+
+    # push_to_hub's create_model_card must not replace our card (recipe, RoPE, mixture)
+    card = (out / "README.md").read_text()
+    trainer = _trainer(tiny_model_dir, packed_mixture, out, max_steps=1)
+    trainer.create_model_card(model_name="x")
+    assert (out / "README.md").read_text() == card

@@ -173,3 +173,11 @@ def test_bad_tile_sizes_are_refused():
         CPTConfig(output_dir="unused", tiled_mlp_tokens=-1)
     with pytest.raises(ValueError, match="no decoder layers with an `mlp`"):
         enable_tiled_mlp(torch.nn.Linear(2, 2), 16)
+
+
+def test_an_mlp_with_dropout_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, resid_pdrop=0.1))
+    with pytest.raises(ValueError, match="dropout"):  # the recomputed tiles would draw other masks
+        enable_tiled_mlp(model, 16)

@@ -122,3 +122,18 @@ def test_two_process_sft_equals_one_process(tiny_model_dir, tmp_path):
         return _losses(out)
 
     _assert_same_curve(sft(tmp_path / "ddp", 2, 1), sft(tmp_path / "one", 1, 2))
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tiny_model_dir, packed_mixture, tmp_path):
+    """Preemption signals reach the ranks at different moments: a rank stopping alone would leave
+    the others waiting in a collective forever (the run would hang, not fail)."""
+    out = tmp_path / "preempted"
+    argv = _argv(tiny_model_dir, packed_mixture, out, max_steps=6, save_steps=100, per_device_train_batch_size=1)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               "tests/distributed/preempt_worker.py", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "config.json").exists()  # stopped early: no final model, resume from the checkpoint

@@ -96,6 +96,12 @@ def enable_tiled_mlp(model: torch.nn.Module, tile_tokens: int) -> int:
             "set tiled_mlp_tokens: 0 for this model."
         )
     for mlp in mlps:
+        dropout = [m.p for m in mlp.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        if dropout:  # the backward's recomputation would draw other dropout masks
+            raise ValueError(
+                f"tiled_mlp_tokens: {type(mlp).__name__} has dropout (p={dropout[0]}), which the tiles' "
+                "recomputation would draw differently; set the model's dropout to 0 or tiled_mlp_tokens: 0."
+            )
         if not hasattr(mlp, "untiled_forward"):
             # the forward in place now (the class's, or a kernel such as Liger's patched in before)
             mlp.untiled_forward = mlp.forward

@@ -116,6 +116,12 @@ class CPTTrainer(KeepModelCardMixin, ThroughputLogMixin, Trainer):
         self.parallel_layout = parallel_layout  # set when sequence parallelism is on
         # make the Trainer count label tokens over the whole step for any model class
         self.model_accepts_loss_kwargs = True
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            # ZeRO-3 gathers lm_head's weight only inside the forward; the loss reads it afterwards
+            raise RecipeError(
+                "DeepSpeed ZeRO-3 is not supported for continued pre-training (the chunked loss applies "
+                "lm_head outside the model's forward): use accelerate_configs/fsdp2.yaml. ZeRO-3 works for SFT."
+            )
         unwrapped = self.model
         self._capture = _HiddenStateCapture(unwrapped.get_decoder())
         self._lm_head = unwrapped.get_output_embeddings()

@@ -49,7 +49,11 @@ class PackedCollator:
         for example in examples:
             ids = np.asarray(example["input_ids"], dtype=np.int64)
             doc_lens = np.asarray(document_lengths(example), dtype=np.int64)
-            if doc_lens.sum() != len(ids) or (doc_lens <= 0).any():
+            spans = example.get("indices")
+            contiguous = spans is None or len(spans) == 0 or (
+                int(spans[0][0]) == 0 and all(int(a[1]) == int(b[0]) for a, b in zip(spans, spans[1:]))
+            )
+            if not contiguous or doc_lens.sum() != len(ids) or (doc_lens <= 0).any():
                 raise ValueError(
                     f"`indices` {example.get('indices')} do not cover the {len(ids)} tokens of the "
                     "example exactly; re-pack the data with `prolong-data pack`."

@@ -83,6 +83,8 @@ def test_collator_positions_and_labels():
     assert isinstance(batch["max_length_q"], int)  # a Python int: no host sync in the kernels
     with pytest.raises(ValueError, match="indices"):
         PackedCollator()([{"input_ids": [1, 2, 3], "indices": [[0, 2]]}])
+    with pytest.raises(ValueError, match="indices"):  # right lengths, but not the tokens' spans
+        PackedCollator()([{"input_ids": [1, 2, 3, 4], "indices": [[1, 3], [3, 5]]}])
 
 
 def test_chunked_cross_entropy_matches_full_and_never_nans():

@@ -74,8 +74,16 @@ def check_model_for_sequence_parallel(config, sp_size: int) -> None:
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     check_sequence_parallel_heads(num_heads, num_kv_heads, sp_size)
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        raise ValueError("sliding-window attention is not supported with Ulysses sequence parallelism here.")
+    # Mistral v0.1 sets sliding_window alone; Qwen2 gates it with use_sliding_window; Gemma marks
+    # layers "sliding_attention". The Ulysses mask is full causal within each document.
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
+        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    )
+    if sliding:
+        raise ValueError(
+            f"sliding-window attention ({type(config).__name__}, sliding_window={getattr(config, 'sliding_window', None)}) "
+            "is not supported with Ulysses sequence parallelism; use sequence_parallel_size: 1 for this model."
+        )
 
 
 class _AllToAll(torch.autograd.Function):

@@ -6,7 +6,9 @@ import fnmatch
 import logging
 import os
 import shutil
+import sys
 
+import torch
 import transformers
 
 from prolong.model_card import write_model_card
@@ -114,9 +116,26 @@ def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=
 
 
 def close_process_group(trainer) -> None:
-    """Destroy the process group at the end of a completed run: a gloo group left to the
-    interpreter's teardown can abort the process ("terminate called without an active
-    exception"). Not after a preemption stop: with the training loop left mid-iteration, destroying
-    the group first made the exit hang (seen with gloo); those processes exit as they are."""
-    if trainer.state.global_step >= trainer.state.max_steps:
+    """Destroy the process group at the end of a completed NCCL run (torch asks for it). gloo
+    groups are left to `exit_without_teardown`; a stopped (preempted) run keeps its group too."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_backend() != "gloo" and trainer.state.global_step >= trainer.state.max_steps:
         trainer.end()
+
+
+def exit_without_teardown() -> None:
+    """End a gloo (CPU) distributed process right away, once its outputs are written.
+
+    gloo's worker threads can still hold finished work objects whose tensors need the GIL to be
+    freed, while the group's destructor (at interpreter teardown, or when the DDP reducer drops the
+    last reference after destroy_process_group) joins those threads holding the GIL: the process
+    then aborts ("terminate called without an active exception") or hangs (pytorch/pytorch#190489,
+    #179291). Seen in CI and under preemption tests. Leaving with os._exit skips that teardown.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "gloo":
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)

@@ -21,7 +21,7 @@ from prolong.config import CPTConfig, DataConfig, ModelConfig, RecipeError, pars
 from prolong.data.mixture import BalancedOrder, MixtureDataset
 from prolong.model import load_model, load_tokenizer
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
-from prolong.outputs import close_process_group, save_final_model, setup_logging
+from prolong.outputs import close_process_group, exit_without_teardown, save_final_model, setup_logging
 from prolong.trainer import CPTTrainer, last_checkpoint
 
 logger = logging.getLogger("prolong.run_cpt")
@@ -96,3 +96,4 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown()

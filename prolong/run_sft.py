@@ -21,7 +21,7 @@ from transformers import set_seed
 from prolong.attention import guard_document_masking
 from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe, resolve_gradient_accumulation
 from prolong.model import load_model, load_tokenizer
-from prolong.outputs import close_process_group, save_final_model, setup_logging
+from prolong.outputs import close_process_group, exit_without_teardown, save_final_model, setup_logging
 from prolong.run_cpt import resolve_resume
 from prolong.trainer import SFTTrainer
 from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, lora_config,
@@ -71,3 +71,4 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown()

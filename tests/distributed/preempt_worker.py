@@ -9,6 +9,7 @@ import sys
 
 from transformers import TrainerCallback
 
+from prolong.outputs import exit_without_teardown
 from prolong.run_cpt import main
 
 
@@ -20,3 +21,4 @@ class SignalRankZero(TrainerCallback):
 
 if __name__ == "__main__":
     main(sys.argv[1:], callbacks=[SignalRankZero()])
+    exit_without_teardown()

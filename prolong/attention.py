@@ -15,7 +15,7 @@ import torch
 from transformers import AttentionInterface
 
 from prolong.collator import NOT_MODEL_INPUTS, PackedCollator
-from prolong.loss import logit_scale_of, output_logits
+from prolong.loss import logit_scale_of, logit_softcap_of, output_logits
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,7 @@ def _check_output_head(model, hidden: torch.Tensor, logits: torch.Tensor) -> Non
     decoder's hidden states itself (prolong.loss.output_logits). Refuse a model whose head does
     something else (an unknown logit transform), which would train a different objective."""
     head = model.get_output_embeddings()
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    ours = output_logits(hidden, head.weight, head.bias, logit_scale_of(model.config), softcap)
+    ours = output_logits(hidden, head.weight, head.bias, logit_scale_of(model.config), logit_softcap_of(model.config))
     delta = (ours - logits).abs().max().item()
     if not delta <= 1e-2 * (logits.abs().max().item() + 1e-6):
         raise OutputHeadError(
@@ -154,9 +153,11 @@ def _probe(model, doc_len: int, seed: int, device: torch.device) -> float:
     doc_a, doc_b, doc_a2 = (torch.randint(3, vocab, (doc_len,), generator=gen) for _ in range(3))
 
     captured = {}
-    hook = model.get_decoder().register_forward_hook(  # where the training loss reads its hidden states
-        lambda module, args, out: captured.__setitem__("hidden", out[0] if isinstance(out, tuple) else out.last_hidden_state)
-    )
+
+    def keep_hidden(module, args, out):  # where the training loss reads its hidden states
+        captured["hidden"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    hook = model.get_decoder().register_forward_hook(keep_hidden)
 
     def logits_of_b(first_doc):
         row = PackedCollator()([{"input_ids": torch.cat([first_doc, doc_b]).tolist(),

@@ -30,6 +30,11 @@ def logit_scale_of(config) -> float | None:
     return None
 
 
+def logit_softcap_of(config) -> float | None:
+    """Gemma-style soft-capping of the final logits (``final_logit_softcapping``), or None."""
+    return getattr(config.get_text_config(), "final_logit_softcapping", None)
+
+
 def output_logits(hidden, weight, bias=None, scale: float | None = None, softcap: float | None = None):
     """What the model's head computes from its final hidden states: lm_head (with its bias, if
     any), the model's logit scale, then Gemma-style soft-capping; in fp32."""

@@ -33,7 +33,7 @@ from transformers import Trainer, TrainerCallback
 
 from prolong.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
 from prolong.config import RecipeError
-from prolong.loss import chunked_cross_entropy_sum, logit_scale_of
+from prolong.loss import chunked_cross_entropy_sum, logit_scale_of, logit_softcap_of
 from prolong.parallel import activation_offload, enable_tiled_mlp, sequence_parallel_dataloader
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class CPTTrainer(KeepModelCardMixin, ThroughputLogMixin, Trainer):
         unwrapped = self.model
         self._capture = _HiddenStateCapture(unwrapped.get_decoder())
         self._lm_head = unwrapped.get_output_embeddings()
-        self._softcap = getattr(unwrapped.config.get_text_config(), "final_logit_softcapping", None)
+        self._softcap = logit_softcap_of(unwrapped.config)
         self._logit_scale = logit_scale_of(unwrapped.config)  # Granite, Cohere
         self._liger_loss = None
         if self.args.use_liger_kernel and torch.cuda.is_available():

@@ -88,7 +88,7 @@ class MixtureDataset(Dataset):
         self.seed, self.block_size, self.num_sequences, self.max_length = seed, block_size, num_sequences, max_length
         # per domain: rows longer than max_length are cut into pieces; `piece_ends` (cumulative
         # pieces per row) maps an item to its (row, piece), None when every row is one item
-        self.datasets, self.pieces, self.piece_ends, self.num_items, item_tokens = [], [], [], [], []
+        self.datasets, self.piece_ends, self.num_items, item_tokens = [], [], [], []
         for path in self.paths:
             if not os.path.isdir(path):
                 raise RecipeError(
@@ -127,7 +127,6 @@ class MixtureDataset(Dataset):
             else:
                 piece_ends, num_items = None, len(dataset)
             self.datasets.append(dataset)
-            self.pieces.append(pieces)
             self.piece_ends.append(piece_ends)
             self.num_items.append(num_items)
             item_tokens.append(int(row_lengths.sum()) / num_items)  # the mean, not the nominal length
@@ -170,7 +169,7 @@ class MixtureDataset(Dataset):
         domain, row, piece = self.locate(index)
         example = self.datasets[domain][row]
         example.setdefault("domain", os.path.basename(self.paths[domain].rstrip("/")))
-        if self.pieces[domain] > 1 or len(example["input_ids"]) > self.max_length:
+        if self.piece_ends[domain] is not None or len(example["input_ids"]) > self.max_length:
             start = piece * self.max_length
             example = _slice_example(example, start, start + self.max_length)
         return example

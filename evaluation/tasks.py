@@ -335,6 +335,12 @@ def _pick_demos(pool: list, exclude_id, count: int, seed: int) -> list:
     return random.Random(synthetic.stable_seed(exclude_id, seed)).sample(pool, min(count, len(pool)))
 
 
+def _add_demos(test: list, train: list, req: LoadRequest, render: Callable[[list], str]) -> None:
+    """Each test sample's `demo` field: `render` of its own deterministic demonstrations, or ''."""
+    for sample in test:
+        sample["demo"] = render(_pick_demos(train, sample["id"], req.shots, req.seed)) if req.shots > 0 else ""
+
+
 def _narrativeqa_row(row: dict, index: int) -> dict:
     """Accept the Hub layout (document.text, question.text, answers[].text) or a flat one."""
     if isinstance(row.get("document"), dict):
@@ -353,12 +359,9 @@ def load_narrativeqa(task: Task, req: LoadRequest) -> list:
     train = []
     if req.shots > 0:
         train = [_narrativeqa_row(r, i) for i, r in enumerate(read_jsonl(os.path.join(folder, "train.jsonl"), how))]
-    for sample in test:
-        sample["demo"] = ""
-        if req.shots > 0:
-            demos = _pick_demos(train, sample["id"], req.shots, req.seed)
-            sample["demo"] = ("For example:\n\n" + "\n\n".join(f"Question: {d['question']}\nAnswer: {d['answer'][0]}" for d in demos)
-                              + "\n\nNow, use the following story to answer the question:\n\n")
+    _add_demos(test, train, req, lambda demos: (
+        "For example:\n\n" + "\n\n".join(f"Question: {d['question']}\nAnswer: {d['answer'][0]}" for d in demos)
+        + "\n\nNow, use the following story to answer the question:\n\n"))
     return test
 
 
@@ -408,12 +411,9 @@ def load_multi_lexsum(task: Task, req: LoadRequest) -> list:
     if req.shots > 0:
         train = [{"id": str(r.get("id", i)), "answer": r["summary/short"]}
                  for i, r in enumerate(read_jsonl(os.path.join(folder, "train.jsonl"), how)) if r.get("summary/short")]
-    for sample in test:
-        sample["demo"] = ""
-        if req.shots > 0:
-            demos = _pick_demos(train, sample["id"], req.shots, req.seed)
-            sample["demo"] = ("Example summaries:\n\n" + "\n\n".join(f"Summary: {d['answer']}" for d in demos)
-                              + "\n\nNow, write a summary of the following legal documents.\n")
+    _add_demos(test, train, req, lambda demos: (
+        "Example summaries:\n\n" + "\n\n".join(f"Summary: {d['answer']}" for d in demos)
+        + "\n\nNow, write a summary of the following legal documents.\n"))
     return test
 
 

@@ -24,13 +24,16 @@ DEFAULTS = {
     "use_chat_template": None,
     "stop_newline": None,
     "generation_max_length": None,
-    "num_depths": 11,                 # needle depths 0%, 10%, ..., 100% cycled over recall samples
+    "num_depths": 11,                 # needle depths 0%, 10%, ..., 100%, spread evenly over recall samples
     "backend": "hf",                  # hf | vllm
     "prefill_chunk_size": 8192,       # longer prompts are prefilled into the KV cache in chunks
     "attn_implementation": None,
     "allow_beyond_window": False,     # run lengths above max_position_embeddings (e.g. RoPE-scaled)
-    "resume": True,                   # skip samples already in the per-sample jsonl
+    "resume": True,                   # skip samples already in the per-sample jsonl (same model and settings only)
     "plots": True,
+    "progress": True,                 # a progress bar per task and length (samples, tokens/s, ETA)
+    "save_prompts": False,            # the exact prompt text in each record (else its head, tail and ids hash)
+    "nli_model": None,                # Cite: NLI model for citation recall/precision (HELMET: google/t5_xxl_true_nli_mixture)
     "judge_base_url": None,           # OpenAI-compatible judge for NarrativeQA and summarisation (else "skipped")
     "judge_model": None,
     "judge_api_key_env": "OPENAI_API_KEY",

@@ -73,13 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num_proc", type=int, default=1)
     _add_tokenizer(demo)
     _add_common(demo)
+
+    from .hub import add_push_parser  # `prolong-data push`, see prolong/data/hub.py
+
+    add_push_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = ["prolong-data", *(sys.argv[1:] if argv is None else argv)]  # for the dataset card
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "push":  # its own errors: one line, exit 2
+        from .hub import run_push
+
+        return run_push(args)
     try:
         return _run(args)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, OSError) as error:
@@ -120,6 +129,9 @@ def _run(args: argparse.Namespace) -> int:
 
         metadata = pack_dataset(args.input, args.out, mode=args.mode, length=args.length,
                                 min_length=args.min_length, seed=args.seed, overwrite=args.overwrite)
+        from .hub import write_local_card
+
+        write_local_card(args.out, args.command_line)  # the card `push` uploads, readable now
         print(json.dumps(metadata, indent=2))
     elif args.command == "inspect":
         from .inspection import format_summary, summarize
@@ -131,6 +143,9 @@ def _run(args: argparse.Namespace) -> int:
 
         metadata = import_mds(args.input, args.out, mode=args.mode, domain=args.domain, tokenizer=args.tokenizer,
                               overwrite=args.overwrite)
+        from .hub import write_local_card
+
+        write_local_card(args.out, args.command_line)
         print(json.dumps(metadata, indent=2))
     elif args.command == "demo":
         from .demo import build_demo_corpus

@@ -52,7 +52,7 @@ def test_disk_full_while_packing_leaves_no_output(tmp_path, tokenized, monkeypat
     calls.clear()
     fail_at_call[0] = 1  # the CLI packs this small corpus in one write
     code = main(["pack", str(tokenized), "--mode", "short", "--length", "16", "--out", str(tmp_path / "packed")])
-    assert code == 1 and "No space left on device" in capsys.readouterr().err
+    assert code == 2 and "No space left on device" in capsys.readouterr().err
     assert not (tmp_path / "packed").exists() and leftovers(tmp_path) == []
     monkeypatch.undo()
     pack_dataset(tokenized, tmp_path / "packed", mode="short", length=16)  # a clean re-run succeeds
@@ -75,7 +75,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, tokenized, capsys
     args = ["pack", str(tokenized), "--mode", "long", "--length", "8", "--out", str(tmp_path / "packed")]
     assert main(args) == 0
     first = json.loads((tmp_path / "packed" / "prolong_data.json").read_text())
-    assert main(args) == 1
+    assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(args[:-2] + ["--length", "4", "--out", str(tmp_path / "packed"), "--overwrite"]) == 0
     second = json.loads((tmp_path / "packed" / "prolong_data.json").read_text())
@@ -97,15 +97,15 @@ def test_missing_text_field_and_missing_directories(tmp_path, tokenized, capsys)
     tokenizer_dir = tmp_path / "tokenizer"
     tiny_tokenizer().save_pretrained(tokenizer_dir)
     base = ["--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out")]
-    assert main(["tokenize", str(tmp_path / "a.jsonl")] + base) == 1
+    assert main(["tokenize", str(tmp_path / "a.jsonl")] + base) == 2
     assert "no field 'text'" in (err := capsys.readouterr().err) and "--text_field" in err and "body" in err
-    assert main(["tokenize", str(tmp_path / "missing.jsonl")] + base) == 1
+    assert main(["tokenize", str(tmp_path / "missing.jsonl")] + base) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["tokenize", "--repos", str(tmp_path / "no_repos")] + base) == 1
+    assert main(["tokenize", "--repos", str(tmp_path / "no_repos")] + base) == 2
     assert "--repos directory" in capsys.readouterr().err
-    assert main(["pack", str(tmp_path / "nothing"), "--mode", "short", "--length", "8", "--out", str(tmp_path / "p")]) == 1
+    assert main(["pack", str(tmp_path / "nothing"), "--mode", "short", "--length", "8", "--out", str(tmp_path / "p")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["pack", str(tmp_path), "--mode", "short", "--length", "8", "--out", str(tmp_path / "p")]) == 1
+    assert main(["pack", str(tmp_path), "--mode", "short", "--length", "8", "--out", str(tmp_path / "p")]) == 2
     assert "not a dataset saved with save_to_disk" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "p").exists() and leftovers(tmp_path) == []
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 logger = logging.getLogger("prolong.data")
@@ -91,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_push(args)
     try:
         return _run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, OSError) as error:
+    except (ValueError, RuntimeError, OSError) as error:  # expected: bad input, missing file, full disk
+        if os.environ.get("PROLONG_TRACEBACK"):
+            raise
         logger.debug("details", exc_info=True)
-        print(f"prolong-data {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        sys.stdout.flush()
+        print(f"prolong-data {args.command}: error: {error}", file=sys.stderr, flush=True)
+        return 2  # as argparse's usage errors: every expected error exits 2, with no traceback
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -108,6 +112,12 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("tokenize: give input files/directories/Hub ids, or --repos DIR")
         if args.inputs and args.repos:
             raise ValueError("tokenize: give either inputs or --repos, not both (tokenize them separately)")
+        if args.single_repo and not args.repos:
+            raise ValueError("--single_repo applies to --repos DIR only")
+        if args.lines and args.repos:
+            raise ValueError("--lines applies to plain-text input files, not --repos")
+        if args.num_proc < 1:
+            raise ValueError(f"--num_proc must be 1 or more, got {args.num_proc}")
         tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
         cache = scratch_cache_dir(args.out)
         try:
@@ -120,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
                 text_field = args.text_field
             metadata = tokenize_to_disk(raw, tokenizer, args.out, text_field=text_field,
                                         domain=args.domain or Path(args.out).name, num_proc=args.num_proc,
-                                        eos_token=args.eos_token, overwrite=args.overwrite)
+                                        eos_token=args.eos_token, overwrite=args.overwrite, cache_dir=cache)
         finally:
             remove_scratch(cache)
         print(json.dumps(metadata, indent=2))

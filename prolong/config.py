@@ -21,12 +21,10 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig
 
+from prolong.errors import RecipeError  # defined there, without heavy imports, for every CLI
+
 
 logger = logging.getLogger(__name__)
-
-
-class RecipeError(ValueError):
-    """A recipe or command-line value is wrong; the message names the field and the fix."""
 
 
 @dataclass

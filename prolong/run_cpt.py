@@ -16,13 +16,15 @@ if __package__ in (None, ""):  # `python prolong/run_cpt.py` from a checkout tha
 from transformers import set_seed
 
 from prolong.attention import guard_document_masking
+from prolong.errors import cli_errors
 from prolong.collator import PackedCollator
 from prolong.config import CPTConfig, DataConfig, ModelConfig, RecipeError, parse_recipe, resolve_gradient_accumulation
 from prolong.data.mixture import BalancedOrder, MixtureDataset
 from prolong.model import load_model, load_tokenizer
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
 from prolong.outputs import close_process_group, exit_without_teardown, save_final_model, setup_logging
-from prolong.trainer import CPTTrainer, last_checkpoint
+from prolong.checkpoints import resolve_resume
+from prolong.trainer import CPTTrainer
 
 logger = logging.getLogger("prolong.run_cpt")
 
@@ -44,16 +46,11 @@ def build_train_dataset(data: DataConfig, args: CPTConfig):
     return dataset
 
 
-def resolve_resume(args: CPTConfig) -> str | None:
-    if str(args.resume_from_checkpoint).lower() in ("true", "auto", "latest"):
-        return last_checkpoint(args.output_dir)  # None on a first run
-    return args.resume_from_checkpoint
-
-
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     model_cfg, data_cfg, args, recipe = parse_recipe((ModelConfig, DataConfig, CPTConfig), argv, return_recipe=True)
     setup_logging(args)
     resolve_gradient_accumulation(data_cfg, args)
+    resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
     set_seed(args.seed)
 
     tokenizer = load_tokenizer(model_cfg)
@@ -80,7 +77,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         callbacks=callbacks,
         parallel_layout=layout,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(args))
+    trainer.train(resume_from_checkpoint=resume)
 
     output_dir = save_final_model(
         trainer,
@@ -95,5 +92,5 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors("run_cpt")(main)()  # expected errors: one message, no traceback, exit 2
     exit_without_teardown()

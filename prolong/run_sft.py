@@ -19,10 +19,11 @@ if __package__ in (None, ""):  # `python prolong/run_sft.py` from a checkout tha
 from transformers import set_seed
 
 from prolong.attention import guard_document_masking
+from prolong.errors import cli_errors
 from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe, resolve_gradient_accumulation
 from prolong.model import load_model, load_tokenizer
 from prolong.outputs import close_process_group, exit_without_teardown, save_final_model, setup_logging
-from prolong.run_cpt import resolve_resume
+from prolong.checkpoints import resolve_resume
 from prolong.trainer import SFTTrainer
 from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, lora_config,
                          prepare_sft_dataset, use_prepacked_rows)
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     setup_logging(args)
     args.trust_remote_code = model_cfg.trust_remote_code
     resolve_gradient_accumulation(args, args)  # SFTRecipeConfig carries global_batch_size itself
+    resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
     set_seed(args.seed)
     max_length = args.max_length
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         callbacks=callbacks,
     )
     check_token_averaging(trainer)
-    trainer.train(resume_from_checkpoint=resolve_resume(args))
+    trainer.train(resume_from_checkpoint=resume)
 
     output_dir = save_final_model(
         trainer,
@@ -70,5 +72,5 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors("run_sft")(main)()  # expected errors: one message, no traceback, exit 2
     exit_without_teardown()

@@ -1,0 +1,194 @@
+"""Bad input through the real command lines: one clear message, no traceback, exit status 2.
+
+ONE parametrised test, :func:`test_bad_input_is_refused_clearly`. A case is
+``(id, argv, fragment)``: ``argv[0]`` names the CLI (``run_cpt``, ``run_sft``, ``prolong-data``,
+``evaluation.run``, ``prolong.demo``; see tests/cli_driver.py), ``fragment`` must appear in its
+stderr (case-insensitive). Each case's argv may use these placeholders, filled in by the test:
+
+    {model}      a tiny real Llama + tokenizer directory     {tmp}    a scratch directory
+    {mixture}    JSON mixture of two domains packed at 128    {short}  one of them (mode short, 128)
+    {chat}       a chat .jsonl (messages)                      {file}   an existing regular file
+    {repo}       the repository root                           {long}   a domain packed --mode long at 128
+
+Every case runs with the scratch directory ``{tmp}/cwd`` as working directory, which holds
+``demo_data/base-model`` (a copy of {model}) and no ``outputs/``. Cases run in one Python process
+(tests/cli_driver.py runs each exactly as ``python prolong/run_cpt.py ...`` / ``python -m ...``
+would, ~5 s of imports saved per case); cases whose id starts with ``alone-`` run in a process of
+their own, as typed.
+
+Others append: ``CPT_CASES``/``SFT_CASES`` (V), ``DATA_CASES`` (prolong-data), ``EVAL_CASES``
+(evaluation.run), ``DEMO_CASES`` (prolong.demo). docs/bad-inputs.md lists every case and its message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_packed_dataset, random_documents
+from cli_driver import REPO, command_line
+
+TEST_NAME = "test_bad_input_is_refused_clearly"
+
+
+def cpt(*extra: str, drop: tuple[str, ...] = (), **values) -> list[str]:
+    """run_cpt argv: a valid tiny run, with ``values`` overridden, ``drop`` keys removed, ``extra`` appended."""
+    base = {
+        "model_name_or_path": "{model}", "dataset_mixture": "{mixture}", "max_length": "128",
+        "per_device_train_batch_size": "1", "max_steps": "1", "output_dir": "{tmp}/out-cpt",
+        "report_to": "none", "disable_tqdm": "true",
+    }
+    base.update(values)
+    argv = ["run_cpt"]
+    for key, value in base.items():
+        if key not in drop:
+            argv += [f"--{key}", str(value)]
+    return argv + list(extra)
+
+
+def sft(*extra: str, drop: tuple[str, ...] = (), **values) -> list[str]:
+    base = {
+        "model_name_or_path": "{model}", "dataset_name": "{chat}", "max_length": "128",
+        "per_device_train_batch_size": "1", "max_steps": "1", "output_dir": "{tmp}/out-sft",
+        "report_to": "none", "disable_tqdm": "true", "activation_checkpointing": "false",
+    }
+    base.update(values)
+    argv = ["run_sft"]
+    for key, value in base.items():
+        if key not in drop:
+            argv += [f"--{key}", str(value)]
+    return argv + list(extra)
+
+
+CPT_CASES = [
+    ("alone-cpt-recipe-file-missing", ["run_cpt", "recipes/nope.yaml"], "Recipe file not found: recipes/nope.yaml"),
+    ("cpt-recipe-file-missing", ["run_cpt", "{tmp}/missing.yaml"], "not found"),
+    ("cpt-unknown-key", cpt("--learning_rat", "1"), "Did you mean 'learning_rate'"),
+    ("cpt-wrong-type", cpt(max_length="long"), "max_length"),
+    ("cpt-batch-size-0", cpt(per_device_train_batch_size=0), "per_device_train_batch_size"),
+    ("cpt-learning-rate-negative", cpt(learning_rate=-1), "learning_rate"),
+    ("cpt-loss-chunk-size-0", cpt(loss_chunk_size=0), "loss_chunk_size"),
+    ("cpt-save-steps-0", cpt(save_steps=0), "save_steps"),
+    ("cpt-rope-theta-0", cpt(rope_theta=0), "rope_theta"),
+    ("cpt-rope-theta-negative", cpt(rope_theta=-5), "rope_theta"),
+    ("cpt-rope-factor-0", cpt(rope_scaling='{"rope_type": "linear", "factor": 0}'), "factor"),
+    ("cpt-rope-scaling-not-json", cpt(rope_scaling="yarn factor 8"), "rope_scaling"),
+    ("cpt-init-from-missing", cpt(init_from="{tmp}/no-stage1"), "init_from: not found"),
+    ("cpt-output-dir-is-a-file", cpt(output_dir="{file}"), "output_dir"),
+    ("cpt-model-typo-local", cpt(model_name_or_path="demo_data/base-modle"), "not found: demo_data/base-modle"),
+    ("cpt-model-outputs-before-demo", cpt(model_name_or_path="outputs/tiny-cpt"), "not found: outputs/tiny-cpt"),
+    ("cpt-model-dot-path", cpt(model_name_or_path="./nope"), "not found: ./nope"),
+    ("cpt-tokenizer-dot-path", cpt(tokenizer_name_or_path="./nope"), "not found: ./nope"),
+    ("cpt-mixture-path-missing", cpt(dataset_mixture='{"{tmp}/missing-domain": 1.0}'), "missing-domain"),
+    ("cpt-mixture-shares", cpt(dataset_mixture='{"{short}": 0.7}'), "sum to 1"),
+    ("cpt-mixture-not-json", cpt(dataset_mixture="{short}: 1"), "dataset_mixture"),
+    ("cpt-global-batch-not-divisible", cpt(global_batch_size=3, per_device_train_batch_size=2), "global_batch_size=3"),
+    ("cpt-sequence-parallel-not-dividing", cpt(sequence_parallel_size=2), "sequence_parallel_size"),
+    ("cpt-max-steps-missing", cpt(drop=("max_steps",)), "max_steps"),
+    ("cpt-model-missing", cpt(drop=("model_name_or_path",)), "model_name_or_path"),
+    ("cpt-max-length-above-packed", cpt(max_length=512), "packed"),
+]
+
+SFT_CASES = [
+    ("sft-recipe-file-missing", ["run_sft", "{tmp}/missing.yaml"], "not found"),
+    ("sft-unknown-key", sft("--lora_alhpa", "8"), "Did you mean 'lora_alpha'"),
+    ("sft-batch-size-0", sft(per_device_train_batch_size=0), "per_device_train_batch_size"),
+    ("sft-learning-rate-negative", sft(learning_rate=-1), "learning_rate"),
+    ("sft-save-steps-0", sft(save_steps=0), "save_steps"),
+    ("sft-rope-theta-0", sft(rope_theta=0), "rope_theta"),
+    ("sft-model-outputs-before-demo", sft(model_name_or_path="outputs/tiny-cpt"), "not found: outputs/tiny-cpt"),
+    ("sft-model-typo-local", sft(model_name_or_path="demo_data/base-modle"), "not found: demo_data/base-modle"),
+    ("sft-tokenizer-dot-path", sft(tokenizer_name_or_path="./nope"), "not found: ./nope"),
+    ("sft-dataset-dot-path", sft(dataset_name="./nope.jsonl"), "not found: ./nope.jsonl"),
+    ("sft-dataset-local-typo", sft(dataset_name="demo_data/chatterbott"), "not found: demo_data/chatterbott"),
+    ("sft-output-dir-is-a-file", sft(output_dir="{file}"), "output_dir"),
+    ("sft-packing-wrapped", sft(packing_strategy="wrapped"), "use bfd"),
+]
+
+DATA_CASES: list[tuple[str, list[str], str]] = []  # prolong-data (engineer D)
+EVAL_CASES: list[tuple[str, list[str], str]] = []  # evaluation.run (engineer EB)
+DEMO_CASES: list[tuple[str, list[str], str]] = []  # prolong.demo (engineer M)
+
+ALL_CASES = CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES
+
+
+def _fill(argv: list[str], places: dict[str, str]) -> list[str]:
+    filled = []
+    for arg in argv:
+        for key, value in places.items():
+            arg = arg.replace("{" + key + "}", value)
+        filled.append(arg)
+    return filled
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory, tiny_model_dir, packed_mixture) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("bad-inputs")
+    cwd = tmp / "cwd"
+    (cwd / "demo_data").mkdir(parents=True)
+    shutil.copytree(tiny_model_dir, cwd / "demo_data" / "base-model")
+    (tmp / "a-file").write_text("not a directory\n")
+    with open(tmp / "chat.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": "the of and to " * (i + 1)},
+                                             {"role": "assistant", "content": "in is that"}]}) + "\n")
+    long_dir = write_packed_dataset(str(tmp / "long"), random_documents(8, 300, 130, 200, 3), 128, "long")
+    with open(os.path.join(long_dir, "prolong_data.json")) as f:
+        meta = json.load(f)
+    meta["mode"] = "long"
+    with open(os.path.join(long_dir, "prolong_data.json"), "w") as f:
+        json.dump(meta, f)
+    short = next(p for p in packed_mixture if p.endswith("short"))
+    return {"model": tiny_model_dir, "mixture": json.dumps(packed_mixture), "short": short, "long": long_dir,
+            "chat": str(tmp / "chat.jsonl"), "file": str(tmp / "a-file"), "tmp": str(tmp), "repo": REPO,
+            "cwd": str(cwd)}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("PROLONG_TRACEBACK", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def results(request, places) -> dict[str, dict]:
+    """Run every selected case once: the batched ones in one process, the `alone-` ones in their own."""
+    selected = {item.callspec.id for item in request.session.items
+                if getattr(item, "originalname", None) == TEST_NAME and hasattr(item, "callspec")}
+    cases = [{"id": case_id, "argv": _fill(argv, places)} for case_id, argv, _ in ALL_CASES if case_id in selected]
+    batched = [case for case in cases if not case["id"].startswith("alone-")]
+    out: dict[str, dict] = {}
+    if batched:
+        cases_file, results_file = os.path.join(places["tmp"], "cases.json"), os.path.join(places["tmp"], "results.json")
+        with open(cases_file, "w") as f:
+            json.dump(batched, f)
+        driver = subprocess.run([sys.executable, os.path.join(REPO, "tests", "cli_driver.py"), cases_file, results_file],
+                                cwd=places["cwd"], env=_env(), capture_output=True, text=True, timeout=600)
+        if os.path.exists(results_file):
+            with open(results_file) as f:
+                out.update(json.load(f))
+        for case in batched:
+            out.setdefault(case["id"], {"code": driver.returncode, "stdout": driver.stdout, "stderr": driver.stderr})
+    for case in cases:
+        if case["id"].startswith("alone-"):
+            run = subprocess.run(command_line(case["argv"]), cwd=places["cwd"], env=_env(), capture_output=True,
+                                 text=True, timeout=300)
+            out[case["id"]] = {"code": run.returncode, "stdout": run.stdout, "stderr": run.stderr}
+    return out
+
+
+@pytest.mark.parametrize("argv, fragment", [pytest.param(argv, fragment, id=case_id)
+                                            for case_id, argv, fragment in ALL_CASES])
+def test_bad_input_is_refused_clearly(request, results, places, argv, fragment):
+    result = results[request.node.callspec.id]
+    stderr = result["stderr"]
+    shown = f"exit {result['code']}\n--- stderr ---\n{stderr[-3000:]}\n--- stdout ---\n{result['stdout'][-1000:]}"
+    assert "Traceback" not in stderr, shown
+    assert result["code"] == 2, shown
+    assert _fill([fragment], places)[0].lower() in stderr.lower(), shown

@@ -41,6 +41,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     """
     from torch.nn.attention.varlen import varlen_attn
 
+    from prolong.parallel.compat import varlen_causal_call  # here: prolong.parallel imports this module
+
     position_ids = kwargs.get("position_ids")
     if position_ids is None or query.shape[0] != 1:
         raise ValueError("varlen attention needs one flat packed row with position_ids (use PackedCollator).")
@@ -50,9 +52,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         cu, max_len = _cu_seqlens(position_ids)  # a host sync, per layer
     # [1, heads, T, dim] -> [T, heads, dim]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    out = varlen_attn(
-        q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1]
-    )
+    # the causal / scale / GQA arguments differ between torch 2.10 and 2.11+ (prolong.parallel.compat)
+    call_kwargs, repeat_kv = varlen_causal_call(varlen_attn, scaling, q.shape[-1], q.shape[1], k.shape[1])
+    if repeat_kv:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **call_kwargs)
     return out[None], None  # transformers expects [batch, T, heads, dim]
 
 

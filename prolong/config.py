@@ -144,6 +144,16 @@ class CPTConfig(TrainingArguments):
         metadata={"help": "0: off. Run each MLP on tiles of this many tokens, recomputed in the backward "
                   "(ALST's TiledMLP: frees the MLP's intermediate activations at 256K+ tokens per GPU)."},
     )
+    loss_kernel: str = field(
+        default="auto",
+        metadata={"help": "auto: a fused linear cross-entropy on CUDA (Liger's if installed, else TRL's chunked "
+                  "log-prob kernel), our chunked fp32 loss elsewhere; or liger | trl | chunked."},
+    )
+    compile_decoder_layers: str | None = field(
+        default=None,
+        metadata={"help": "torch.compile backend for the decoder layers (inductor on GPU; one compiled graph "
+                  "shared by every layer, dynamic lengths). None: off."},
+    )
     eval_recall_lengths: list[int] | None = field(
         default=None, metadata={"help": "Run a small recall evaluation at these lengths at every checkpoint."}
     )
@@ -164,6 +174,8 @@ class CPTConfig(TrainingArguments):
             raise RecipeError(f"sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}.")
         if self.tiled_mlp_tokens < 0:
             raise RecipeError(f"tiled_mlp_tokens must be 0 (off) or a number of tokens, got {self.tiled_mlp_tokens}.")
+        if self.loss_kernel not in ("auto", "liger", "trl", "chunked"):
+            raise RecipeError(f"loss_kernel must be auto, liger, trl or chunked, got {self.loss_kernel!r}.")
 
 
 def resolve_gradient_accumulation(data: DataConfig, args: TrainingArguments) -> None:

@@ -2,8 +2,11 @@
 
 The full ``tokens x vocab`` logits tensor of a 64K-token row of a 128K-vocabulary model is 32 GiB
 in fp32; computing the logits chunk by chunk (and recomputing them in backward through
-activation checkpointing) keeps only one chunk alive. Pure PyTorch, so it runs everywhere;
-Liger's fused kernel replaces it on CUDA when asked (``use_liger_kernel``).
+activation checkpointing) keeps only one chunk alive. Pure PyTorch, so it runs everywhere; it is
+the fallback. On CUDA a fused linear cross-entropy runs by default (``loss_kernel: auto``): Liger's
+kernel if liger-kernel is installed, else TRL's chunked log-prob kernel (always installed with TRL).
+No function here reads a device value on the host: a host sync per chunk would stall the GPU
+queue 16 times per 64K-token micro-step.
 
 The function returns a SUM; the trainer divides by the number of valid tokens of the whole
 optimizer step (all accumulation micro-steps, all devices), which makes the loss an exact
@@ -63,12 +66,12 @@ def chunked_cross_entropy_sum(
 ) -> torch.Tensor:
     """Sum of token cross-entropies; ``shift_labels[t]`` is the target of ``hidden_states[t]``."""
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    labels = shift_labels.reshape(-1).to(hidden.device)
+    labels = shift_labels.reshape(-1).to(hidden.device, non_blocking=True)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
+        # every chunk is computed, also one without targets (its sum is 0): skipping it would need
+        # its labels on the host, one device sync per chunk
         chunk_labels = labels[start : start + chunk_size]
-        if not (chunk_labels != IGNORE_INDEX).any():
-            continue  # nothing to learn here; skipping also saves the matmul
         chunk_hidden = hidden[start : start + chunk_size]
         if torch.is_grad_enabled() and chunk_hidden.requires_grad:
             # recompute the chunk's logits in backward instead of keeping them
@@ -81,3 +84,28 @@ def chunked_cross_entropy_sum(
                 chunk_hidden, lm_head_weight, lm_head_bias, chunk_labels, logit_scale, logit_softcap
             )
     return total
+
+
+def trl_linear_cross_entropy_sum(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    shift_labels: torch.Tensor,
+    logit_softcap: float | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+) -> torch.Tensor:
+    """The same sum through TRL's fused kernel (``trl.kernels.ChunkedLogProbFunction``: cuBLAS tiles of
+    the vocabulary folded into an online log-sum-exp, Triton on CUDA, torch ops elsewhere; the
+    backward recomputes the tiles). Every position is scored and the ignored ones zeroed, rather
+    than selecting the valid ones first, which would be a host sync (boolean indexing)."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    labels = shift_labels.reshape(-1).to(hidden.device, non_blocking=True)
+    valid = labels != IGNORE_INDEX
+    log_probs = ChunkedLogProbFunction.apply(
+        hidden, lm_head_weight, lm_head_bias, labels.clamp(min=0), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
+        logit_softcap, 1.0 if logit_scale is None else logit_scale, (),
+    )[0]
+    return -(log_probs.float() * valid).sum()

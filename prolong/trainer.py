@@ -4,8 +4,9 @@ What it adds, and why each is not already in transformers:
 
 * ``compute_loss``: chunked cross-entropy over the decoder's hidden states (never the full
   tokens x vocab logits), summed and divided by the token count of the whole optimizer step
-  (all accumulation micro-steps, all devices: the Trainer's ``num_items_in_batch``). Liger's
-  fused kernel replaces the chunked loss on CUDA when ``use_liger_kernel`` is set.
+  (all accumulation micro-steps, all devices: the Trainer's ``num_items_in_batch``). On CUDA a
+  fused linear cross-entropy runs instead by default (``loss_kernel``: Liger's, else TRL's); the
+  start of the run logs which loss runs.
 * a sequential sampler: ``MixtureDataset`` already shuffles deterministically, so the data
   position is the step counter and resuming is exact.
 * tokens/s, step time and peak memory in the logs (``ThroughputLogMixin``, shared with SFT).
@@ -13,12 +14,14 @@ What it adds, and why each is not already in transformers:
   state (also FSDP2's sharded one) into a fresh optimizer whose learning-rate schedule starts over.
 * preemption: SIGTERM / SIGUSR1 save a checkpoint, then stop.
 * memory knobs for the longest rows: ``activation_offload`` around the forward and
-  ``tiled_mlp_tokens`` (``prolong.parallel.memory``), applied after the Trainer's Liger kernels.
+  ``tiled_mlp_tokens`` (``prolong.parallel.memory``), applied after the Trainer's Liger kernels;
+  ``compile_decoder_layers`` (opt-in torch.compile of the decoder layers).
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import logging
 import os
 import re
@@ -33,10 +36,18 @@ from transformers import Trainer, TrainerCallback
 
 from prolong.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
 from prolong.config import RecipeError
-from prolong.loss import chunked_cross_entropy_sum, logit_scale_of, logit_softcap_of
+from prolong.loss import chunked_cross_entropy_sum, logit_scale_of, logit_softcap_of, trl_linear_cross_entropy_sum
 from prolong.parallel import activation_offload, enable_tiled_mlp, sequence_parallel_dataloader
+from prolong.parallel.compat import check_liger_fused_loss
+from prolong.parallel.compile import compile_decoder_layers
 
 logger = logging.getLogger(__name__)
+
+LOSS_KERNELS = {  # what runs, for the log
+    "liger": "Liger's fused linear cross-entropy (CUDA)",
+    "trl": "TRL's fused chunked log-prob kernel (ChunkedLogProbFunction)",
+    "chunked": "chunked fp32 cross-entropy, each chunk recomputed in the backward (prolong.loss)",
+}
 
 
 def last_checkpoint(directory: str) -> str | None:
@@ -127,20 +138,46 @@ class CPTTrainer(KeepModelCardMixin, ThroughputLogMixin, Trainer):
         self._lm_head = unwrapped.get_output_embeddings()
         self._softcap = logit_softcap_of(unwrapped.config)
         self._logit_scale = logit_scale_of(unwrapped.config)  # Granite, Cohere
+        self.loss_kernel = self._choose_loss_kernel(type(unwrapped).__name__)
         self._liger_loss = None
-        if self.args.use_liger_kernel and torch.cuda.is_available():
-            if self._logit_scale is not None:
-                raise RecipeError(
-                    f"use_liger_kernel: Liger's fused loss cannot apply {type(unwrapped).__name__}'s logit scale "
-                    f"({self._logit_scale:g}); set use_liger_kernel: false (the chunked loss applies it)."
-                )
+        if self.loss_kernel == "liger":
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # CUDA only (NOTES)
 
+            check_liger_fused_loss(LigerFusedLinearCrossEntropyLoss)
             self._liger_loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=self._softcap)
-        if self.args.tiled_mlp_tokens:  # after the Trainer applied Liger's kernels: it tiles those
-            enable_tiled_mlp(unwrapped, self.args.tiled_mlp_tokens)
+        logger.info("Loss: %s", LOSS_KERNELS[self.loss_kernel])
         self.add_callback(_PreemptionCallback())
         self.add_callback(_SaveAtEndCallback())
+
+    def _choose_loss_kernel(self, model_name: str) -> str:
+        requested, cuda = self.args.loss_kernel, torch.cuda.is_available()
+        if requested == "auto":
+            if not cuda:
+                return "chunked"
+            # Liger cannot apply a logit scale (Granite, Cohere); TRL's kernel can
+            liger = importlib.util.find_spec("liger_kernel") is not None and self._logit_scale is None
+            return "liger" if liger else "trl"
+        if requested == "liger" and not cuda:
+            raise RecipeError("loss_kernel: liger needs CUDA (Triton); use loss_kernel: auto on this machine.")
+        if requested == "liger" and self._logit_scale is not None:
+            raise RecipeError(
+                f"loss_kernel: liger cannot apply {model_name}'s logit scale ({self._logit_scale:g}); "
+                "use loss_kernel: auto or trl (both apply it)."
+            )
+        return requested
+
+    # -- set-up inside train() ---------------------------------------------------------------
+    def _inner_training_loop(self, *args, **kwargs):
+        # transformers 5.24's train() applies Liger's kernels (an instance patch of every MLP's
+        # forward) and turns on activation checkpointing just before it calls this method, so the
+        # MLPs are tiled here, after Liger: tiling in __init__ had Liger replace the tiled forward.
+        # The same point for torch.compile: it must see the final layer code.
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.tiled_mlp_tokens:
+            enable_tiled_mlp(model, self.args.tiled_mlp_tokens)
+        if self.args.compile_decoder_layers:
+            compile_decoder_layers(model, self.args.compile_decoder_layers)
+        return super()._inner_training_loop(*args, **kwargs)
 
     # -- data --------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -184,6 +221,10 @@ class CPTTrainer(KeepModelCardMixin, ThroughputLogMixin, Trainer):
             loss_sum = self._liger_loss(
                 self._lm_head.weight, hidden.reshape(-1, hidden.shape[-1]), shift_labels.reshape(-1),
                 self._lm_head.bias,
+            )
+        elif self.loss_kernel == "trl":
+            loss_sum = trl_linear_cross_entropy_sum(
+                hidden, self._lm_head.weight, shift_labels, self._softcap, self._lm_head.bias, self._logit_scale
             )
         else:
             loss_sum = chunked_cross_entropy_sum(
@@ -263,7 +304,10 @@ class _PreemptionCallback(TrainerCallback):
 
     The signal reaches the ranks at different moments; every step the ranks agree (a max over a
     one-element tensor) so that all of them stop after the same step. A rank stopping alone would
-    leave the others waiting in a collective.
+    leave the others waiting in a collective. The flag is a CPU tensor agreed over a gloo group
+    (the default group when it is gloo, else one made at the start of training): an all-reduce of a
+    CUDA tensor read with ``.item()`` made the host wait for the GPU to finish every step, which
+    empties the queue of kernels the host had launched ahead.
     """
 
     def __init__(self):
@@ -279,12 +323,19 @@ class _PreemptionCallback(TrainerCallback):
         logger.warning("Received signal %d: saving a checkpoint after this step, then stopping.", signum)
         self.requested = True
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        dist = torch.distributed
+        self._distributed = dist.is_available() and dist.is_initialized()
+        self._group = None  # the default group
+        if self._distributed and "gloo" not in str(dist.get_backend()):
+            self._group = dist.new_group(backend="gloo")  # every rank calls on_train_begin
+
     def on_step_end(self, args, state, control, **kwargs):
         requested = self.requested
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([int(requested)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            requested = bool(flag.item())
+        if getattr(self, "_distributed", False):
+            flag = torch.tensor([int(requested)])  # host memory: no device sync
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
+            requested = bool(flag[0])
         if requested:
             control.should_save = True
             control.should_training_stop = True

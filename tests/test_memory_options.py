@@ -181,3 +181,71 @@ def test_an_mlp_with_dropout_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, resid_pdrop=0.1))
     with pytest.raises(ValueError, match="dropout"):  # the recomputed tiles would draw other masks
         enable_tiled_mlp(model, 16)
+
+
+def _liger_stand_in(calls):
+    """What liger-kernel's instance patch does to a Llama (``_patch_swiglu_module``): it binds its
+    own forward to every MLP instance, replacing whatever forward the instance had."""
+    import types
+
+    def swiglu_forward(mlp, x):
+        calls.append(x.shape[-2])
+        return mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+    def apply_liger_kernel(model, kernel_config):
+        for layer in model.model.layers:
+            layer.mlp.forward = types.MethodType(swiglu_forward, layer.mlp)
+
+    return apply_liger_kernel
+
+
+def test_the_mlps_are_tiled_after_the_trainers_liger_kernels(monkeypatch, tmp_path):
+    """transformers 5.24 applies Liger inside train(), after the Trainer's __init__: tiling in
+    __init__ had Liger's forward replace the tiled one (the tiles silently off)."""
+    import transformers.trainer
+
+    from prolong.trainer import CPTTrainer
+
+    calls = []
+    # the module global that Trainer.train() calls (`if self.args.use_liger_kernel: apply_liger_kernel(...)`)
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", _liger_stand_in(calls))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(320))
+    args = CPTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+                     check_document_masking=False, tiled_mlp_tokens=16, warmup_steps=0)
+    rows = [{"input_ids": list(range(3, 67)), "indices": [[0, 30], [30, 64]]}]
+    trainer = CPTTrainer(model=model, args=args, train_dataset=rows, data_collator=PackedCollator())
+    trainer.args.use_liger_kernel = True  # the config turns it off without CUDA; the stand-in runs on CPU
+    trainer.train()
+    assert all(layer.mlp.tiled_mlp_tokens == 16 for layer in model.model.layers)
+    # 2 layers x 64 tokens in 16-token tiles: 4 tiles forward + 4 recomputed in the backward, through Liger's forward
+    assert calls == [16] * 4 * 2 * 2
+
+
+class _CountingBackend:
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward  # run the captured graph as is (fast on CPU)
+
+
+def test_compiled_decoder_layers_give_the_same_loss_curve(tiny_model_dir, packed_mixture, tmp_path, plain_losses):
+    from torch._dynamo import register_backend, reset
+
+    from prolong.parallel.compile import compile_decoder_layers
+
+    backend = _CountingBackend()
+    register_backend(backend, name="prolong_test_counting")
+    reset()
+    out = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "run", max_steps=3,
+                     compile_decoder_layers="prolong_test_counting"))
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2, 3]
+    for step, loss in plain_losses.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+    # one graph for both layers and every step (a graph break would add a few, one per layer would double them)
+    assert 1 <= backend.graphs <= 2, backend.graphs
+    with pytest.raises(ValueError, match="no `layers` list"):
+        compile_decoder_layers(LlamaForCausalLM(tiny_llama_config(64, num_hidden_layers=0)))

@@ -37,8 +37,8 @@ def test_same_seed_same_sequences_and_other_seed_differs(three_domains):
     first = MixtureDataset(three_domains, 64, num_sequences=200, seed=1)
     second = MixtureDataset(three_domains, 64, num_sequences=200, seed=1)
     other = MixtureDataset(three_domains, 64, num_sequences=200, seed=2)
-    assert [first[i]["input_ids"] for i in range(200)] == [second[i]["input_ids"] for i in range(200)]
-    assert [first[i]["input_ids"] for i in range(200)] != [other[i]["input_ids"] for i in range(200)]
+    assert [first[i]["input_ids"].tolist() for i in range(200)] == [second[i]["input_ids"].tolist() for i in range(200)]
+    assert [first[i]["input_ids"].tolist() for i in range(200)] != [other[i]["input_ids"].tolist() for i in range(200)]
 
 
 def test_every_row_of_a_domain_is_used_once_per_pass(three_domains):

@@ -126,7 +126,7 @@ class MixtureDataset(Dataset):
                 num_items = int(piece_ends[-1])
             else:
                 piece_ends, num_items = None, len(dataset)
-            self.datasets.append(dataset)
+            self.datasets.append(dataset.with_format("numpy"))  # rows as arrays, not lists of Python ints
             self.piece_ends.append(piece_ends)
             self.num_items.append(num_items)
             item_tokens.append(int(row_lengths.sum()) / num_items)  # the mean, not the nominal length

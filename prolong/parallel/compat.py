@@ -1,0 +1,142 @@
+"""GPU-only library calls, checked against the installed versions' signatures.
+
+These calls only run on CUDA, so a CPU CI never executes them and an API change between the
+versions we support would first show as a TypeError on a GPU, hours into a job queue. Each
+function here reads the installed signature (``inspect``), adapts the call where supported
+versions differ (a shim) and otherwise raises one clear error naming the versions. On CPU,
+``tests/test_signatures.py`` runs every check against the installed libraries; the start-up path
+runs the one a run needs.
+
+Supported (setup.cfg): torch 2.10-2.13 (``varlen_attn`` exists from 2.10), transformers 5.24+,
+accelerate 1.10+, liger-kernel 0.6+ (optional), flash-attn 2.7+ through transformers (optional).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from pathlib import Path
+
+
+class IncompatibleLibraryError(RuntimeError):
+    """An installed library's API is not the one this code calls; the message names the fix."""
+
+
+def _parameters(fn) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(fn).parameters)
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_parameters(varlen_attn) -> frozenset[str]:
+    return frozenset(_parameters(varlen_attn))
+
+
+def varlen_causal_call(varlen_attn, scale: float | None, head_dim: int, num_heads: int, num_kv_heads: int):
+    """Keyword arguments of a causal ``torch.nn.attention.varlen.varlen_attn`` call for the installed
+    torch, and whether the caller must repeat the K/V heads itself (no ``enable_gqa``).
+
+    torch 2.10: ``varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None)``
+    (no ``scale``: always 1/sqrt(head_dim); no GQA). torch 2.11+: keyword-only ``scale`` and
+    ``window_size`` ((-1, 0) = causal) replace ``is_causal``; 2.13 adds ``enable_gqa``.
+    """
+    params = _varlen_parameters(varlen_attn)
+    kwargs: dict = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    elif "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        raise IncompatibleLibraryError(
+            f"torch {_version('torch')}: varlen_attn takes neither window_size nor is_causal "
+            f"({sorted(params)}); use torch 2.10-2.13 or attn_implementation: flash_attention_2 / flex_attention."
+        )
+    if scale is not None:
+        if "scale" in params:
+            kwargs["scale"] = scale
+        elif not math.isclose(scale, head_dim**-0.5, rel_tol=1e-6):
+            raise IncompatibleLibraryError(
+                f"torch {_version('torch')}: varlen_attn has no `scale` argument and this model scales its "
+                f"attention by {scale:g}, not 1/sqrt({head_dim}); use torch >= 2.11 or attn_implementation: "
+                "flash_attention_2 / flex_attention."
+            )
+    repeat_kv = False
+    if num_kv_heads != num_heads:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            repeat_kv = True  # older torch: the K/V heads are repeated to the query heads (more memory)
+    return kwargs, repeat_kv
+
+
+def check_liger_fused_loss(loss_class) -> None:
+    """``LigerFusedLinearCrossEntropyLoss(reduction=, softcap=)`` called as
+    ``loss(lm_head_weight, hidden, labels, bias)``: the form of liger-kernel 0.6+."""
+    init = _parameters(loss_class.__init__)
+    forward = [name for name in _parameters(loss_class.forward) if name != "self"]
+    missing = [name for name in ("reduction", "softcap") if name not in init]
+    if missing or forward[:4] != ["lin_weight", "_input", "target", "bias"]:
+        raise IncompatibleLibraryError(
+            f"liger-kernel {_version('liger-kernel')}: LigerFusedLinearCrossEntropyLoss lacks {missing or ''} "
+            f"or takes ({', '.join(forward)}) instead of (lin_weight, _input, target, bias); install "
+            "liger-kernel>=0.6 or set loss_kernel: trl."
+        )
+
+
+FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
+
+
+def check_flash_attention_kwargs() -> None:
+    """The collator's varlen boundaries reach flash-attn through transformers'
+    ``_flash_attention_forward`` under these names (transformers 5.x)."""
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    missing = [name for name in FLASH_VARLEN_KWARGS if name not in _parameters(_flash_attention_forward)]
+    if missing:
+        raise IncompatibleLibraryError(
+            f"transformers {_version('transformers')}: _flash_attention_forward takes no {missing}; packed rows "
+            "would attend across documents. Use transformers>=5.24,<6 or attn_implementation: varlen."
+        )
+
+
+def check_fsdp2_plugin(config_paths) -> None:
+    """Every ``fsdp_config`` key of our accelerate configs is an ``accelerate launch`` option (how
+    accelerate reads them) and the plugin knows ``fsdp_version`` (2 = torch's fully_shard); the
+    stage hand-off calls ``load_fsdp_optimizer(plugin, accelerator, optimizer, model, input_dir)``."""
+    import yaml
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_optimizer
+    from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2 lives here from torch 2.6)
+
+    options = launch_command_parser()._option_string_actions
+    unknown = []
+    for path in config_paths:
+        config = yaml.safe_load(Path(path).read_text()).get("fsdp_config", {})
+        unknown += [f"{Path(path).name}:{key}" for key in config if f"--{key}" not in options]
+    if "fsdp_version" not in _parameters(FullyShardedDataParallelPlugin):
+        unknown.append("fsdp_version")
+    hand_off = list(_parameters(load_fsdp_optimizer))[:5]
+    if unknown or hand_off != ["fsdp_plugin", "accelerator", "optimizer", "model", "input_dir"]:
+        raise IncompatibleLibraryError(
+            f"accelerate {_version('accelerate')}: does not take {unknown} (accelerate_configs) or "
+            f"load_fsdp_optimizer takes ({', '.join(hand_off)}); use accelerate>=1.10."
+        )
+
+
+def check_save_on_cpu() -> None:
+    """``activation_offload`` calls ``torch.autograd.graph.save_on_cpu(pin_memory=...)``."""
+    import torch
+
+    if "pin_memory" not in _parameters(torch.autograd.graph.save_on_cpu):
+        raise IncompatibleLibraryError(
+            f"torch {_version('torch')}: torch.autograd.graph.save_on_cpu takes no pin_memory; set activation_offload: false."
+        )
+
+
+def _version(distribution: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"

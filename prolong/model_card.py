@@ -1,11 +1,28 @@
-"""The README.md model card written next to every trained model."""
+"""The README.md model card written next to every trained model (and pushed with it).
+
+The YAML header is built with huggingface_hub's ModelCardData, so the Hub reads it: base_model,
+datasets (the Hub ids of the mixture's domains, when they are on the Hub), pipeline_tag, tags and a
+``model-index`` of EvalResults, one per HELMET category and length, when an evaluation ran (the
+training callback's recall scores, or a full report added later with
+``python -m evaluation.run ... --update-card MODEL_DIR``). No secret reaches the card: the recipe
+copy goes through ``prolong.redaction.redact``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import yaml
+
+from prolong.redaction import redact
+
+EVALUATION_HEADING = "## Evaluation"
+HELMET_DATASET = "princeton-nlp/HELMET"  # the Hub dataset of HELMET's benchmark data
+HELMET_SOURCE = "HELMET-style evaluation (ProLong recipes, evaluation/)"
+_CATEGORY_NAMES = {"recall": "Recall", "rag": "RAG", "rerank": "Re-rank", "icl": "ICL", "longqa": "LongQA",
+                   "summ": "Summarization", "cite": "Cite"}
 
 
 def _mixture_table(mixture: dict[str, float], tokens_by_path: dict[str, int]) -> str:
@@ -23,6 +40,103 @@ def dataset_tokens(path: str) -> int:
     return 0
 
 
+def hub_dataset_ids(mixture: dict[str, float] | None) -> list[str]:
+    """Hub ids of the mixture's domains: a key that is a Hub id (`hf://datasets/ORG/NAME/...` or
+    `ORG/NAME` that is not a local path), or a local directory `prolong-data push` has pushed."""
+    from prolong.data.hub import pushed_repo_id
+
+    ids = []
+    for path in mixture or {}:
+        if match := re.fullmatch(r"hf://datasets/([^/]+/[^/@]+).*", path):
+            ids.append(match.group(1))
+        elif os.path.isdir(path):
+            if repo_id := pushed_repo_id(path):
+                ids.append(repo_id)
+        elif re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            ids.append(path)
+    return sorted(set(ids))
+
+
+def _category_name(category: str) -> str:
+    return _CATEGORY_NAMES.get(category, category)
+
+
+def _eval_result(category: str, length: int | str, score: float, mode: str, source: str):
+    from huggingface_hub import EvalResult
+
+    return EvalResult(
+        task_type="text-generation",
+        task_name="Long-context evaluation",
+        dataset_type=HELMET_DATASET,
+        dataset_name=f"HELMET {_category_name(category)} @ {length} tokens",
+        dataset_config=category,
+        dataset_split="test",
+        dataset_args={"input_length": int(length), "mode": mode},
+        metric_type=f"helmet_{category}",
+        metric_name=f"{_category_name(category)} ({length} tokens)",
+        metric_value=round(float(score), 2),
+        source_name=source,
+    )
+
+
+def eval_results_from_scores(scores: dict) -> list:
+    """One EvalResult per (category, length) of an evaluation/report.py scores.json."""
+    mode = scores.get("mode", "helmet")
+    results = []
+    for category, by_length in (scores.get("categories") or {}).items():
+        for length, value in sorted(by_length.items(), key=lambda item: int(item[0])):
+            if value is not None:
+                results.append(_eval_result(category, length, value, mode, HELMET_SOURCE))
+    return results
+
+
+def eval_results_from_log_history(log_history: list[dict] | None) -> list:
+    """The recall averages RecallEvalCallback logged at the last evaluated checkpoint (0-100 scores)."""
+    recall = [entry for entry in (log_history or []) if any(k.startswith("eval_recall/") for k in entry)]
+    if not recall:
+        return []
+    last = recall[-1]
+    return [_eval_result("recall", key.removeprefix("eval_recall/avg_"), value, "helmet",
+                         f"RecallEvalCallback at step {last.get('step')}")
+            for key, value in last.items() if key.startswith("eval_recall/avg_") and value is not None]
+
+
+def _evaluation_section(eval_results: list, log_history: list[dict] | None) -> str:
+    if not eval_results:
+        return "No evaluation results yet (run `python -m evaluation.run --model THIS_DIR --update-card THIS_DIR`)."
+    lengths = sorted({r.dataset_args["input_length"] for r in eval_results})
+    categories = list(dict.fromkeys(r.dataset_config for r in eval_results))
+    score = {(r.dataset_config, r.dataset_args["input_length"]): r.metric_value for r in eval_results}
+    rows = ["| category | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for category in categories:
+        cells = [f"{score[(category, n)]:.1f}" if (category, n) in score else "-" for n in lengths]
+        rows.append(f"| {_category_name(category)} | " + " | ".join(cells) + " |")
+    sources = sorted({r.source_name for r in eval_results})
+    text = f"Scores (0-100) from {', '.join(sources)}; they are in this card's `model-index` too.\n\n" + "\n".join(rows)
+    recall = [entry for entry in (log_history or []) if any(k.startswith("eval_recall/") for k in entry)]
+    if recall and all(r.source_name.startswith("RecallEvalCallback") for r in eval_results):
+        task_rows = ["| step | task / length | score |", "| --- | --- | --- |"]
+        task_rows += [f"| {recall[-1].get('step', '')} | {key.removeprefix('eval_recall/')} | {value:.3f} |"
+                      for key, value in recall[-1].items() if key.startswith("eval_recall/")]
+        text = ("Recall evaluation at the last checkpoint (`eval_recall_lengths`):\n\n" + "\n".join(task_rows)
+                + "\n\n" + text)
+    return text
+
+
+def _card_data(*, name: str, base_model: str, stage: str, mixture: dict | None, eval_results: list):
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(
+        model_name=name,
+        base_model=base_model if not os.path.isdir(base_model) else None,  # a local path is no Hub id
+        datasets=hub_dataset_ids(mixture) or None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["prolong", "long-context", stage],
+        eval_results=eval_results or None,
+    )
+
+
 def write_model_card(
     output_dir: str,
     *,
@@ -35,8 +149,11 @@ def write_model_card(
     max_length: int,
     mixture: dict[str, float] | None = None,
     log_history: list[dict] | None = None,
+    scores: dict | None = None,
 ) -> str:
-    """Write ``output_dir/README.md``; returns its text."""
+    """Write ``output_dir/README.md``; returns its text. ``scores``: an evaluation/report.py scores.json."""
+    from huggingface_hub import ModelCard
+
     train_logs = [entry for entry in (log_history or []) if "loss" in entry]
     summary = [entry for entry in (log_history or []) if "train_runtime" in entry]
     figures = []
@@ -48,25 +165,16 @@ def write_model_card(
             figures.append(f"- median throughput: {sorted(speeds)[len(speeds) // 2]:,.0f} tokens/s")
     if summary:
         figures.append(f"- training time: {summary[-1]['train_runtime']:.0f} s")
-    evaluation = "No evaluation results yet (run `python -m evaluation.run --model THIS_DIR`)."
-    recall = [entry for entry in (log_history or []) if any(k.startswith("eval_recall/") for k in entry)]
-    if recall:  # written by evaluation.callback.RecallEvalCallback at each checkpoint
-        rows = ["| step | task / length | score |", "| --- | --- | --- |"]
-        rows += [
-            f"| {entry.get('step', '')} | {key.removeprefix('eval_recall/')} | {value:.3f} |"
-            for entry in recall[-1:]
-            for key, value in entry.items()
-            if key.startswith("eval_recall/")
-        ]
-        evaluation = "Recall evaluation at the last checkpoint (`eval_recall_lengths`):\n\n" + "\n".join(rows)
-    front_matter = {"base_model": base_model, "library_name": "transformers", "tags": ["prolong", "long-context", stage]}
+    eval_results = eval_results_from_scores(scores) if scores else eval_results_from_log_history(log_history)
+    card_data = _card_data(name=name, base_model=base_model, stage=stage, mixture=mixture, eval_results=eval_results)
+    safe_recipe = redact(json.loads(json.dumps(recipe, default=str)))
     text = f"""---
-{yaml.safe_dump(front_matter, sort_keys=False).strip()}
+{card_data.to_yaml()}
 ---
 
 # {name}
 
-Trained with ProLong recipes (`{stage}` stage) from `{base_model}`.
+Trained with ProLong recipes (`{stage}` stage) from `{redact(base_model)}`.
 
 ## Context length and RoPE
 
@@ -81,18 +189,76 @@ Trained with ProLong recipes (`{stage}` stage) from `{base_model}`.
 
 {os.linesep.join(figures) if figures else "(none logged)"}
 
-## Evaluation
+{EVALUATION_HEADING}
 
-{evaluation}
+{_evaluation_section(eval_results, log_history)}
 
 ## Recipe
 
 ```yaml
-{yaml.safe_dump(json.loads(json.dumps(recipe, default=str)), sort_keys=False).strip()}
+{yaml.safe_dump(safe_recipe, sort_keys=False).strip()}
 ```
 
 Load it with `AutoModelForCausalLM.from_pretrained("{load_path}")`.
 """
-    with open(os.path.join(output_dir, "README.md"), "w") as f:
-        f.write(text)
+    text = redact(text)  # a secret held in the environment, wherever it was pasted
+    ModelCard(text)  # parses the YAML header as the Hub will: fails here, not on the Hub
+    _write_atomically(os.path.join(output_dir, "README.md"), text)
     return text
+
+
+def update_model_card(model_dir: str, scores: dict) -> str:
+    """Put an evaluation's scores into an existing card: the model-index (HELMET results replaced,
+    others kept) and the Evaluation section. Returns the new text."""
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(model_dir, "README.md")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--update-card: not found: {path} (the model card a ProLong run writes "
+                                "into its output_dir); give the trained model's directory")
+    card = ModelCard.load(path)
+    new_results = eval_results_from_scores(scores)
+    if not new_results:
+        raise ValueError("--update-card: the evaluation produced no category score to put in the card")
+    kept = [r for r in (card.data.eval_results or []) if r.dataset_type != HELMET_DATASET]
+    card.data.eval_results = kept + new_results
+    if not card.data.model_name:
+        card.data.model_name = os.path.basename(os.path.abspath(model_dir))
+    section = _evaluation_section(new_results, None)
+    body = card.content.split("---", 2)[2] if card.content.startswith("---") else card.content
+    if EVALUATION_HEADING in body:
+        head, _, rest = body.partition(EVALUATION_HEADING)
+        following = rest.find("\n## ")
+        body = f"{head}{EVALUATION_HEADING}\n\n{section}\n{rest[following:] if following >= 0 else ''}"
+    else:
+        body = f"{body.rstrip()}\n\n{EVALUATION_HEADING}\n\n{section}\n"
+    text = redact(f"---\n{card.data.to_yaml()}\n---\n{body}")
+    ModelCard(text)
+    _write_atomically(path, text)
+    return text
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_trainer_model_card(trainer, directory: str, *, base_model: str, stage: str, recipe: dict,
+                             max_length: int, mixture: dict | None = None) -> str:
+    """The card for ``directory`` from a live trainer (used before each checkpoint push)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    output_dir = trainer.args.output_dir
+    return write_model_card(
+        directory,
+        name=os.path.basename(os.path.abspath(output_dir)),
+        load_path=getattr(trainer, "hub_model_id", None) or output_dir,
+        base_model=base_model,
+        stage=stage,
+        recipe=recipe,
+        rope_parameters=model.config.get_text_config().rope_parameters,
+        max_length=max_length,
+        mixture=mixture,
+        log_history=trainer.state.log_history,
+    )

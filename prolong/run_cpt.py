@@ -77,16 +77,16 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         callbacks=callbacks,
         parallel_layout=layout,
     )
-    trainer.train(resume_from_checkpoint=resume)
-
-    output_dir = save_final_model(
-        trainer,
+    trainer.model_card_info = dict(  # the card of every push to the Hub and of the final model
         base_model=args.init_from or model_cfg.model_name_or_path,
         stage="continued-pretraining",
         recipe=recipe,
         max_length=data_cfg.max_length,
         mixture=data_cfg.dataset_mixture,
     )
+    trainer.train(resume_from_checkpoint=resume)
+
+    output_dir = save_final_model(trainer, **trainer.model_card_info)
     close_process_group(trainer)
     return output_dir
 

@@ -58,15 +58,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         callbacks=callbacks,
     )
     check_token_averaging(trainer)
+    # the card of every push to the Hub and of the final model
+    trainer.model_card_info = dict(base_model=model_cfg.model_name_or_path, stage="sft", recipe=recipe,
+                                   max_length=max_length)
     trainer.train(resume_from_checkpoint=resume)
 
-    output_dir = save_final_model(
-        trainer,
-        base_model=model_cfg.model_name_or_path,
-        stage="sft",
-        recipe=recipe,
-        max_length=max_length,
-    )
+    output_dir = save_final_model(trainer, **trainer.model_card_info)
     close_process_group(trainer)
     return output_dir
 

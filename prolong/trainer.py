@@ -36,8 +36,10 @@ from transformers import Trainer, TrainerCallback
 
 from prolong.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
 from prolong.config import RecipeError
+from prolong.model_card import write_trainer_model_card
 from prolong.loss import chunked_cross_entropy_sum, logit_scale_of, logit_softcap_of, trl_linear_cross_entropy_sum
 from prolong.parallel import activation_offload, enable_tiled_mlp, sequence_parallel_dataloader
+from prolong.redaction import move_hub_token_to_environment
 from prolong.parallel.compat import check_liger_fused_loss
 from prolong.parallel.compile import compile_decoder_layers
 
@@ -105,13 +107,36 @@ class ThroughputLogMixin:
 
 
 class KeepModelCardMixin:
-    """``push_to_hub`` calls ``create_model_card``, which would replace the card that
-    ``prolong.outputs.save_final_model`` wrote (recipe, mixture, RoPE, figures) with a generic one."""
+    """Our model card on every push to the Hub, and no token in what is pushed.
+
+    ``push_to_hub`` calls ``create_model_card``, which would replace the card that
+    ``prolong.outputs.save_final_model`` wrote (recipe, mixture, RoPE, figures) with a generic one.
+    Checkpoint pushes during training (``hub_strategy``) upload output_dir with no card at all:
+    with ``model_card_info`` set (write_model_card's recipe arguments; run_cpt/run_sft set it) ours
+    is written there first. ``hub_token`` leaves the arguments, which the Trainer pickles into
+    training_args.bin and uploads (``prolong.redaction``).
+    """
+
+    model_card_info: dict | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # creates the Hub repo (push_to_hub) with the token still there
+        move_hub_token_to_environment(self.args)
 
     def create_model_card(self, *args, **kwargs):
         if os.path.exists(os.path.join(self.args.output_dir, "README.md")):
             return None
         return super().create_model_card(*args, **kwargs)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        # never push from here: prolong.outputs.save_final_model saves into a staging directory and
+        # pushes once the final model is complete (the Trainer's push would upload output_dir mid-save)
+        super().save_model(output_dir, _internal_call=True)
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        if self.model_card_info is not None and self.is_world_process_zero() and self.args.hub_strategy != "end":
+            write_trainer_model_card(self, self.args.output_dir, **self.model_card_info)
+        super()._push_from_checkpoint(checkpoint_folder)
 
 
 class SFTTrainer(KeepModelCardMixin, ThroughputLogMixin, trl.SFTTrainer):

@@ -33,6 +33,7 @@ from .storage import METADATA_FILENAME, read_metadata
 logger = logging.getLogger("prolong.data")
 
 CARD_FILENAME = "README.md"
+PUSHED_FILENAME = "prolong_hub.json"  # written after a successful push: where this directory went
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 FORMATS = ("prolong-packed", "prolong-tokenized")
 _COMMAND_BLOCK = re.compile(r"## How it was made\n\n```bash\n(.*?)\n```", re.S)
@@ -266,7 +267,7 @@ def push_dataset(directories: list[str | Path], repo_id: str, *, private: bool =
     operations = [CommitOperationAdd(path_in_repo=CARD_FILENAME, path_or_fileobj=str(card).encode())]
     for part in parts:
         for file in sorted(part.directory.iterdir()):
-            if file.is_file() and not file.name.startswith(".") and file.name != CARD_FILENAME:
+            if file.is_file() and not file.name.startswith(".") and file.name not in (CARD_FILENAME, PUSHED_FILENAME):
                 operations.append(CommitOperationAdd(path_in_repo=f"{part.config}/{file.name}",
                                                      path_or_fileobj=str(file)))
     api = HfApi(token=token)
@@ -281,7 +282,20 @@ def push_dataset(directories: list[str | Path], repo_id: str, *, private: bool =
     except (HfHubHTTPError, _transport_errors(), OSError) as error:
         logger.debug("push failed", exc_info=True)
         raise _hub_error(error, repo_id) from error
+    for part in parts:  # so a model card can name the Hub id of a mixture domain trained from here
+        record = {"repo_id": repo_id, "config": part.config, "revision": revision or "main",
+                  "commit_url": commit.commit_url}
+        (part.directory / PUSHED_FILENAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return commit.commit_url
+
+
+def pushed_repo_id(directory: str | Path) -> str | None:
+    """The Hub dataset a directory was pushed to with `prolong-data push`, if it was."""
+    path = Path(directory) / PUSHED_FILENAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["repo_id"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def add_push_parser(commands) -> argparse.ArgumentParser:

@@ -1,0 +1,115 @@
+"""No token, key or password reaches the model card, the logs, output_dir or the Hub (issue 10, item 8),
+and checkpoint pushes during training (push_to_hub + hub_strategy) carry our model card.
+
+The real run_cpt / run_sft CLIs run with ``--hub_token`` and credentials in the environment, pushing
+to the local fake Hub (tests/hub_server.py); every file written under output_dir and every file that
+arrived on the Hub is searched byte for byte (and decoded, for JSON and training_args.bin)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from hub_server import FakeHub
+
+REPO = Path(__file__).resolve().parent.parent
+HUB_TOKEN = "hf_SECRETcliHubToken0123456789"
+ENV_SECRETS = {"HF_TOKEN": "hf_SECRETenvToken9876543210", "OPENAI_API_KEY": "sk-SECRETopenai0123456789",
+               "WANDB_API_KEY": "SECRETwandb0123456789abcdef"}
+SECRETS = [HUB_TOKEN, *ENV_SECRETS.values()]
+
+
+def _run(script: str, args: list[str], hub: FakeHub, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ENV_SECRETS, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1",
+           "HF_HOME": str(home), "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    result = subprocess.run([sys.executable, str(REPO / "prolong" / script), *args], env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _leaks(name: str, data: bytes) -> list[str]:
+    found = [f"{name}: {secret}" for secret in SECRETS if secret.encode() in data]
+    if name.endswith(".json"):
+        text = json.dumps(json.loads(data))  # decoded, in case a serialiser escaped something
+        found += [f"{name} (decoded): {secret}" for secret in SECRETS if secret in text]
+    return found
+
+
+def _scan(output_dir: Path, hub: FakeHub, repo_id: str, logs: str) -> None:
+    leaks = [f"logs: {s}" for s in SECRETS if s in logs]
+    for path in output_dir.rglob("*"):
+        if path.is_file():
+            leaks += _leaks(str(path.relative_to(output_dir)), path.read_bytes())
+            if path.name == "training_args.bin":  # the Trainer pickles its whole arguments object
+                args = torch.load(path, weights_only=False)
+                leaks += [f"{path.name} (unpickled): {s}" for s in SECRETS if s in repr(vars(args))]
+    for name, data in hub.files(repo_id).items():
+        leaks += _leaks(f"hub:{name}", data)
+    assert not leaks, leaks
+
+
+def _cpt_args(model_dir, mixture, out, *extra):
+    values = dict(model_name_or_path=model_dir, dataset_mixture=json.dumps(mixture), max_length=128,
+                  per_device_train_batch_size=2, max_steps=2, save_steps=1, learning_rate=1e-3, output_dir=str(out),
+                  report_to="none", disable_tqdm="true", push_to_hub="true", hub_model_id="me/tiny-cpt",
+                  hub_strategy="checkpoint", hub_token=HUB_TOKEN)
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))] + list(extra)
+
+
+def test_cpt_pushes_checkpoints_with_our_card_and_no_secret_anywhere(tiny_model_dir, packed_mixture, tmp_path):
+    out = tmp_path / "cpt"
+    with FakeHub(token=HUB_TOKEN) as hub:
+        result = _run("run_cpt.py", _cpt_args(tiny_model_dir, packed_mixture, out), hub, tmp_path / "home")
+        _scan(out, hub, "me/tiny-cpt", result.stdout + result.stderr)
+        files = hub.files("me/tiny-cpt")
+        summaries = [c["summary"] for c in hub.commits]
+
+    # hub_strategy "checkpoint": output_dir and last-checkpoint/ at every save, then the final model
+    assert summaries == ["Training in progress, step 1", "Training in progress, step 1, checkpoint",
+                         "Training in progress, step 2", "Training in progress, step 2, checkpoint",
+                         "ProLong continued-pretraining"], summaries
+    output_dir_pushes = [c for c in hub.commits if not c["summary"].endswith("checkpoint")]
+    assert all("README.md" in c["paths"] for c in output_dir_pushes)  # our card on every push
+    assert {"last-checkpoint/trainer_state.json", "model.safetensors", "config.json"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    assert "Trained with ProLong recipes" in card.text and "<redacted>" in card.text  # the recipe's hub_token
+    assert card.data.pipeline_tag == "text-generation" and "continued-pretraining" in card.data.tags
+    assert (out / "README.md").read_bytes() == files["README.md"]
+
+
+def test_sft_writes_no_secret_anywhere(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    """In-process (one interpreter start is enough for the suite): run_sft's main, pushing at the end."""
+    import transformers.utils.hub
+    from huggingface_hub import constants
+
+    from prolong.run_sft import main
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "the of and"},
+                                                     {"role": "assistant", "content": f"to in is {i}"}]}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "sft"
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_length", "128", "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps", "2",
+            "--learning_rate", "1e-2", "--use_cpu", "true", "--report_to", "none", "--activation_checkpointing",
+            "false", "--attn_implementation", "sdpa", "--push_to_hub", "true", "--hub_model_id", "me/tiny-sft",
+            "--hub_token", HUB_TOKEN, "--disable_tqdm", "true"]
+    for name, value in ENV_SECRETS.items():
+        monkeypatch.setenv(name, value)  # restored after the test, also HF_TOKEN which the run replaces
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # transformers caches one HfApi (endpoint)
+    with FakeHub(token=HUB_TOKEN) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        main(args)
+        captured = capfd.readouterr()
+        _scan(out, hub, "me/tiny-sft", captured.out + captured.err)
+        assert "README.md" in hub.files("me/tiny-sft") and (out / "checkpoint-2").is_dir()
+        assert [c["summary"] for c in hub.commits] == ["Training in progress, step 2", "ProLong sft"]

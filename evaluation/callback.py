@@ -3,8 +3,13 @@
     trainer.add_callback(RecallEvalCallback(lengths=[8192, 32768], tasks=["json_kv"], num_samples=10))
 
 On each save (rank 0 only) the in-memory model is put in eval mode, evaluated under no_grad, put back
-in train mode; the scores go to the trainer's log (log_history / TensorBoard via `trainer.log`) and to
-`<checkpoint>/recall_eval/` (scores.json, report.md, predictions).
+in train mode; the scores go to `<checkpoint>/recall_eval/` (scores.json, report.md, predictions) and
+through `trainer.log` to log_history and every `report_to` backend (TensorBoard, W&B, ...). Callbacks
+are not given the trainer, so attach it:
+
+    RecallEvalCallback(lengths=[8192]).attach(trainer)   # = trainer.add_callback(cb); cb.trainer = trainer
+
+Without a trainer the scores only reach `state.log_history` (a warning says so once).
 """
 import logging
 import os
@@ -23,10 +28,15 @@ class RecallEvalCallback(TrainerCallback):
         self.tasks = list(tasks)
         self.num_samples = num_samples
         self.eval_kwargs = {"plots": False, "num_depths": 5, "resume": False, **eval_kwargs}
-        self.trainer = None  # set by the trainer recipe (or on_init_end) so scores go through trainer.log
+        self.trainer = None  # set by attach(): callbacks are not handed the trainer
+        self._warned = False
 
-    def on_init_end(self, args, state, control, **kwargs):
-        return control
+    def attach(self, trainer):
+        """Add this callback to `trainer` and log through it (so scores reach its report_to backends)."""
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self.trainer = trainer
+        return self
 
     def on_save(self, args, state, control, model=None, processing_class=None, tokenizer=None, **kwargs):
         if not state.is_world_process_zero or model is None:
@@ -46,9 +56,13 @@ class RecallEvalCallback(TrainerCallback):
         logs = {f"eval_recall/{r['task']}_{r['length']}": r["score"] for r in scores["results"] if r["score"] is not None}
         for length, value in scores["categories"].get("recall", {}).items():
             logs[f"eval_recall/avg_{length}"] = value
-        logs["step"] = state.global_step
-        state.log_history.append(dict(logs))
         if self.trainer is not None:
-            self.trainer.log({k: v for k, v in logs.items() if k != "step"})
+            self.trainer.log(dict(logs))  # appends {..., "step"} to log_history and calls every on_log
+        else:
+            if not self._warned:
+                self._warned = True
+                logger.warning("RecallEvalCallback has no trainer (use .attach(trainer)): scores go to "
+                               "log_history only, not to the report_to backends")
+            state.log_history.append({**logs, "step": state.global_step})
         logger.info("recall eval at step %d: %s", state.global_step, logs)
         return control

@@ -35,9 +35,13 @@ class PromptBuilder:
     def count(self, task, use_chat_template: bool):
         return lambda sample: len(self.ids(task, sample, use_chat_template))
 
-    def truncated_ids(self, task, sample: dict, use_chat_template: bool, budget: int) -> tuple[list[int], int]:
-        """Token ids within `budget`, cutting the end of sample["context"]; returns (ids, tokens cut)."""
+    def truncated_ids(self, task, sample: dict, use_chat_template: bool, budget: int,
+                      mode: str = "fixed") -> tuple[list[int], int]:
+        """Token ids within `budget`, cutting the end of sample["context"]; returns (ids, tokens cut).
+        mode="helmet": HELMET's single cut (model_utils.tokenize), which may end a token or two over."""
         ids = self.ids(task, sample, use_chat_template)
+        if mode == "helmet":
+            return self._helmet_truncated_ids(task, sample, use_chat_template, budget, ids)
         cut_total = 0
         for _ in range(4):  # re-tokenizing at the cut can shift a token or two: iterate
             excess = len(ids) - budget
@@ -52,18 +56,32 @@ class PromptBuilder:
         return ids[:budget], cut_total + max(0, len(ids) - budget)
 
 
+    def _helmet_truncated_ids(self, task, sample, use_chat_template, budget, ids):
+        """Cut the context's text at the start of its `excess`-th token from the end (character
+        offsets of the context tokenized alone, special tokens included), re-render once."""
+        excess = len(ids) - budget
+        if excess <= 0:
+            return ids, 0
+        offsets = self.tokenizer(sample["context"], return_offsets_mapping=True)["offset_mapping"]
+        if excess > len(offsets):
+            raise ValueError(f"{task.name}: the prompt without its context already exceeds {budget} tokens")
+        sample = {**sample, "context": sample["context"][:offsets[-excess][0]]}
+        return self.ids(task, sample, use_chat_template), excess
+
+
 def model_window(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
 class HFGenerator:
-    """Greedy decoding with transformers; long prompts are prefilled in chunks so activations stay
-    bounded (the KV cache itself still grows with the input)."""
+    """Greedy decoding with transformers. Prompts longer than `prefill_chunk_size` are prefilled in
+    chunks by `generate(prefill_chunk_size=...)` (transformers' own chunked prefill), so activations
+    stay bounded; the KV cache itself still grows with the input."""
 
-    def __init__(self, model, tokenizer, prefill_chunk_size: int = 8192):
+    def __init__(self, model, tokenizer, prefill_chunk_size: int | None = 8192):
         self.model = model
         self.tokenizer = tokenizer
-        self.prefill_chunk_size = prefill_chunk_size
+        self.prefill_chunk_size = prefill_chunk_size or None
         self.device = next(model.parameters()).device
 
     @classmethod
@@ -76,15 +94,6 @@ class HFGenerator:
         model.to("cuda" if cuda else "cpu").eval()
         return cls(model, tokenizer or AutoTokenizer.from_pretrained(path), **kwargs)
 
-    def _prefill(self, input_ids: torch.Tensor):
-        """Feed all but the last prompt token into a KV cache, `prefill_chunk_size` at a time."""
-        from transformers import DynamicCache
-        cache = DynamicCache(config=self.model.config)
-        for start in range(0, input_ids.shape[1] - 1, self.prefill_chunk_size):
-            piece = input_ids[:, start:min(start + self.prefill_chunk_size, input_ids.shape[1] - 1)]
-            self.model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1)
-        return cache
-
     @torch.no_grad()
     def generate(self, input_ids: list[int], max_new_tokens: int, stop_newline: bool) -> str:
         ids = torch.tensor([input_ids], device=self.device)
@@ -94,7 +103,7 @@ class HFGenerator:
         if stop_newline:
             kwargs.update(stop_strings=["\n"], tokenizer=self.tokenizer)
         if self.prefill_chunk_size and ids.shape[1] > self.prefill_chunk_size:
-            kwargs["cache"] = self._prefill(ids)
+            kwargs["prefill_chunk_size"] = self.prefill_chunk_size
         out = self.model.generate(input_ids=ids, **kwargs)
         text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         return text.split("\n")[0] if stop_newline else text

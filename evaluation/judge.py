@@ -424,14 +424,19 @@ class Judge:
             return {"judge": f"skipped: no judge prompt for category {task.category}"}
         prompt = LONGQA_JUDGE_PROMPT.format(question=sample["question"], correct_answers=sample["answer"],
                                             parsed_output=parse_output(output.replace("\n", " ")))
-        reply = self.chat(prompt)
+        try:
+            reply = self.chat(prompt)
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as error:  # URLError, timeouts, bad JSON
+            logger.warning("%s %s: judge call failed: %s", task.name, sample.get("id"), error)
+            return {"judge": f"failed: judge call: {type(error).__name__}: {error}", "judge_failed": 1}
         found = re.findall(r"\{.*?\}", reply, re.DOTALL)
         try:
             scores = json.loads(found[-1])
             # fluency (0/1) x correctness (0-3), scaled to 0-100
-            return {"judge_score": 100 * scores["fluency"] * scores["correctness"] / 3, "judge": "ok"}
+            return {"judge_score": 100 * scores["fluency"] * scores["correctness"] / 3, "judge": "ok",
+                    "judge_failed": 0}
         except (IndexError, ValueError, KeyError, TypeError):
-            return {"judge": "unparsable reply"}
+            return {"judge": "failed: unparsable reply", "judge_failed": 1, "judge_details": {"output": reply}}
 
 
     def score_summary(self, task, output: str, sample: dict) -> dict:

@@ -33,14 +33,22 @@ def summarise(task, records: list) -> dict:
             "truncated_samples": sum(1 for r in records if r.get("truncated_tokens"))}
 
 
-def build_scores(results: list, model_name: str, config: dict, window) -> dict:
+def build_scores(results: list, model_name: str, config: dict, window, identity: dict | None = None,
+                 left_out: list | None = None) -> dict:
+    """Category averages per length over the tasks that produced a score; failed tasks are listed."""
     categories = defaultdict(lambda: defaultdict(list))
     for r in results:
         if r.get("score") is not None:
             categories[r["category"]][r["length"]].append(r["score"])
-    return {"model": model_name, "model_window": window, "config": config, "results": results,
+    return {"model": model_name, "mode": config.get("mode", "helmet"), "model_window": window, "identity": identity,
+            "config": config, "results": results,
+            "failed": [f"{r['task']} @ {r['length']}" for r in results if r.get("status") == "failed"],
+            "left_out": list(left_out or []),
             "categories": {c: {str(length): _mean(v) for length, v in sorted(by_len.items())}
                            for c, by_len in categories.items()}}
+
+
+_STATUS_CELL = {"beyond_window": "beyond window", "failed": "FAILED"}
 
 
 def _fmt(value) -> str:
@@ -51,7 +59,10 @@ def markdown(scores: dict) -> str:
     results = scores["results"]
     lengths = sorted({r["length"] for r in results})
     lines = [f"# Long-context evaluation: {scores['model']}", "",
-             f"Model window (max_position_embeddings): {scores['model_window']}", "",
+             f"Mode: `{scores.get('mode', 'helmet')}`" + (" (HELMET's behaviour, comparable with published HELMET numbers)"
+                                                          if scores.get("mode", "helmet") == "helmet" else
+                                                          " (documented fixes of HELMET; not comparable with published numbers)"),
+             "", f"Model window (max_position_embeddings): {scores['model_window']}", "",
              "## Categories", "", "| category | " + " | ".join(map(str, lengths)) + " |",
              "|---" * (len(lengths) + 1) + "|"]
     for category, by_len in scores["categories"].items():
@@ -63,11 +74,12 @@ def markdown(scores: dict) -> str:
         by_task[r["task"]][r["length"]] = r
     for task, by_len in by_task.items():
         metric = next((r.get("metric") for r in by_len.values() if r.get("metric")), "")
-        cells = [("beyond window" if by_len[n]["status"] == "beyond_window" else _fmt(by_len[n]["score"]))
-                 if n in by_len else "" for n in lengths]
+        cells = [_STATUS_CELL.get(by_len[n]["status"]) or _fmt(by_len[n]["score"]) if n in by_len else ""
+                 for n in lengths]
         lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
     notes = sorted({f"- {r['task']} @ {r['length']}: {r.get('message') or r.get('note')}"
                     for r in results if r.get("message") or r.get("note")})
+    notes += [f"- not in this report: {item}" for item in scores.get("left_out", [])]
     if notes:
         lines += ["", "## Notes", "", *notes]
     return "\n".join(lines) + "\n"
@@ -123,12 +135,25 @@ def plot_depth_heatmap(scores: dict, path: str) -> bool:
     return True
 
 
+def _replace_into(path: str, write) -> None:
+    """`write(tmp_path)`, then move the result into place: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def write_all(scores: dict, output_dir: str, plots: bool = True):
-    with open(os.path.join(output_dir, "scores.json"), "w") as f:
-        json.dump(scores, f, indent=2)
-    with open(os.path.join(output_dir, "report.md"), "w") as f:
-        f.write(markdown(scores))
+    def text_writer(text):
+        def write(path):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        return write
     if plots:
         os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
-        plot_score_vs_length(scores, os.path.join(output_dir, "plots", "score_vs_length.png"))
-        plot_depth_heatmap(scores, os.path.join(output_dir, "plots", "recall_depth_heatmap.png"))
+        _replace_into(os.path.join(output_dir, "plots", "score_vs_length.png"), lambda p: plot_score_vs_length(scores, p))
+        heatmap = os.path.join(output_dir, "plots", "recall_depth_heatmap.png")
+        tmp = f"{heatmap}.tmp-{os.getpid()}.png"
+        if plot_depth_heatmap(scores, tmp):
+            os.replace(tmp, heatmap)
+    _replace_into(os.path.join(output_dir, "report.md"), text_writer(markdown(scores)))
+    _replace_into(os.path.join(output_dir, "scores.json"), text_writer(json.dumps(scores, indent=2)))

@@ -9,6 +9,8 @@ import sys
 
 import yaml
 
+from prolong.errors import cli_errors
+
 from .config import DEFAULTS
 from .runner import evaluate
 
@@ -31,18 +33,22 @@ def parse_args(argv=None) -> tuple[str | None, dict]:
     return args.config, overrides
 
 
+@cli_errors("evaluation.run")  # expected errors: one message, no traceback, exit 2
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config, overrides = parse_args(argv)
     from .config import load_config
     model = load_config(config, overrides)["model"]
     if not model:
-        sys.exit("error: no model given (--model PATH or `model:` in the config)")
+        raise ValueError("no model given (--model PATH or `model:` in the config)")
     overrides.pop("model", None)
     scores = evaluate(model, config=config, **overrides)
     for category, by_length in scores["categories"].items():
         print(category, {n: round(v, 1) for n, v in by_length.items() if v is not None})
     print(f"report: {scores['config']['output_dir']}/report.md")
+    if scores["failed"]:  # the others were run and reported; the exit status still says so
+        print(f"failed (see the log and report.md): {', '.join(scores['failed'])}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

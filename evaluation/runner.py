@@ -1,22 +1,36 @@
 """The evaluation loop: tasks x lengths x samples -> per-sample jsonl, scores, report and plots.
 
-Every sample is appended to `predictions/<task>_<length>.jsonl` as soon as it completes, so an
-interrupted run keeps its work and a rerun (resume=True) skips the ids already there.
+Order of work, so that nothing is lost and nothing is mixed:
+1. every task's data is checked (all missing files listed in one message) and every predictions file
+   already in output_dir is checked against this run's identity (identity.py), before the model loads;
+2. each sample is appended to `predictions/<task>_<length>.jsonl` as soon as it completes, so an
+   interrupted run keeps its work and a rerun (resume=True) skips the samples already there;
+3. a task that fails is reported as failed and the others still run;
+4. scores.json, report.md and the plots cover every (task, length) of this run found in output_dir.
 """
+import dataclasses
+import glob
 import json
 import logging
 import os
 import time
 
 import torch
+from tqdm.auto import tqdm
 
-from . import report
+from . import identity, report
 from .config import load_config
-from .generation import HFGenerator, PromptBuilder, VLLMGenerator, model_window
+from .generation import HFGenerator, PromptBuilder, VLLMGenerator
 from .judge import Judge
-from .tasks import LoadRequest, get_task
+from .tasks import DataFileMissing, LoadRequest, get_task
 
 logger = logging.getLogger(__name__)
+
+PROMPT_EDGE_CHARS = 300  # head and tail of the prompt kept in each record unless save_prompts is on
+
+
+class EvaluationError(ValueError):
+    """A run that cannot start or continue as asked; the message names the cause and the fix."""
 
 
 def _read_done(path: str) -> dict:
@@ -33,74 +47,285 @@ def _read_done(path: str) -> dict:
     return done
 
 
-def _rewrite_clean(path: str, records: dict):
-    """Drop a torn last line before appending, so the file stays valid jsonl."""
-    if records and os.path.exists(path):
-        with open(path, "w", encoding="utf-8") as f:
-            for record in records.values():
-                f.write(json.dumps(record) + "\n")
+def _rewrite(path: str, records: dict):
+    """Rewrite the jsonl from `records` (drops a torn last line; keeps re-judged records)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records.values():
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
 
 
 def _setting(cfg: dict, key: str, task_default):
     return task_default if cfg.get(key) is None else cfg[key]
 
 
-def _make_generator(model_or_path, tokenizer, cfg):
+def resolved_settings(task, cfg: dict) -> dict:
+    """The per-task settings after applying the task's (HELMET) defaults for null config keys."""
+    return {"generation_max_length": _setting(cfg, "generation_max_length", task.generation_max_length),
+            "use_chat_template": _setting(cfg, "use_chat_template", task.use_chat_template),
+            "stop_newline": _setting(cfg, "stop_newline", task.default_stop_newline(cfg.get("mode", "helmet"))
+                                     if hasattr(task, "default_stop_newline") else task.stop_newline),
+            "max_samples": _setting(cfg, "max_samples", task.default_max_samples),
+            "shots": _setting(cfg, "shots", task.shots)}
+
+
+def _load_request(task, length: int, cfg: dict, settings: dict, count_tokens, max_samples=None,
+                  tokenizer=None) -> LoadRequest:
+    fields = dict(length=length, input_budget=length - settings["generation_max_length"],
+                  max_samples=max_samples or settings["max_samples"], seed=cfg["seed"], shots=settings["shots"],
+                  data_dir=cfg["data_dir"], num_depths=cfg["num_depths"], count_tokens=count_tokens)
+    known = {f.name for f in dataclasses.fields(LoadRequest)}
+    for key in ("mode", "length_tokenizer"):  # EA's HELMET-fidelity fields, when present
+        if key in known and cfg.get(key) is not None:
+            fields[key] = cfg[key]
+    if "length_tokenizer" in known:
+        fields.setdefault("length_tokenizer", tokenizer)  # HELMET's document measures: the model's tokenizer by default
+    return LoadRequest(**fields)
+
+
+def _paths(cfg: dict, task_name: str, length: int) -> tuple[str, str]:
+    stem = os.path.join(cfg["output_dir"], "predictions", f"{task_name}_{length}")
+    return stem + ".jsonl", stem + ".run.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# before the model loads
+
+def _load_tokenizer(model_or_path, tokenizer, cfg):
+    if tokenizer is not None:
+        return tokenizer
+    if not isinstance(model_or_path, str):
+        raise EvaluationError("evaluate() with an in-memory model needs its tokenizer (tokenizer=...)")
     from transformers import AutoTokenizer
+    source = cfg.get("tokenizer") or model_or_path
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        problem = (f"folder {source!r} holds no loadable tokenizer ({first_line})" if os.path.isdir(source) else
+                   f"{source!r} not found: neither a local folder nor a Hub model id that can be loaded")
+        raise EvaluationError(f"model/tokenizer {problem}. Pass --model (and --tokenizer) pointing at a folder "
+                              "saved with save_pretrained.") from None
+
+
+def _model_config(model_or_path):
+    if not isinstance(model_or_path, str):
+        return model_or_path.config
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(model_or_path)
+
+
+def run_identity(model_or_path, tokenizer, cfg: dict) -> dict:
+    """Fields shared by every predictions file of this run (see identity.RUN_FIELDS)."""
     if isinstance(model_or_path, str):
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.get("tokenizer") or model_or_path)
+        name = os.path.abspath(model_or_path) if os.path.isdir(model_or_path) else model_or_path
+        fingerprint = identity.model_dir_fingerprint(model_or_path) if os.path.isdir(model_or_path) else None
+        dtype = "bfloat16" if torch.cuda.is_available() and cfg["backend"] == "hf" else (
+            "bfloat16" if cfg["backend"] == "vllm" else "float32")
+    else:
+        name = getattr(model_or_path.config, "_name_or_path", "") or "in-memory model"
+        fingerprint = identity.model_object_fingerprint(model_or_path)
+        dtype = str(next(model_or_path.parameters()).dtype).replace("torch.", "")
+    return {"model": name, "model_fingerprint": fingerprint, "tokenizer_fingerprint": identity.tokenizer_fingerprint(tokenizer),
+            "mode": cfg.get("mode", "helmet"), "backend": cfg["backend"], "dtype": dtype,
+            "attn_implementation": cfg["attn_implementation"]}
+
+
+def task_identity(run: dict, task, length: int, cfg: dict, settings: dict) -> dict:
+    """Everything that changes a prompt or a score of (task, length). Model-judged scores are not in
+    it: each record names its judge and is re-judged when the judge changes."""
+    return {**run, "task": task.name, "length": length, "seed": cfg["seed"], "num_depths": cfg["num_depths"],
+            "data_dir": os.path.abspath(cfg["data_dir"]) if not task.extra.get("builder") else None, **settings}
+
+
+def check_data(task_objects, cfg: dict, builder: PromptBuilder) -> None:
+    """Load every (task, length) once, with a cheap token estimate, so that every missing data file is
+    found before the model loads; raises one DataFileMissing listing them all."""
+    missing = []
+    for task in task_objects:
+        settings = resolved_settings(task, cfg)
+        for length in cfg["lengths"]:
+            estimate = lambda sample: sum(len(str(v)) for v in sample.values()) // 4  # noqa: E731 (chars/4)
+            try:
+                task.load(task, _load_request(task, length, cfg, settings, estimate, max_samples=1,
+                                              tokenizer=builder.tokenizer))
+            except DataFileMissing as error:
+                if str(error) not in missing:
+                    missing.append(str(error))
+            except Exception as error:  # noqa: BLE001 - real errors surface again (with the real counts) at run time
+                logger.debug("data check of %s at %d: %s", task.name, length, error)
+    if missing:
+        raise DataFileMissing(f"data missing for {len(missing)} task(s); nothing was run:\n" +
+                              "\n".join(f"- {m}" for m in missing))
+
+
+def check_resume(task_objects, cfg: dict, run: dict) -> None:
+    """With resume on, refuse any predictions file of a (task, length) to be run that another run wrote."""
+    if not cfg["resume"]:
+        return
+    problems = []
+    for task in task_objects:
+        settings = resolved_settings(task, cfg)
+        for length in cfg["lengths"]:
+            jsonl, meta = _paths(cfg, task.name, length)
+            if not os.path.exists(jsonl) or os.path.getsize(jsonl) == 0:
+                continue
+            if not os.path.exists(meta):
+                problems.append(f"- {jsonl}: no {os.path.basename(meta)} beside it (written by an older version or "
+                                "another tool), so what made it is unknown")
+                continue
+            with open(meta) as f:
+                saved = json.load(f).get("identity", {})
+            current = task_identity(run, task, length, cfg, settings)
+            if current.get("model_fingerprint") is None:  # a Hub id: compared again once loaded
+                current = {**current, "model_fingerprint": saved.get("model_fingerprint")}
+            diff = identity.differences(saved, current)
+            if diff:
+                problems.append(f"- {jsonl} was written by another run:\n    " + "\n    ".join(diff))
+    if problems:
+        raise EvaluationError(
+            f"output_dir {cfg['output_dir']} holds predictions that this run must not reuse:\n" + "\n".join(problems)
+            + "\nUse another output_dir, or pass resume=false (--resume false) to replace these predictions.")
+
+
+# ---------------------------------------------------------------------------------------------
+# the model and one (task, length)
+
+def _make_generator(model_or_path, tokenizer, cfg):
+    if isinstance(model_or_path, str):
         if cfg["backend"] == "vllm":
-            generator = VLLMGenerator(model_or_path, tokenizer, max_model_len=max(cfg["lengths"]))
-            from transformers import AutoConfig
-            return generator, tokenizer, getattr(AutoConfig.from_pretrained(model_or_path), "max_position_embeddings", None)
-        generator = HFGenerator.from_pretrained(model_or_path, tokenizer, attn_implementation=cfg["attn_implementation"],
-                                                prefill_chunk_size=cfg["prefill_chunk_size"])
-        return generator, tokenizer, model_window(generator.model)
-    if tokenizer is None:
-        raise ValueError("evaluate() with an in-memory model needs its tokenizer")
-    return HFGenerator(model_or_path, tokenizer, prefill_chunk_size=cfg["prefill_chunk_size"]), tokenizer, model_window(model_or_path)
+            return VLLMGenerator(model_or_path, tokenizer, max_model_len=max(cfg["lengths"]))
+        return HFGenerator.from_pretrained(model_or_path, tokenizer, attn_implementation=cfg["attn_implementation"],
+                                           prefill_chunk_size=cfg["prefill_chunk_size"])
+    return HFGenerator(model_or_path, tokenizer, prefill_chunk_size=cfg["prefill_chunk_size"])
 
 
-def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuilder, judge, window) -> dict:
+def _judge_name(judge) -> str | None:
+    return f"{judge.model}@{judge.base_url}" if judge is not None else None
+
+
+def _model_scores(task, output: str, sample: dict, judge) -> dict:
+    """Model-judged metrics of one sample; a failing judge marks the sample, never the run."""
+    if not task.judged:
+        return {}
+    if judge is None:
+        return {"judge": "skipped: no judge configured"}
+    try:
+        scores = judge.score(task, output, sample)
+    except Exception as error:  # noqa: BLE001 - URLError, timeouts, bad replies: this sample only
+        logger.warning("%s %s: judge failed: %s", task.name, sample.get("id"), error)
+        scores = {"judge": f"failed: {type(error).__name__}: {error}", "judge_failed": 1}
+    return {**scores, "judge_model": _judge_name(judge)}
+
+
+def _needs_rejudge(task, record: dict, judge) -> bool:
+    if not task.judged or judge is None:
+        return False
+    metrics = record["metrics"]
+    return metrics.get("judge_model") != _judge_name(judge) or str(metrics.get("judge", "")).startswith(("failed", "skipped"))
+
+
+def _prompt_fields(tokenizer, input_ids: list[int], save_prompts: bool) -> dict:
+    text = tokenizer.decode(input_ids, skip_special_tokens=False)  # the model's exact input, as text
+    fields = {"prompt_sha256": identity.ids_hash(input_ids)}
+    if save_prompts:
+        fields["prompt"] = text
+    else:
+        fields["prompt_head"] = text[:PROMPT_EDGE_CHARS]
+        fields["prompt_tail"] = text[-PROMPT_EDGE_CHARS:] if len(text) > PROMPT_EDGE_CHARS else ""
+    return fields
+
+
+def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuilder, judge, window, run: dict) -> dict:
     """Evaluate one task at one length; returns its summary (also when skipped)."""
-    gen_len = _setting(cfg, "generation_max_length", task.generation_max_length)
+    settings = resolved_settings(task, cfg)
+    gen_len, use_chat, stop_newline = settings["generation_max_length"], settings["use_chat_template"], settings["stop_newline"]
     summary = {"task": task.name, "category": task.category, "length": length}
+    jsonl, meta = _paths(cfg, task.name, length)
+    os.makedirs(os.path.dirname(jsonl), exist_ok=True)
+    this_identity = task_identity(run, task, length, cfg, settings)
     if window is not None and length > window and not cfg["allow_beyond_window"]:
         message = (f"length {length} exceeds the model window (max_position_embeddings={window}); not run. "
                    "Set allow_beyond_window=true to run it anyway (e.g. RoPE-scaled models).")
         logger.warning("%s: %s", task.name, message)
-        return {**summary, "status": "beyond_window", "message": message, "score": None, "n": 0}
-    use_chat = _setting(cfg, "use_chat_template", task.use_chat_template)
-    stop_newline = _setting(cfg, "stop_newline", task.stop_newline)
-    request = LoadRequest(length=length, input_budget=length - gen_len,
-                          max_samples=_setting(cfg, "max_samples", task.default_max_samples), seed=cfg["seed"],
-                          shots=_setting(cfg, "shots", task.shots), data_dir=cfg["data_dir"],
-                          num_depths=cfg["num_depths"], count_tokens=builder.count(task, use_chat))
+        result = {**summary, "status": "beyond_window", "message": message, "score": None, "n": 0}
+        identity.write_json_atomic(meta, {"identity": this_identity, "summary": result})
+        return result
+    request = _load_request(task, length, cfg, settings, builder.count(task, use_chat), tokenizer=builder.tokenizer)
     samples = task.load(task, request)
 
-    path = os.path.join(cfg["output_dir"], "predictions", f"{task.name}_{length}.jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    done = _read_done(path) if cfg["resume"] else {}
-    _rewrite_clean(path, done)
-    with open(path, "a" if cfg["resume"] else "w", encoding="utf-8") as out:
-        for sample in samples:
-            if sample["id"] in done:
-                continue
-            input_ids, cut = builder.truncated_ids(task, sample, use_chat, request.input_budget)
+    done = _read_done(jsonl) if cfg["resume"] else {}
+    prompts = []
+    for sample in samples:
+        input_ids, cut = builder.truncated_ids(task, sample, use_chat, request.input_budget, mode=request.mode)
+        prompts.append((input_ids, cut))
+        old = done.get(sample["id"])
+        if old is not None and old.get("prompt_sha256") != identity.ids_hash(input_ids):
+            raise EvaluationError(f"{jsonl}: sample {sample['id']} was made from another prompt than this run builds "
+                                  "(data, tokenizer or prompt settings changed). Use another output_dir or resume=false.")
+    identity.write_json_atomic(meta, {"identity": this_identity, "summary": None})  # claims the file
+    if done:
+        for sample in samples:  # re-judge kept outputs whose judge failed or changed; no regeneration
+            record = done.get(sample["id"])
+            if record is not None and _needs_rejudge(task, record, judge):
+                record["metrics"] = {**{k: v for k, v in record["metrics"].items() if not k.startswith("judge")},
+                                     **_model_scores(task, record["output"], sample, judge)}
+    _rewrite(jsonl, done)  # also drops a torn last line, and starts the file afresh without resume
+
+    todo = [(s, p) for s, p in zip(samples, prompts) if s["id"] not in done]
+    tokens, seconds = 0, 0.0
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"{task.name} @ {length}", unit="sample",
+               disable=not cfg.get("progress", True), dynamic_ncols=True)
+    with open(jsonl, "a", encoding="utf-8") as out, bar:
+        for sample, (input_ids, cut) in todo:
             start = time.time()
             output = generator.generate(input_ids, gen_len, stop_newline)
-            metrics = task.score(output, sample)
-            if task.judged:
-                metrics.update(judge.score(task, output, sample) if judge else {"judge": "skipped: no judge configured"})
+            elapsed = time.time() - start
+            scored = task.score_output(output, sample, use_chat) if hasattr(task, "score_output") else task.score(output, sample)
+            metrics = {**scored, **_model_scores(task, output, sample, judge)}
             record = {"id": sample["id"], "task": task.name, "length": length, "input_tokens": len(input_ids),
                       "truncated_tokens": cut, "depth": sample.get("depth"), "output": output,
-                      "answer": sample["answer"], "metrics": metrics, "seconds": round(time.time() - start, 3)}
+                      "answer": sample["answer"], "metrics": metrics, "seconds": round(elapsed, 3),
+                      **_prompt_fields(builder.tokenizer, input_ids, cfg.get("save_prompts", False))}
             out.write(json.dumps(record) + "\n")
             out.flush()  # written as each sample completes
             done[sample["id"]] = record
+            tokens += len(input_ids) + len(builder.tokenizer(output, add_special_tokens=False)["input_ids"])
+            seconds += elapsed
+            bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):,.0f} tok/s", refresh=False)
+            bar.update(1)
     records = [done[s["id"]] for s in samples if s["id"] in done]
-    return {**summary, **report.summarise(task, records), "status": "ok", "use_chat_template": use_chat,
-            "stop_newline": stop_newline, "generation_max_length": gen_len}
+    result = {**summary, **report.summarise(task, records), "status": "ok", "use_chat_template": use_chat,
+              "stop_newline": stop_newline, "generation_max_length": gen_len}
+    identity.write_json_atomic(meta, {"identity": this_identity, "summary": result})
+    return result
+
+
+def collect_results(cfg: dict, run: dict, current: list) -> tuple[list, list]:
+    """This invocation's results plus those of earlier invocations of the same run (same model,
+    tokenizer, mode...) found in output_dir; returns (results, notes about files left out)."""
+    by_key = {}
+    left_out = []
+    for meta in sorted(glob.glob(os.path.join(cfg["output_dir"], "predictions", "*.run.json"))):
+        try:
+            with open(meta) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not saved.get("summary"):
+            continue
+        diff = identity.differences(saved.get("identity", {}), run, identity.RUN_FIELDS)
+        if diff:
+            left_out.append(f"{os.path.basename(meta)[:-len('.run.json')]}: another run ({'; '.join(diff)})")
+            continue
+        by_key[(saved["summary"]["task"], saved["summary"]["length"])] = saved["summary"]
+    for result in current:
+        by_key[(result["task"], result["length"])] = result
+    from .tasks import TASKS
+    order = {name: i for i, name in enumerate(TASKS)}
+    results = [by_key[k] for k in sorted(by_key, key=lambda k: (order.get(k[0], len(order)), k[0], k[1]))]
+    return results, left_out
 
 
 def evaluate(model_or_path, tokenizer=None, tasks=None, lengths=None, output_dir=None, config: str | None = None,
@@ -111,19 +336,36 @@ def evaluate(model_or_path, tokenizer=None, tasks=None, lengths=None, output_dir
     (then pass its tokenizer). Any config key (see config.DEFAULTS) can be passed as a keyword."""
     given = {k: v for k, v in dict(tasks=tasks, lengths=lengths, output_dir=output_dir, **overrides).items() if v is not None}
     cfg = load_config(config, given)
-    task_objects = [get_task(name) for name in cfg["tasks"]]  # unknown names fail before any work
-    generator, tokenizer, window = _make_generator(model_or_path, tokenizer, cfg)
+    try:
+        task_objects = [get_task(name) for name in cfg["tasks"]]  # unknown names fail before any work
+    except KeyError as error:
+        raise EvaluationError(error.args[0]) from None
+    tokenizer = _load_tokenizer(model_or_path, tokenizer, cfg)
     builder = PromptBuilder(tokenizer)
+    check_data(task_objects, cfg, builder)
+    run = run_identity(model_or_path, tokenizer, cfg)
+    check_resume(task_objects, cfg, run)
+    window = getattr(_model_config(model_or_path), "max_position_embeddings", None)
     judge = Judge.from_config(cfg)
     os.makedirs(cfg["output_dir"], exist_ok=True)
+    generator = _make_generator(model_or_path, tokenizer, cfg)
+    if run["model_fingerprint"] is None and hasattr(generator, "model"):  # a Hub id: fingerprint what was loaded
+        run["model_fingerprint"] = identity.model_object_fingerprint(generator.model)
+        check_resume(task_objects, cfg, run)
 
-    results = []
+    current = []
     with torch.no_grad():
         for task in task_objects:
             for length in cfg["lengths"]:
                 logger.info("evaluating %s at %d tokens", task.name, length)
-                results.append(run_task_length(task, length, cfg, generator, builder, judge, window))
-    model_name = model_or_path if isinstance(model_or_path, str) else getattr(model_or_path.config, "_name_or_path", "in-memory model")
-    scores = report.build_scores(results, model_name=model_name, config=cfg, window=window)
+                try:
+                    current.append(run_task_length(task, length, cfg, generator, builder, judge, window, run))
+                except Exception as error:  # noqa: BLE001 - one task's failure must not lose the others' report
+                    logger.exception("%s at %d failed", task.name, length)
+                    current.append({"task": task.name, "category": task.category, "length": length, "status": "failed",
+                                    "message": f"failed: {type(error).__name__}: {error}", "score": None, "n": 0})
+    results, left_out = collect_results(cfg, run, current)
+    scores = report.build_scores(results, model_name=run["model"], config=cfg, window=window, identity=run,
+                                 left_out=left_out)
     report.write_all(scores, cfg["output_dir"], plots=cfg["plots"])
     return scores

@@ -151,8 +151,14 @@ def fit_items_to_length(build, count_tokens, target_tokens: int, max_iterations:
 
 
 def needle_depths(num_samples: int, num_depths: int) -> list[float]:
-    """Evenly spaced depths (0%, ..., 100%) cycled over samples, for the depth x length heatmap."""
+    """Depths on the grid 0%, ..., 100% (`num_depths` points) stratified over the samples, for the
+    depth x length heatmap: fewer samples than depths still span 0% to 100% evenly (3 samples of 11
+    depths: 0%, 50%, 100%); more samples give each depth an equal share (+-1), spread in order."""
     if num_depths <= 1:
         return [0.5] * num_samples
     grid = [i / (num_depths - 1) for i in range(num_depths)]
-    return [grid[i % num_depths] for i in range(num_samples)]
+    if num_samples < num_depths:
+        if num_samples == 1:
+            return [0.5]
+        return [grid[round(i * (num_depths - 1) / (num_samples - 1))] for i in range(num_samples)]
+    return [grid[i * num_depths // num_samples] for i in range(num_samples)]

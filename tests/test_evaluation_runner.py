@@ -1,0 +1,151 @@
+"""The runner on tiny random Llamas saved to disk: resume never mixes runs, nothing is lost, progress
+and prompts are visible, callback scores reach TensorBoard."""
+import json
+import os
+import socket
+
+import pytest
+from test_evaluation import make_model, make_tokenizer
+
+from evaluation import evaluate
+from evaluation.runner import EvaluationError
+from evaluation.synthetic import needle_depths
+from evaluation.tasks import DataFileMissing
+
+FAST = dict(tasks=["json_kv"], lengths=[256], max_samples=2, generation_max_length=8, plots=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def _save_model(path, tokenizer, seed):
+    import torch
+    model = make_model(len(tokenizer))
+    torch.manual_seed(seed)
+    for param in model.parameters():  # another random model of the same architecture
+        torch.nn.init.normal_(param, std=0.5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("models")
+    return _save_model(root / "a", tokenizer, 1), _save_model(root / "b", tokenizer, 2)
+
+
+def _outputs(out, name="json_kv_256"):
+    return [json.loads(line)["output"] for line in (out / "predictions" / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_model_b_never_gets_model_a_predictions(models, tmp_path):
+    model_a, model_b = models
+    out = tmp_path / "shared"
+    evaluate(model_a, output_dir=str(out), **FAST)
+    a_outputs = _outputs(out)
+    evaluate(model_b, output_dir=str(tmp_path / "fresh"), **FAST)
+    b_outputs = _outputs(tmp_path / "fresh")
+    assert a_outputs != b_outputs  # the two models answer differently
+    with pytest.raises(EvaluationError, match=r"(?s)json_kv_256.jsonl was written by another run.*model_fingerprint"):
+        evaluate(model_b, output_dir=str(out), **FAST)  # resume is on by default: refused, not reused
+    assert _outputs(out) == a_outputs  # and A's predictions are untouched
+    scores = evaluate(model_b, output_dir=str(out), resume=False, **FAST)
+    assert _outputs(out) == b_outputs and scores["identity"]["model"] == os.path.abspath(model_b)
+    # a setting that changes the score is part of the key too
+    with pytest.raises(EvaluationError, match="generation_max_length: 8 .* vs 9"):
+        evaluate(model_b, output_dir=str(out), **{**FAST, "generation_max_length": 9})
+    # the same model and settings resume (nothing regenerated: the file is unchanged)
+    before = (out / "predictions" / "json_kv_256.jsonl").read_bytes()
+    evaluate(model_b, output_dir=str(out), **FAST)
+    assert (out / "predictions" / "json_kv_256.jsonl").read_bytes() == before
+
+
+def test_report_covers_every_length_in_the_output_dir_and_names_the_mode(models, tmp_path):
+    model_a, _ = models
+    evaluate(model_a, output_dir=str(tmp_path), **{**FAST, "lengths": [128, 256]})
+    scores = evaluate(model_a, output_dir=str(tmp_path), **{**FAST, "lengths": [512]})
+    assert {r["length"] for r in scores["results"]} == {128, 256, 512}
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert set(saved["categories"]["recall"]) == {"128", "256", "512"} and saved["mode"] == "helmet"
+    report = (tmp_path / "report.md").read_text()
+    assert "| json_kv | substring_exact_match | " in report and "| 128 | 256 | 512 |" in report
+    assert "Mode: `helmet`" in report
+
+
+def test_a_failing_task_is_reported_and_the_others_still_report(models, tmp_path):
+    data = tmp_path / "data" / "kilt"
+    data.mkdir(parents=True)
+    broken = json.dumps({"id": "q1", "question": "who?", "answers": ["x"]}) + "\n"  # no "ctxs": fails at run time
+    for name in ("nq-dev-multikilt_1000_k20_dep6.jsonl", "nq-train-multikilt_1000_k3_dep6.jsonl"):
+        (data / name).write_text(broken)
+    scores = evaluate(models[0], output_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"),
+                      **{**FAST, "tasks": ["kilt_nq", "json_kv"]})
+    status = {r["task"]: r["status"] for r in scores["results"]}
+    assert status == {"kilt_nq": "failed", "json_kv": "ok"} and scores["failed"] == ["kilt_nq @ 256"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| kilt_nq |  | FAILED |" in report and "KeyError: 'ctxs'" in report
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["categories"]["recall"]["256"] is not None
+
+
+def test_all_missing_data_is_listed_before_the_model_loads(models, tmp_path):
+    broken_model = tmp_path / "model"
+    broken_model.mkdir()
+    for name in os.listdir(models[0]):
+        (broken_model / name).write_bytes((open(os.path.join(models[0], name), "rb")).read())
+    (broken_model / "model.safetensors").write_bytes(b"not weights")  # loading the model would fail
+    with pytest.raises(DataFileMissing) as error:
+        evaluate(str(broken_model), output_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "nodata"),
+                 **{**FAST, "tasks": ["json_kv", "kilt_nq", "msmarco_rerank_psg", "icl_trec_fine"]})
+    message = str(error.value)
+    assert message.startswith("data missing for 3 task(s); nothing was run")
+    for expected in ("nq-dev-multikilt_1000_k20_dep6.jsonl", "test_reranking_data_k14_dep3.jsonl",
+                     "icl_trec_fine_train.jsonl", "princeton-nlp/HELMET", "CogComp/trec"):
+        assert expected in message
+    assert not (tmp_path / "out" / "predictions").exists()
+
+
+def test_a_judge_that_is_down_marks_the_samples_and_keeps_the_predictions(models, tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on: every judge call is refused (URLError)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path / "data" / "narrativeqa"
+    folder.mkdir(parents=True)
+    book = "The grass is green. " * 26300  # 131,500 tokens: HELMET keeps only books over 131,072
+    rows = [{"id": f"s{i}", "context": book, "question": "What colour?", "answer": ["green"]}
+            for i in range(2)]
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = evaluate(models[0], output_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"), shots=0,
+                      mode="fixed", judge_base_url=f"http://127.0.0.1:{port}/v1", use_chat_template=False,
+                      **{**FAST, "tasks": ["narrativeqa"], "lengths": [512]})
+    result = scores["results"][0]
+    assert result["status"] == "ok" and result["n"] == 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "predictions" / "narrativeqa_512.jsonl").read_text().splitlines()]
+    assert all(r["metrics"]["judge_failed"] == 1 and r["metrics"]["judge"].startswith("failed: judge call: URLError")
+               for r in records)
+    assert result["metric"] == "rougeL_f1"  # no judged sample: the fallback metric, with a note
+
+
+def test_records_hold_the_prompt_and_progress_is_shown(models, tmp_path, capfd):
+    evaluate(models[0], output_dir=str(tmp_path / "short"), **{**FAST, "progress": True, "lengths": [512]})
+    progress = capfd.readouterr().err
+    assert "json_kv @ 512: 100%" in progress and "2/2" in progress and "tok/s" in progress
+    record = json.loads((tmp_path / "short" / "predictions" / "json_kv_512.jsonl").read_text().splitlines()[0])
+    assert record["prompt_head"].startswith("JSON data:\n{") and record["prompt_tail"].endswith("Corresponding value:")
+    assert len(record["prompt_sha256"]) == 16 and "prompt" not in record
+    evaluate(models[0], output_dir=str(tmp_path / "full"), save_prompts=True, **{**FAST, "lengths": [512]})
+    full = json.loads((tmp_path / "full" / "predictions" / "json_kv_512.jsonl").read_text().splitlines()[0])
+    assert full["prompt"].startswith(record["prompt_head"]) and full["prompt"].endswith(record["prompt_tail"])
+    assert full["prompt_sha256"] == record["prompt_sha256"]
+
+
+@pytest.mark.parametrize("samples,depths,expected", [(3, 11, [0.0, 0.5, 1.0]), (2, 11, [0.0, 1.0]),
+                                                     (5, 5, [0.0, 0.25, 0.5, 0.75, 1.0]),
+                                                     (4, 3, [0.0, 0.0, 0.5, 1.0])])
+def test_needle_depths_cover_the_range_for_any_sample_count(samples, depths, expected):
+    assert needle_depths(samples, depths) == expected
+    grid = needle_depths(100, 11)
+    assert min(grid) == 0.0 and max(grid) == 1.0 and max(grid.count(d) for d in set(grid)) - min(
+        grid.count(d) for d in set(grid)) <= 1

@@ -122,6 +122,14 @@ class CPTConfig(TrainingArguments):
     remove_unused_columns: bool = False  # the collator needs `indices` and `mask`
     report_to: None | str | list[str] = "tensorboard"
     output_dir: str | None = "outputs/run"
+    resume_from_checkpoint: str | None = field(
+        default="auto",
+        metadata={"help": "auto: continue from the newest complete checkpoint in output_dir if there is one "
+                  "(prolong/checkpoints.py); or a checkpoint path."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start at step 0 in an output_dir that holds checkpoints (removes them)."}
+    )
 
     # Stage hand-off and loss
     init_from: str | None = field(
@@ -321,6 +329,14 @@ class SFTRecipeConfig(SFTConfig):
     save_steps: float = 125
     report_to: None | str | list[str] = "tensorboard"
     output_dir: str | None = "outputs/sft"
+    resume_from_checkpoint: str | None = field(
+        default="auto",
+        metadata={"help": "auto: continue from the newest complete checkpoint in output_dir if there is one "
+                  "(prolong/checkpoints.py); or a checkpoint path."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start at step 0 in an output_dir that holds checkpoints (removes them)."}
+    )
     # ModelConfig.trust_remote_code is the one recipe key; this copy is filled from it by run_sft.
     trust_remote_code: bool = field(default=False, init=False)
 

@@ -22,7 +22,7 @@ def setup_logging(args) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
-# weight and adapter files of a saved model (sharded or not), removed before a new final model moves in
+# weight and adapter files of a saved model (sharded or not)
 MODEL_FILES = (
     "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
     "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "generation_config.json",
@@ -66,20 +66,22 @@ def require_loadable_weights(path: str) -> None:
 def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=None) -> str:
     """Save model, tokenizer and model card to output_dir, atomically, and push if asked.
 
-    Files are written to ``output_dir/.final-tmp`` first and moved into place with config.json
-    last, so an interrupted save never leaves a directory that ``from_pretrained`` would load.
+    The new model is written beside output_dir and the two directories are swapped in one step
+    (:func:`publish_directory`), so ``from_pretrained(output_dir)`` loads the previous model until
+    the new one is complete, and the new one after: a kill at any point leaves one of the two.
     """
     output_dir = trainer.args.output_dir
     if trainer.state.global_step < trainer.state.max_steps:  # preempted: the checkpoint is the state
         logger.warning(
-            "Stopped at step %d of %d: no final model written; continue with --resume_from_checkpoint true.",
+            "Stopped at step %d of %d: no final model written; run the same command again to continue "
+            "(resume_from_checkpoint: auto).",
             trainer.state.global_step,
             trainer.state.max_steps,
         )
         return output_dir
-    staging = os.path.join(output_dir, ".final-tmp")
+    staging, _ = _final_save_siblings(output_dir)
     if trainer.is_world_process_zero():
-        shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted save
+        recover_final_save(output_dir)  # leftovers of an interrupted save
     trainer.accelerator.wait_for_everyone()
     save_full_weights(trainer, staging)
     if trainer.is_world_process_zero():
@@ -98,21 +100,130 @@ def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=
             mixture=mixture,
             log_history=trainer.state.log_history,
         )
-        # a model from an earlier run in this directory stops looking complete until the new one
-        # is in, and none of its weight files may outlive it (a stale adapter_config.json would
-        # make from_pretrained apply an old LoRA adapter to the new weights)
-        for name in os.listdir(output_dir):
-            if name == "config.json" or any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES):
-                os.remove(os.path.join(output_dir, name))
-        names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
-        for name in names:
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-        shutil.rmtree(staging, ignore_errors=True)
+        publish_directory(staging, output_dir)
         logger.info("Saved the final model to %s", output_dir)
     trainer.accelerator.wait_for_everyone()
     if trainer.args.push_to_hub:
         trainer.push_to_hub(commit_message=f"ProLong {stage}")
     return output_dir
+
+
+# -- publishing a directory in one step ------------------------------------------------------
+# Files of a previous final model: they leave with it (a stale adapter_config.json would make
+# from_pretrained apply an old LoRA adapter to the new weights, a stale tokenizer file would mix
+# tokenizers). Everything else in output_dir (checkpoints, logs, the user's files) is kept.
+PREVIOUS_MODEL_FILES = MODEL_FILES + (
+    "config.json", "README.md", "trainer_state.json", "training_args.bin", "tokenizer*", "special_tokens_map.json",
+    "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "spiece.model",
+)
+PUBLISH_MARKER = ".final-complete"  # in the new directory once it is whole: recovery may roll forward
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _final_save_siblings(output_dir: str) -> tuple[str, str]:
+    """Where the new model is written and where the old directory goes: beside output_dir (same
+    file system, so renames are atomic), never inside it."""
+    parent, name = os.path.split(os.path.abspath(output_dir))
+    return os.path.join(parent, f".{name}.final-new"), os.path.join(parent, f".{name}.final-old")
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE; Python has no binding).
+    False where the system or file system cannot (then two renames are used)."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), a, None, b)
+
+
+def _carry_over(output_dir: str, staging: str) -> None:
+    """Put output_dir's checkpoints, logs and other files into the new directory: hard links (no
+    copy, and output_dir stays whole until the swap), moved where the file system has none."""
+    for name in os.listdir(output_dir):
+        src, dst = os.path.join(output_dir, name), os.path.join(staging, name)
+        if os.path.lexists(dst) or name == PUBLISH_MARKER:
+            continue
+        if os.path.isdir(src) and not os.path.islink(src):
+            try:
+                shutil.copytree(src, dst, symlinks=True, copy_function=os.link)
+            except OSError:
+                shutil.rmtree(dst, ignore_errors=True)
+                os.rename(src, dst)  # recover_final_save moves it back if the swap does not happen
+        elif not any(fnmatch.fnmatch(name, pattern) for pattern in PREVIOUS_MODEL_FILES):
+            try:
+                os.link(src, dst, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def publish_directory(staging: str, output_dir: str) -> None:
+    """Make the complete directory ``staging`` the new ``output_dir`` in one step.
+
+    output_dir's own entries (checkpoints, logs) are carried over first, everything is synced,
+    then the directories are swapped atomically (or, where the file system cannot swap, renamed
+    twice; :func:`recover_final_save` completes an interrupted pair of renames at the next start).
+    """
+    from prolong.checkpoints import fsync_dir, fsync_tree
+
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    if os.path.isdir(output_dir):
+        _carry_over(output_dir, staging)
+    fsync_tree(staging)
+    with open(os.path.join(staging, PUBLISH_MARKER), "w") as f:
+        os.fsync(f.fileno())
+    fsync_dir(staging)
+    if not os.path.isdir(output_dir):
+        os.rename(staging, output_dir)
+        retired = None
+    elif _exchange(staging, output_dir):
+        retired = staging  # now holds the previous directory
+    else:
+        retired = _final_save_siblings(output_dir)[1]
+        os.rename(output_dir, retired)
+        os.rename(staging, output_dir)
+    fsync_dir(parent)
+    os.remove(os.path.join(output_dir, PUBLISH_MARKER))
+    if retired is not None:
+        shutil.rmtree(retired)
+
+
+def recover_final_save(output_dir: str) -> None:
+    """Finish or undo a final save that was interrupted (run at every start and before a final save).
+
+    - output_dir missing between the two renames: the new directory if it was complete, else the old one;
+    - entries moved out of output_dir into the new directory before a swap that never came: moved back;
+    - the leftover directory (an unfinished new model, or the previous one after the swap): removed.
+    """
+    new, old = _final_save_siblings(output_dir)
+    if not os.path.exists(output_dir):
+        if os.path.isfile(os.path.join(new, PUBLISH_MARKER)):
+            os.rename(new, output_dir)
+        elif os.path.isdir(old):
+            os.rename(old, output_dir)
+    for leftover in (new, old):
+        if not os.path.isdir(leftover):
+            continue
+        if os.path.isdir(output_dir):
+            for name in os.listdir(leftover):
+                src, dst = os.path.join(leftover, name), os.path.join(output_dir, name)
+                if os.path.isdir(src) and not os.path.islink(src) and not os.path.lexists(dst):
+                    logger.warning("Moving %s back into %s (an interrupted final save had moved it).", name, output_dir)
+                    os.rename(src, dst)
+        logger.info("Removing %s, left by an interrupted final save.", leftover)
+        shutil.rmtree(leftover)
+    marker = os.path.join(output_dir, PUBLISH_MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
 
 
 def close_process_group(trainer) -> None:

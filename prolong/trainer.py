@@ -7,8 +7,9 @@ What it adds, and why each is not already in transformers:
   (all accumulation micro-steps, all devices: the Trainer's ``num_items_in_batch``). On CUDA a
   fused linear cross-entropy runs instead by default (``loss_kernel``: Liger's, else TRL's); the
   start of the run logs which loss runs.
-* a sequential sampler: ``MixtureDataset`` already shuffles deterministically, so the data
-  position is the step counter and resuming is exact.
+* a sequential sampler: ``MixtureDataset`` already shuffles deterministically; checkpoints
+  record the sequences consumed and a resumed run continues at the next unseen one
+  (``prolong.checkpoints``: complete checkpoints only, also with another batch size).
 * tokens/s, step time and peak memory in the logs (``ThroughputLogMixin``, shared with SFT).
 * stage hand-off: ``init_from`` + ``load_optimizer_state`` loads the previous stage's optimizer
   state (also FSDP2's sharded one) into a fresh optimizer whose learning-rate schedule starts over.
@@ -20,11 +21,9 @@ What it adds, and why each is not already in transformers:
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import logging
 import os
-import re
 import resource
 import signal
 import time
@@ -34,6 +33,7 @@ import trl
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
+from prolong.checkpoints import CompleteCheckpointsMixin, last_checkpoint
 from prolong.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
 from prolong.config import RecipeError
 from prolong.model_card import write_trainer_model_card
@@ -50,17 +50,6 @@ LOSS_KERNELS = {  # what runs, for the log
     "trl": "TRL's fused chunked log-prob kernel (ChunkedLogProbFunction)",
     "chunked": "chunked fp32 cross-entropy, each chunk recomputed in the backward (prolong.loss)",
 }
-
-
-def last_checkpoint(directory: str) -> str | None:
-    """The newest complete ``checkpoint-N`` under ``directory`` (None if there is none)."""
-    found = [
-        (int(m.group(1)), path)
-        for path in glob.glob(os.path.join(directory, "checkpoint-*"))
-        if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path)))
-        and os.path.exists(os.path.join(path, "trainer_state.json"))
-    ]
-    return max(found)[1] if found else None
 
 
 class _HiddenStateCapture:
@@ -139,11 +128,11 @@ class KeepModelCardMixin:
         super()._push_from_checkpoint(checkpoint_folder)
 
 
-class SFTTrainer(KeepModelCardMixin, ThroughputLogMixin, trl.SFTTrainer):
+class SFTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixin, trl.SFTTrainer):
     """TRL's SFTTrainer with our throughput logging (the SFT stage, prolong/run_sft.py)."""
 
 
-class CPTTrainer(KeepModelCardMixin, ThroughputLogMixin, Trainer):
+class CPTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixin, Trainer):
     # our compute_loss divides by the whole step's token count itself
     loss_is_scaled_for_ga = True
 

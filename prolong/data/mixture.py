@@ -8,10 +8,12 @@
 * The k-th item of a domain is row ``perm_epoch[k % n]`` of that domain, with a fresh seeded
   permutation for every pass over the domain.
 
-Because nothing depends on iteration history, the exact data position of a run is just the step
-counter the Trainer already saves: resuming skips the consumed indices (no data is read to skip
-them), never repeats or drops a sequence, and gives the same result with any number of dataloader
-workers. Rows are read from memory-mapped Arrow files, so memory does not grow with the corpus.
+Because nothing depends on iteration history, the exact data position of a run is the number of
+sequences it consumed, which every checkpoint records (``prolong.checkpoints``): a resumed run
+calls ``start_at(consumed)`` and continues at the next unseen sequence, also with another
+``global_batch_size`` (no data is read to skip, no sequence is repeated or dropped, the same
+result with any number of dataloader workers). Rows are read from memory-mapped Arrow files, so
+memory does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class MixtureDataset(Dataset):
             )
         self.paths = [p for p, share in mixture.items() if share > 0]
         self.seed, self.block_size, self.num_sequences, self.max_length = seed, block_size, num_sequences, max_length
+        self.first = 0  # item i of this dataset is sequence first + i of the mixture's stream
         # per domain: rows longer than max_length are cut into pieces; `piece_ends` (cumulative
         # pieces per row) maps an item to its (row, piece), None when every row is one item
         self.datasets, self.piece_ends, self.num_items, item_tokens = [], [], [], []
@@ -141,6 +144,10 @@ class MixtureDataset(Dataset):
     def __len__(self) -> int:
         return self.num_sequences
 
+    def start_at(self, position: int) -> None:
+        """Make item 0 the mixture's sequence ``position`` (a resumed run's next unseen sequence)."""
+        self.first = int(position)
+
     def _make_block_order(self, block: int) -> np.ndarray:
         order = np.repeat(np.arange(len(self.paths)), self.block_counts)
         np.random.default_rng([self.seed, block]).shuffle(order)
@@ -153,6 +160,7 @@ class MixtureDataset(Dataset):
         """(domain, row, piece) of item ``index``."""
         if not 0 <= index < self.num_sequences:
             raise IndexError(index)
+        index += self.first
         block, offset = divmod(index, self.block_size)
         order = self._block_order(block)
         domain = int(order[offset])
@@ -195,6 +203,12 @@ class BalancedOrder(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset) - len(self.dataset) % self.block
+
+    def start_at(self, position: int) -> None:
+        """Blocks start at the mixture's sequence ``position``: a resumed run (possibly with another
+        batch size) balances exactly the sequences it has not seen yet."""
+        self.dataset.start_at(position)
+        self._block_layout.cache_clear()
 
     def _make_block_layout(self, block: int) -> list[int]:
         first = block * self.block

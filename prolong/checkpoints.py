@@ -1,0 +1,290 @@
+"""Checkpoints that are complete or ignored, resuming from the newest complete one, and the data
+position (sequences consumed) stored with each checkpoint.
+
+What transformers 5.24 does not do, and why this module exists:
+
+* The Trainer writes ``checkpoint-N`` in place and never syncs it: after a kill or a power loss
+  the newest directory can hold a missing, partial or 0-byte ``trainer_state.json`` /
+  ``optimizer.pt``, and ``get_last_checkpoint`` still picks it. Here a checkpoint counts as
+  complete only once ``checkpoint_complete.json`` exists, written LAST, after every file of the
+  checkpoint was fsynced; it lists each file with its size, so a file truncated later (a power
+  loss before the file system flushed it) is noticed too.
+* The Trainer resumes by skipping ``global_step x gradient_accumulation_steps`` batches of the
+  *current* run: with another ``global_batch_size`` it lands on the wrong sequence. The marker
+  records the sequences consumed, and the train-time mixture starts exactly there
+  (``MixtureDataset.start_at``); datasets that cannot (SFT's) refuse a changed batch size.
+* The Trainer's rotation (``save_total_limit``) runs before anything marks the new checkpoint
+  complete and sorts by mtime; ours runs after the marker and keeps the newest complete ones.
+* One behaviour for an ``output_dir`` that already holds checkpoints: ``resume_from_checkpoint:
+  auto`` (the default) continues from the newest complete one; ``overwrite_output_dir: true``
+  removes them and starts over; anything else is refused with those two ways out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+
+from prolong.config import RecipeError
+
+logger = logging.getLogger(__name__)
+
+MARKER = "checkpoint_complete.json"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_RESUME_NEWEST = ("true", "auto", "latest")
+_NO_RESUME = ("", "none", "false", "no")
+
+
+# -- durability ------------------------------------------------------------------------------
+def fsync_tree(path: str) -> None:
+    """Flush every file and directory under ``path`` (and ``path`` itself) to the disk."""
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the directory's entries (created or renamed files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_sizes(path: str) -> dict[str, int]:
+    sizes = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            sizes[os.path.relpath(full, path)] = os.path.getsize(full)
+    return sizes
+
+
+def mark_complete(path: str, record: dict) -> None:
+    """Write the marker (after the caller fsynced the checkpoint), then sync it and its directory."""
+    record = dict(record, files=_file_sizes(path))
+    tmp = os.path.join(path, MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, MARKER))
+    fsync_dir(path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+# -- completeness ----------------------------------------------------------------------------
+def incomplete_reason(path: str) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None when it is."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        return f"no {MARKER} (its save did not finish)"
+    try:
+        with open(marker) as f:
+            record = json.load(f)
+        files = record["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{MARKER} is unreadable ({type(error).__name__})"
+    for name, size in files.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        actual = os.path.getsize(full)
+        if actual != size:
+            return f"{name} has {actual} bytes, {size} were written (truncated: power loss or a copy cut short)"
+    return None
+
+
+def checkpoint_record(path: str) -> dict:
+    """The marker of a complete checkpoint: global_step, sequences_consumed, sequences_per_step."""
+    reason = incomplete_reason(path)
+    if reason is not None:
+        raise RecipeError(
+            f"resume_from_checkpoint: {path} is not a complete checkpoint: {reason}. Resume from another "
+            "one, or use resume_from_checkpoint: auto (the newest complete one)."
+        )
+    with open(os.path.join(path, MARKER)) as f:
+        return json.load(f)
+
+
+def checkpoints(directory: str) -> list[tuple[int, str]]:
+    """Every ``checkpoint-N`` directory under ``directory``, oldest step first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = _CHECKPOINT.fullmatch(name)
+        if match and os.path.isdir(os.path.join(directory, name)):
+            found.append((int(match.group(1)), os.path.join(directory, name)))
+    return sorted(found)
+
+
+def last_checkpoint(directory: str, log: bool = True) -> str | None:
+    """The newest complete ``checkpoint-N`` under ``directory`` (None if there is none); logs
+    each newer one it skips and why."""
+    for _, path in reversed(checkpoints(directory)):
+        reason = incomplete_reason(path)
+        if reason is None:
+            return path
+        if log:
+            logger.warning("Skipping %s: %s.", path, reason)
+    return None
+
+
+# -- what a run does with an output_dir that holds checkpoints --------------------------------
+def remove_checkpoint(path: str) -> None:
+    """Marker first: a removal cut short leaves a directory that no resume picks."""
+    try:
+        os.remove(os.path.join(path, MARKER))
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_resume(args) -> str | None:
+    """The checkpoint this run continues from (None: start at step 0), per the rules above."""
+    from prolong.outputs import recover_final_save
+
+    with args.main_process_first(desc="resolve resume_from_checkpoint", local=False):
+        main = args.process_index == 0
+        if main:
+            recover_final_save(args.output_dir)
+        return _resolve(args, log=main)
+
+
+def _resolve(args, log: bool) -> str | None:
+    value = args.resume_from_checkpoint
+    text = "" if value is None else str(value).strip()
+    existing = checkpoints(args.output_dir)
+    names = ", ".join(os.path.basename(p) for _, p in existing)
+    if getattr(args, "overwrite_output_dir", False):
+        if text.lower() not in _RESUME_NEWEST + _NO_RESUME:
+            raise RecipeError(
+                f"overwrite_output_dir: true starts over, resume_from_checkpoint: {text} continues a run: "
+                "remove one of them."
+            )
+        if existing and log:
+            logger.warning("overwrite_output_dir: removing %s from %s; training starts at step 0.", names, args.output_dir)
+        if args.process_index == 0:
+            for _, path in existing:
+                remove_checkpoint(path)
+        return None
+    if text.lower() in _NO_RESUME:
+        if existing:
+            raise RecipeError(
+                f"output_dir {args.output_dir} already holds {names} from an earlier run, and "
+                f"resume_from_checkpoint is {text or 'unset'}: continue it with resume_from_checkpoint: auto, "
+                "start over with overwrite_output_dir: true (removes them), or choose another output_dir."
+            )
+        return None
+    if text.lower() in _RESUME_NEWEST:
+        path = last_checkpoint(args.output_dir, log=log)
+        if log:
+            if path is not None:
+                logger.info("Resuming from %s (the newest complete checkpoint).", path)
+            elif existing:
+                logger.warning("No complete checkpoint in %s: training starts at step 0.", args.output_dir)
+        return path
+    if not os.path.isdir(text):
+        raise RecipeError(f"resume_from_checkpoint: not found: {text}")
+    checkpoint_record(text)  # refuses an incomplete one, naming why
+    match = _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(text)))
+    same_dir = os.path.realpath(os.path.dirname(os.path.normpath(text))) == os.path.realpath(args.output_dir)
+    newer = [p for s, p in existing if same_dir and match and s > int(match.group(1)) and incomplete_reason(p) is None]
+    if newer:
+        raise RecipeError(
+            f"resume_from_checkpoint: {text} is older than {', '.join(map(os.path.basename, newer))} in the same "
+            "output_dir, which a later `auto` resume would pick: remove those, or resume with "
+            "resume_from_checkpoint: auto."
+        )
+    return text
+
+
+# -- the Trainer side ------------------------------------------------------------------------
+class CompleteCheckpointsMixin:
+    """For a transformers Trainer: checkpoints with a completion marker and the data position,
+    rotation after the marker, and resuming at the exact next unseen sequence."""
+
+    _position_at_start = 0  # sequences consumed before this train() call
+    _step_at_start = 0
+
+    def sequences_per_step(self) -> int:
+        data_parallel = self.args.world_size // getattr(self.args, "sequence_parallel_size", 1)
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * data_parallel
+
+    def sequences_consumed(self) -> int:
+        return self._position_at_start + (self.state.global_step - self._step_at_start) * self.sequences_per_step()
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise RecipeError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}.")
+        if resume_from_checkpoint:
+            record = checkpoint_record(resume_from_checkpoint)
+            self._continue_data_at(record)
+            self._position_at_start, self._step_at_start = record["sequences_consumed"], record["global_step"]
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _continue_data_at(self, record: dict) -> None:
+        consumed, per_step = record["sequences_consumed"], self.sequences_per_step()
+        dataset = self.train_dataset
+        if hasattr(dataset, "start_at"):
+            # the dataset starts at the next unseen sequence; the Trainer must not skip batches
+            # itself (it would skip global_step x this run's batch)
+            dataset.start_at(consumed)
+            self.args.ignore_data_skip = True
+            logger.info("Data continues at sequence %d (%d per step from here).", consumed, per_step)
+        elif consumed != record["global_step"] * per_step:
+            raise RecipeError(
+                f"global_batch_size: the checkpoint at step {record['global_step']} consumed {consumed} sequences "
+                f"({record['sequences_per_step']} per step), this run takes {per_step} per step; the Trainer's "
+                f"resume would skip {record['global_step'] * per_step} and so repeat or skip data. Resume with "
+                f"global_batch_size: {record['sequences_per_step']}, or start over with overwrite_output_dir: true."
+            )
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        path = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(path):  # a stale one (an abandoned run's): never mix files
+            remove_checkpoint(path)
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate once this one is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (rng states, shards) are written
+        if self.accelerator.is_local_main_process:
+            fsync_tree(path)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_complete(path, {
+                "global_step": self.state.global_step,
+                "sequences_consumed": self.sequences_consumed(),
+                "sequences_per_step": self.sequences_per_step(),
+            })
+            self._rotate_complete_checkpoints(os.path.dirname(path))
+        self.accelerator.wait_for_everyone()
+
+    def _rotate_complete_checkpoints(self, directory: str) -> None:
+        limit = self.args.save_total_limit
+        if not limit or limit <= 0:
+            return
+        best = os.path.realpath(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
+        complete = [p for _, p in checkpoints(directory) if incomplete_reason(p) is None]
+        keep = set(complete[-limit:]) | ({best} if best else set())
+        for _, path in checkpoints(directory):
+            if path not in keep and os.path.realpath(path) != best:
+                logger.info("save_total_limit=%d: removing %s", limit, path)
+                remove_checkpoint(path)

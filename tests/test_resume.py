@@ -1,0 +1,222 @@
+"""Crash and resume tests of run_cpt (prolong/checkpoints.py, prolong/outputs.py): a run killed at
+any point and started again with the same command, a power loss that truncated the newest
+checkpoint, a resume with another global_batch_size, and a kill at every step of the final save.
+
+Each compares with one uninterrupted run (6 steps of 2 sequences, checkpoints at 2, 4, 6): the
+resumed run must give its loss curve (a repeated or skipped sequence would change it) or, with
+another batch size, feed the model exactly the sequences after the checkpoint's position in the
+same stream. SIGTERM/SIGUSR1 preemption is tested in test_cpt.py and test_runs_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from prolong.checkpoints import MARKER, last_checkpoint
+from prolong.config import RecipeError
+from prolong.data.mixture import MixtureDataset
+from prolong.run_cpt import main
+from test_cpt import _argv, _losses
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = dict(max_steps=6, save_steps=2, per_device_train_batch_size=2)
+
+
+def _assert_same_curve(losses, reference, steps=range(1, 7)):
+    assert sorted(losses) == sorted(reference) == list(steps)
+    for step in steps:
+        assert losses[step] == pytest.approx(reference[step], rel=1e-4), step
+
+
+def _weights(path):
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, packed_mixture, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    main(_argv(tiny_model_dir, packed_mixture, out, **RUN))
+    return out
+
+
+def test_a_killed_run_started_again_with_the_same_command_continues_it(
+    tiny_model_dir, packed_mixture, uninterrupted, tmp_path
+):
+    """SIGKILL (no handler runs) as soon as checkpoint-4 appears, i.e. during its save or just
+    after: the same command line, with no resume flag, continues from the newest complete
+    checkpoint and ends with the uninterrupted loss curve and model."""
+    out = tmp_path / "run"
+    command = [sys.executable, "prolong/run_cpt.py", *_argv(tiny_model_dir, packed_mixture, out, **RUN)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint-4").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    first.kill()
+    _, stderr = first.communicate()
+    assert first.returncode == -signal.SIGKILL, stderr[-3000:]
+    assert not (out / "config.json").exists()
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "(the newest complete checkpoint)" in again.stderr, again.stderr[-3000:]
+    _assert_same_curve(_losses(out), _losses(uninterrupted))
+    for step in (2, 4, 6):
+        assert (out / f"checkpoint-{step}" / MARKER).exists()
+    for name, weight in _weights(uninterrupted).items():
+        torch.testing.assert_close(_weights(out)[name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("damage", ["optimizer.pt", "trainer_state.json", MARKER])
+def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(uninterrupted, tmp_path, caplog, damage):
+    """Power loss before the file system flushed checkpoint-4 (a file left with 0 bytes), or a save
+    cut short before its marker: resume takes checkpoint-2 and says why it skipped checkpoint-4."""
+    for step in (2, 4):
+        shutil.copytree(uninterrupted / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
+    target = tmp_path / "checkpoint-4" / damage
+    if damage == MARKER:
+        target.unlink()
+    else:
+        target.write_bytes(b"")
+    with caplog.at_level("WARNING", logger="prolong.checkpoints"):
+        assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    expected = f"no {MARKER}" if damage == MARKER else f"{damage} has 0 bytes"
+    assert any("checkpoint-4" in r.message and expected in r.message for r in caplog.records), caplog.text
+
+
+def test_resume_after_a_power_loss_gives_the_uninterrupted_curve(tiny_model_dir, packed_mixture, uninterrupted, tmp_path):
+    """End to end: checkpoint-4's optimizer.pt truncated to 0 bytes; the default resume
+    (auto) continues from checkpoint-2. With save_total_limit 2 the rotation, which runs once
+    a checkpoint is complete, keeps the two newest complete checkpoints."""
+    out = tmp_path / "run"
+    for step in (2, 4):
+        shutil.copytree(uninterrupted / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    (out / "checkpoint-4" / "optimizer.pt").write_bytes(b"")
+    main(_argv(tiny_model_dir, packed_mixture, out, save_total_limit=2, **RUN))
+    _assert_same_curve(_losses(out), _losses(uninterrupted))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert last_checkpoint(str(out)) == str(out / "checkpoint-6")
+
+
+class _RecordModelInputs(TrainerCallback):
+    """The token ids every forward of the training loop received, in order."""
+
+    def __init__(self):
+        self.tokens = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.register_forward_pre_hook(
+            lambda module, a, kw: self.tokens.extend(kw["input_ids"].reshape(-1).tolist()), with_kwargs=True
+        )
+
+
+def test_resume_with_another_global_batch_size_continues_at_the_next_unseen_sequence(
+    tiny_model_dir, packed_mixture, uninterrupted, tmp_path
+):
+    """checkpoint-2 consumed sequences 0-3 (2 per step). Resumed with global_batch_size 4 for 2
+    more steps, the model must see exactly sequences 4-11 of the same stream (the Trainer's own
+    skipping would start at 2 steps x 4 = sequence 8: 4 skipped)."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoint-2", out / "checkpoint-2")
+    recorder = _RecordModelInputs()
+    main(_argv(tiny_model_dir, packed_mixture, out, max_steps=4, save_steps=2, per_device_train_batch_size=2,
+               global_batch_size=4), callbacks=[recorder])
+    stream = MixtureDataset(packed_mixture, 128, num_sequences=100, seed=42)
+    expected = [token for index in range(4, 12) for token in stream[index]["input_ids"]]
+    assert recorder.tokens == expected
+    with open(out / "checkpoint-4" / MARKER) as f:
+        record = json.load(f)
+    assert (record["sequences_consumed"], record["sequences_per_step"]) == (12, 4)
+
+
+def test_an_output_dir_with_checkpoints_is_continued_or_overwritten_never_mixed(
+    tiny_model_dir, packed_mixture, uninterrupted, tmp_path
+):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoint-4", out / "checkpoint-4")
+    with pytest.raises(RecipeError, match="already holds checkpoint-4.*resume_from_checkpoint: auto.*overwrite_output_dir"):
+        main(_argv(tiny_model_dir, packed_mixture, out, resume_from_checkpoint="none", **RUN))
+    main(_argv(tiny_model_dir, packed_mixture, out, overwrite_output_dir="true", max_steps=2, save_steps=2,
+               per_device_train_batch_size=2))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # checkpoint-4 of the old run is gone
+    assert sorted(_losses(out)) == [1, 2]
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL at one point of the final save: nothing may catch it or clean up."""
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_a_kill_at_any_point_of_the_final_save_leaves_the_old_or_the_new_model(
+    tiny_model_dir, packed_mixture, tmp_path, monkeypatch, swap
+):
+    """output_dir holds a model and a checkpoint; the final save of a new model is stopped at
+    each file-system call in turn (every rename, link, removal, ...). from_pretrained(output_dir)
+    must then load exactly the old or the new model (with the atomic swap: at once; where the
+    file system cannot swap: once the next run's start-up recovery has run), the checkpoint must
+    still be there, and the next final save must publish the new model."""
+    import prolong.outputs as outputs
+    from prolong.outputs import recover_final_save, save_final_model
+    from test_cpt import _trainer
+
+    trainer = _trainer(tiny_model_dir, packed_mixture, tmp_path / "out", per_device_train_batch_size=1, max_steps=1)
+    trainer.train()
+    new = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    old = _weights(tiny_model_dir)
+    template = tmp_path / "template"
+    shutil.copytree(tiny_model_dir, template)
+    (template / "checkpoint-1").mkdir()
+    (template / "checkpoint-1" / "optimizer.pt").write_bytes(b"state")
+    if swap == "two renames":
+        monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
+
+    calls = {"count": 0, "kill_at": None}
+
+    def killable(function):
+        def call(*args, **kwargs):
+            calls["count"] += 1
+            if calls["count"] == calls["kill_at"]:
+                raise _Killed(function.__name__)
+            return function(*args, **kwargs)
+        return call
+
+    for module, name in ((os, "rename"), (os, "replace"), (os, "remove"), (os, "unlink"), (os, "link"),
+                         (shutil, "rmtree"), (shutil, "copy2"), (outputs, "_exchange")):
+        monkeypatch.setattr(module, name, killable(getattr(module, name)))
+
+    def final_save():
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+        calls["count"] = 0
+        shutil.copytree(template, trainer.args.output_dir)
+        calls["count"] = 0
+        save_final_model(trainer, base_model="tiny", stage="continued-pretraining", recipe={}, max_length=128)
+
+    calls["kill_at"] = None
+    final_save()
+    points = calls["count"]
+    assert points >= 4
+    out = trainer.args.output_dir
+    for kill_at in range(1, points + 1):
+        calls["kill_at"] = kill_at
+        with pytest.raises(_Killed):
+            final_save()
+        calls["kill_at"] = None
+        if swap == "two renames":
+            recover_final_save(out)
+        loaded = _weights(out)
+        assert any(all(torch.equal(loaded[k], w[k]) for k in w) for w in (old, new)), f"killed at call {kill_at}"
+        assert open(os.path.join(out, "checkpoint-1", "optimizer.pt"), "rb").read() == b"state", kill_at
+        save_final_model(trainer, base_model="tiny", stage="continued-pretraining", recipe={}, max_length=128)
+        loaded = _weights(out)
+        assert all(torch.equal(loaded[k], new[k]) for k in new), kill_at
+        assert sorted(os.listdir(os.path.dirname(out))) == sorted(["out", "template"]), kill_at

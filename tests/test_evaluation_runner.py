@@ -149,3 +149,28 @@ def test_needle_depths_cover_the_range_for_any_sample_count(samples, depths, exp
     grid = needle_depths(100, 11)
     assert min(grid) == 0.0 and max(grid) == 1.0 and max(grid.count(d) for d in set(grid)) - min(
         grid.count(d) for d in set(grid)) <= 1
+
+
+def test_callback_scores_reach_tensorboard_through_trainer_log(tokenizer, tmp_path, monkeypatch):
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import Trainer, TrainingArguments
+
+    from evaluation.callback import RecallEvalCallback
+
+    rows = [{"input_ids": torch.tensor(tokenizer("The grass is green. " * 4)["input_ids"])} for _ in range(2)]
+    rows = [{**r, "labels": r["input_ids"]} for r in rows]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=["tensorboard"], max_steps=1,
+                             save_steps=1, per_device_train_batch_size=1, disable_tqdm=True, save_only_model=True)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # transformers 5: no logging_dir argument
+    trainer = Trainer(model=make_model(len(tokenizer)), args=args, train_dataset=rows, processing_class=tokenizer,
+                      data_collator=lambda batch: {k: torch.stack([b[k] for b in batch]) for k in batch[0]})
+    RecallEvalCallback(lengths=[256], tasks=["json_kv"], num_samples=1, generation_max_length=8,
+                       progress=False).attach(trainer)
+    trainer.train()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = [t for t in events.Tags()["scalars"] if "recall/json_kv_256" in t]
+    assert tags, events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars(tags[0])] == [1]
+    assert any("eval_recall/json_kv_256" in entry for entry in trainer.state.log_history)

@@ -7,12 +7,14 @@ tokenizer step counts and logs them in one place instead of failing halfway thro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Iterator
 
 import datasets
+import pyarrow as pa
 
 logger = logging.getLogger("prolong.data")
 
@@ -79,7 +81,7 @@ def list_repositories(directories: list[str], each_is_repository: bool = False) 
     for directory in directories:
         path = Path(directory)
         if not path.is_dir():
-            raise FileNotFoundError(f"--repos directory {path} does not exist")
+            raise FileNotFoundError(f"--repos directory not found: {path}")
         if each_is_repository:
             repos.append(str(path))
         else:
@@ -140,7 +142,7 @@ def load_raw_inputs(inputs: list[str], *, text_field: str = "text", lines: bool 
                 raise FileNotFoundError(f"input {name!r} is neither a local file/directory nor a loadable Hub "
                                         f"dataset ({type(error).__name__}: {error})") from error
         else:
-            raise FileNotFoundError(f"input {name} does not exist")
+            raise FileNotFoundError(f"input not found: {name}")
     if text_files:
         parts.append(datasets.Dataset.from_generator(
             _text_file_records, gen_kwargs={"paths": text_files, "one_per_line": lines},
@@ -171,13 +173,24 @@ def check_text_column(part: datasets.Dataset, text_field: str, name: str, nulls_
     feature = part.features[text_field]
     is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
     is_chat = isinstance(feature, datasets.List) and isinstance(feature.feature, dict)
-    if not (is_text or is_chat):
+    if type(feature).__name__ == "Json":  # datasets' type for a JSON field whose rows mix value types
+        for row, value in enumerate(part.data.column(text_field).to_pylist()):
+            if value is not None and not isinstance(json.loads(value), str):
+                raise ValueError(f"input {name} row {row + 1}: field {text_field!r} is not a string "
+                                 f"({value:.60}); every row needs a string {text_field!r}: fix or remove those rows")
+    elif not (is_text or is_chat):
         column = part.data.column(text_field)
         first = next((i for i, valid in enumerate(column.is_valid().to_pylist()) if valid), 0)
         raise ValueError(f"input {name} row {first + 1}: field {text_field!r} is not a string "
                          f"(its values are {feature}, e.g. {column[first].as_py()!r:.60}); pass --text_field "
                          "with the field that holds the text (or `messages` for chat data)")
     column = part.data.column(text_field)
+    if is_text:
+        try:  # pyarrow's JSON reader keeps invalid UTF-8 bytes; they would fail halfway through tokenizing
+            column.validate(full=True)
+        except pa.ArrowInvalid as error:
+            raise ValueError(f"input {name}: field {text_field!r} is not valid UTF-8 text ({error}); convert the "
+                             "file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from error
     if column.null_count and not nulls_allowed:
         first = column.is_null().to_pylist().index(True)
         raise ValueError(f"input {name} row {first + 1}: field {text_field!r} is missing or null "
@@ -195,9 +208,13 @@ def _with_all_columns(part: datasets.Dataset, parts: list[datasets.Dataset]) -> 
 
 
 def _load_builder(builder: str, path: str, cache_dir: str | None) -> datasets.Dataset:
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"input {path} is empty (0 bytes): nothing to tokenize")
     try:
         return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
     except Exception as error:
+        while error.__cause__ is not None:  # datasets wraps the reader's error in DatasetGenerationError
+            error = error.__cause__
         raise ValueError(f"could not read {path} as {builder} ({type(error).__name__}: {error}); "
                          "check that it is valid UTF-8 " + ("JSON lines" if builder == "json" else "parquet"))\
             from error

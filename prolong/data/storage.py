@@ -125,7 +125,7 @@ def load_dataset_dir(directory: str | os.PathLike, flag: str = "input") -> datas
     """`load_from_disk` with errors that say what is wrong with the directory."""
     path = Path(directory)
     if not path.is_dir():
-        raise FileNotFoundError(f"{flag} directory {path} does not exist")
+        raise FileNotFoundError(f"{flag} directory not found: {path}")
     if not (path / "state.json").exists():
         raise FileNotFoundError(
             f"{flag} directory {path} is not a dataset saved with save_to_disk (no state.json); "
@@ -134,11 +134,27 @@ def load_dataset_dir(directory: str | os.PathLike, flag: str = "input") -> datas
     try:
         dataset = datasets.load_from_disk(str(path))
     except (OSError, ValueError, KeyError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        raise ValueError(f"{flag} directory {path} cannot be read ({type(error).__name__}: {error}); one of its "
-                         "files is truncated or corrupt: create it again") from error
+        raise ValueError(f"{flag} directory {path} cannot be read: {_unreadable_file(path) or error}; "
+                         "it is truncated or corrupt: create it again") from error
     if isinstance(dataset, datasets.DatasetDict):
         raise ValueError(f"{flag} directory {path} holds a DatasetDict; pass one split's directory")
     return dataset
+
+
+def _unreadable_file(directory: Path) -> str | None:
+    """Name the file of a saved dataset that does not read (pyarrow's errors name none)."""
+    for name in ("state.json", "dataset_info.json"):
+        try:
+            json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            return f"{directory / name} ({type(error).__name__}: {error})"
+    for arrow in sorted(directory.glob("*.arrow")):
+        try:
+            with pa.memory_map(str(arrow)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (OSError, ValueError) as error:
+            return f"{arrow} ({type(error).__name__}: {error})"
+    return None
 
 
 class ShardedDatasetWriter:

@@ -201,11 +201,9 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
     unreadable = raw.data.column(text_field).null_count
     if unreadable:
         skipped["unreadable_documents"] = unreadable
-        if "source" in raw.column_names:
-            is_null = raw.data.column(text_field).is_null()
-            names = sorted(set(pc.filter(raw.data.column("source"), is_null).to_pylist()) - {None})
-            logger.warning("not UTF-8 text (binary or another encoding), skipped: %s%s", ", ".join(names[:10]),
-                           f" and {len(names) - 10} more" if len(names) > 10 else "")
+        names = _unreadable_sources(raw, text_field)
+        if names:
+            logger.warning("not UTF-8 text (binary or another encoding), skipped: %s", names)
     cache_kwargs = {"cache_file_name": os.path.join(cache_dir, "tokenized.arrow")} if cache_dir else {}
     tokenized = raw.map(
         _tokenize_chats if chat else _tokenize_texts, batched=True, batch_size=batch_size,
@@ -220,6 +218,15 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
     return tokenized, skipped
 
 
+def _unreadable_sources(raw: datasets.Dataset, text_field: str, shown: int = 10) -> str:
+    """The files whose text could not be read (null text), for messages."""
+    if "source" not in raw.column_names:
+        return ""
+    is_null = raw.data.column(text_field).is_null()
+    names = sorted(set(pc.filter(raw.data.column("source"), is_null).to_pylist()) - {None})
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def tokenize_to_disk(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, *,
                      text_field: str = "text", domain: str = "default", num_proc: int = 1,
                      eos_token: str | None = None, overwrite: bool = False, cache_dir: str | None = None) -> dict:
@@ -228,8 +235,10 @@ def tokenize_to_disk(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
         tokenized, skipped = tokenize_dataset(raw, tokenizer, text_field=text_field, domain=domain,
                                               num_proc=num_proc, eos_token=eos_token, cache_dir=cache_dir)
         if not len(tokenized):
+            unreadable = _unreadable_sources(raw, text_field)
             raise ValueError(f"no document to tokenize: all {len(raw)} input item(s) are empty or unreadable "
-                             f"({', '.join(f'{k}: {v}' for k, v in skipped.items() if v)})")
+                             f"({', '.join(f'{k}: {v}' for k, v in skipped.items() if v)})"
+                             + (f"; not UTF-8 text: {unreadable}" if unreadable else ""))
         tokenized.save_to_disk(str(tmp), num_proc=num_proc if num_proc > 1 and len(tokenized) >= num_proc else None)
         lengths = tokenized.with_format("numpy")["length"] if len(tokenized) else []
         domains: dict[str, int] = {}

@@ -110,7 +110,33 @@ SFT_CASES = [
     ("sft-packing-wrapped", sft(packing_strategy="wrapped"), "use bfd"),
 ]
 
-DATA_CASES: list[tuple[str, list[str], str]] = []  # prolong-data (engineer D)
+# prolong-data (engineer D); tests/test_data_errors.py holds 40 more, on bad files it makes
+MDS_RELEASED = "{repo}/tests/fixtures/mds/released"
+DATA_CASES: list[tuple[str, list[str], str]] = [
+    ("data-tokenize-input-missing", ["prolong-data", "tokenize", "{tmp}/nope.jsonl", "--tokenizer", "{model}",
+                                     "--out", "{tmp}/d1"], "input not found: {tmp}/nope.jsonl"),
+    ("data-tokenize-tokenizer-dot-path", ["prolong-data", "tokenize", "{chat}", "--text_field", "messages",
+                                          "--tokenizer", "./nope", "--out", "{tmp}/d2"], "not found: ./nope"),
+    ("data-tokenize-tokenizer-local-typo", ["prolong-data", "tokenize", "{chat}", "--text_field", "messages",
+                                            "--tokenizer", "demo_data/base-modle", "--out", "{tmp}/d3"],
+     "not found: demo_data/base-modle"),
+    ("data-tokenize-wrong-text-field", ["prolong-data", "tokenize", "{chat}", "--tokenizer", "{model}",
+                                        "--out", "{tmp}/d4"], "no field 'text'"),
+    ("data-tokenize-binary-file", ["prolong-data", "tokenize", MDS_RELEASED + "/books/proc00-0/shard.00000.mds",
+                                   "--tokenizer", "{model}", "--out", "{tmp}/d5"], "not UTF-8 text"),
+    ("data-pack-packed-directory", ["prolong-data", "pack", "{short}", "--mode", "short", "--length", "64",
+                                    "--out", "{tmp}/d6"], "is already packed"),
+    ("data-pack-input-is-a-file", ["prolong-data", "pack", "{chat}", "--mode", "sft", "--length", "64",
+                                   "--out", "{tmp}/d7"], "is a file"),
+    ("data-pack-length-0", ["prolong-data", "pack", "{tmp}/nope", "--mode", "long", "--length", "0",
+                            "--out", "{tmp}/d8"], "--length must be a positive"),
+    ("data-inspect-missing", ["prolong-data", "inspect", "{tmp}/nope"], "not found: {tmp}/nope"),
+    ("data-import-mds-no-index", ["prolong-data", "import-mds", "{tmp}", "--out", "{tmp}/d9"], "no index.json"),
+    ("data-import-mds-file", ["prolong-data", "import-mds", MDS_RELEASED + "/books/index.json", "--out", "{tmp}/d10"],
+     "is a file"),
+    ("data-import-mds-domain-over-several", ["prolong-data", "import-mds", MDS_RELEASED, "--domain", "x",
+                                             "--out", "{tmp}/d11"], "books, fineweb-edu"),
+]
 EVAL_CASES: list[tuple[str, list[str], str]] = []  # evaluation.run (engineer EB)
 DEMO_CASES: list[tuple[str, list[str], str]] = []  # prolong.demo (engineer M)
 

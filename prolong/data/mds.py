@@ -141,6 +141,9 @@ def select_index_files(root: str | os.PathLike) -> list[Path]:
     sample twice. Indexes are taken from the top down; one whose shards are all listed by an index
     above it is skipped; one that lists only some of them is refused (the indexes disagree)."""
     root = Path(root)
+    if root.is_file():
+        raise NotADirectoryError(f"{root} is a file; give the MDS directory (the folder holding index.json, "
+                                 "or a folder of such folders)")
     if not root.is_dir():
         raise FileNotFoundError(f"not found: {root} (the MDS directory to import)")
     candidates = sorted(root.rglob("index.json"), key=lambda p: (len(p.relative_to(root).parts), str(p)))

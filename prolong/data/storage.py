@@ -124,6 +124,9 @@ def read_metadata(directory: str | os.PathLike) -> dict | None:
 def load_dataset_dir(directory: str | os.PathLike, flag: str = "input") -> datasets.Dataset:
     """`load_from_disk` with errors that say what is wrong with the directory."""
     path = Path(directory)
+    if path.is_file():
+        raise NotADirectoryError(f"{flag} {path} is a file; give the directory of a saved dataset "
+                                 "(a `prolong-data tokenize` or `pack` output)")
     if not path.is_dir():
         raise FileNotFoundError(f"{flag} directory not found: {path}")
     if not (path / "state.json").exists():

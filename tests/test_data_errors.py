@@ -180,6 +180,7 @@ DATA_CASES = [
     ("tokenize-tokenizer-without-eos", tok("{d}/good.jsonl", tokenizer="{d}/tokenizer_no_eos"), "--eos_token"),
     ("tokenize-num-proc-0", tok("{d}/good.jsonl", extra=("--num_proc", "0")), "--num_proc"),
     ("tokenize-single-repo-without-repos", tok("{d}/good.jsonl", extra=("--single_repo",)), "--single_repo"),
+    ("tokenize-lines-with-repos", tok(extra=("--repos", "{d}/plain_dir", "--lines")), "--lines applies to"),
     ("tokenize-repos-missing", tok(extra=("--repos", "{d}/no_repos")), "--repos directory not found: {d}/no_repos"),
     ("pack-input-missing", pack("{d}/nope"), "--input directory not found: {d}/nope"),
     ("pack-packed-directory", pack("{d}/packed", length="16"), "is already packed"),

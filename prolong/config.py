@@ -47,10 +47,21 @@ class ModelConfig:
     )
 
     def __post_init__(self):
-        if isinstance(self.rope_scaling, str):
-            self.rope_scaling = json.loads(self.rope_scaling)
+        self.rope_scaling = _json_mapping(
+            self.rope_scaling, "rope_scaling",
+            '{"rope_type": "yarn", "factor": 8, "original_max_position_embeddings": 8192}')
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise RecipeError(f"dtype: '{self.dtype}' is not one of auto, bfloat16, float16, float32.")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise RecipeError(
+                f"attn_implementation: '{self.attn_implementation}' is not one of {', '.join(ATTN_IMPLEMENTATIONS)}."
+            )
+        if self.rope_theta is not None and not self.rope_theta > 0:
+            raise RecipeError(f"rope_theta must be a positive RoPE base (ProLong: 8e6 at 64K), got {self.rope_theta:g}.")
+        for key in ("factor", "rope_theta", "original_max_position_embeddings"):
+            value = (self.rope_scaling or {}).get(key)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise RecipeError(f"rope_scaling: {key} must be a positive number, got {value!r}.")
 
 
 @dataclass
@@ -71,12 +82,60 @@ class DataConfig:
         default=False,
         metadata={"help": "Order each optimizer step's sequences by sum(doc_len^2) so devices get equal attention work."},
     )
+    allow_packed_shorter: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Short-data domains (dataset_mixture paths) packed shorter than max_length on purpose: their "
+            "rows train at their packed length. Any other domain packed shorter than max_length is refused."
+        },
+    )
 
     def __post_init__(self):
-        if isinstance(self.dataset_mixture, str):
-            self.dataset_mixture = json.loads(self.dataset_mixture)
+        self.dataset_mixture = _json_mapping(self.dataset_mixture, "dataset_mixture", '{"data/books": 0.6, "data/web": 0.4}')
+        for path, share in (self.dataset_mixture or {}).items():
+            if isinstance(share, bool) or not isinstance(share, (int, float)):
+                raise RecipeError(f"dataset_mixture: the share of '{path}' must be a number, got {share!r}.")
+        unknown = [path for path in self.allow_packed_shorter or [] if path not in (self.dataset_mixture or {})]
+        if unknown:
+            raise RecipeError(
+                f"allow_packed_shorter: {unknown} are not dataset_mixture paths; list paths exactly as in dataset_mixture."
+            )
         if self.max_length <= 0:
             raise RecipeError(f"max_length must be positive, got {self.max_length}.")
+        if self.global_batch_size is not None and self.global_batch_size <= 0:
+            raise RecipeError(f"global_batch_size must be a positive number of sequences, got {self.global_batch_size}.")
+
+
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "varlen", "flex_attention", "sdpa", "eager")
+
+
+def _json_mapping(value, name: str, example: str) -> dict | None:
+    """A mapping given in YAML, or as JSON text on the command line."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise RecipeError(f"{name}: {value!r} is not JSON ({error.msg}); write a mapping, e.g. {example}.") from None
+    if value is not None and not isinstance(value, dict):
+        raise RecipeError(f"{name} must be a mapping, e.g. {example}; got {value!r}.")
+    return value
+
+
+def check_training_values(args) -> None:
+    """Values transformers accepts but fails on much later, or not at all (shared by CPT and SFT)."""
+    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"]
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps":
+        positive.append("save_steps")
+    for name in positive:
+        value = getattr(args, name)
+        if not value > 0:
+            raise RecipeError(f"{name} must be positive, got {value}.")
+    for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise RecipeError(f"{name} must be >= 0, got {value}.")
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise RecipeError(f"output_dir: {args.output_dir} is a file, not a directory; choose another output_dir.")
 
 
 def apply_machine_defaults(args) -> None:
@@ -93,8 +152,7 @@ def apply_machine_defaults(args) -> None:
         # liger-kernel imports on CPU but fails at the first forward, and patches classes globally
         logger.warning("use_liger_kernel needs CUDA: turned off on this machine (chunked loss instead).")
         args.use_liger_kernel = False
-    if isinstance(args.lr_scheduler_kwargs, str):
-        args.lr_scheduler_kwargs = json.loads(args.lr_scheduler_kwargs)
+    args.lr_scheduler_kwargs = _json_mapping(args.lr_scheduler_kwargs, "lr_scheduler_kwargs", '{"min_lr_rate": 0.1}')
 
 
 def refuse_per_device_loss_averaging(args) -> None:
@@ -169,6 +227,9 @@ class CPTConfig(TrainingArguments):
 
     def __post_init__(self):
         apply_machine_defaults(self)
+        check_training_values(self)
+        if self.loss_chunk_size <= 0:
+            raise RecipeError(f"loss_chunk_size must be a positive number of tokens (default 4096), got {self.loss_chunk_size}.")
         super().__post_init__()
         refuse_per_device_loss_averaging(self)
         if self.eval_recall_lengths and self.sequence_parallel_size > 1:
@@ -262,8 +323,11 @@ def parse_recipe(types: tuple, args: list[str] | None = None, return_recipe: boo
         args.remove(recipe_path)
         if not os.path.isfile(recipe_path):
             raise RecipeError(f"Recipe file not found: {recipe_path}")
-        with open(recipe_path) as f:
-            recipe = yaml.safe_load(f) or {}
+        try:
+            with open(recipe_path, encoding="utf-8") as f:
+                recipe = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise RecipeError(f"{recipe_path} is not valid YAML: {error}".strip()) from None
         if not isinstance(recipe, dict):
             raise RecipeError(f"{recipe_path} must be a mapping of field: value.")
         for key in recipe:
@@ -366,6 +430,9 @@ class SFTRecipeConfig(SFTConfig):
 
     def __post_init__(self):
         apply_machine_defaults(self)
+        check_training_values(self)
+        if self.use_peft and not self.lora_r > 0:
+            raise RecipeError(f"lora_r must be a positive rank, got {self.lora_r}.")
         super().__post_init__()
         refuse_per_device_loss_averaging(self)
         if self.assistant_only_loss:

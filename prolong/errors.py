@@ -58,3 +58,76 @@ def cli_errors(prog: str):
         return run
 
     return wrap
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths that may also be Hub ids
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``org/name`` with no leading ``.``, ``/`` or ``~``: the form of a Hub repository id."""
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not name.endswith((".json", ".jsonl", ".yaml"))
+
+
+def _in_hub_cache(repo_id: str, repo_type: str) -> bool:
+    from huggingface_hub import constants
+
+    return os.path.isdir(os.path.join(constants.HF_HUB_CACHE, f"{repo_type}s--{repo_id.replace('/', '--')}"))
+
+
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub answers a TCP connection (once per process): without this, a missing local
+    path that looks like a Hub id costs a minute of retries before an unrelated connection error."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if host not in _HUB_REACHABLE:
+        import socket
+
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _HUB_REACHABLE[host] = True
+        except OSError:
+            _HUB_REACHABLE[host] = False
+    return _HUB_REACHABLE[host]
+
+
+def _did_you_mean(path: str) -> str:
+    import difflib
+
+    parent, name = os.path.split(os.path.normpath(path))
+    try:
+        siblings = os.listdir(parent or ".")
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    return f"; did you mean {os.path.join(parent, close[0])}?" if close else ""
+
+
+def require_path_or_hub_id(value: str, field: str, repo_type: str = "model", hint: str = "") -> None:
+    """Refuse at once a ``field`` value that is neither an existing path nor a usable Hub id.
+
+    A value is taken as a Hub id only if it has the form ``org/name``, its first component is not a
+    local directory, and the id is in the local Hub cache or the Hub is reachable. Anything else
+    that does not exist is reported as ``FIELD: not found: VALUE``.
+    """
+    if os.path.exists(value):
+        return
+    first = value.split("/", 1)[0]
+    if looks_like_hub_id(value) and not os.path.isdir(first):
+        if _in_hub_cache(value, repo_type) or hub_reachable():
+            return
+        raise RecipeError(
+            f"{field}: not found: {value} (no such local path; as a Hub id it is not in the local cache and "
+            f"the Hub cannot be reached from here).{' ' + hint if hint else ''}"
+        )
+    raise RecipeError(f"{field}: not found: {value}{_did_you_mean(value)}.{' ' + hint if hint else ''}")

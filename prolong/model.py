@@ -16,17 +16,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from prolong.attention import choose_attn_implementation, dense_mask_warning
 from prolong.config import ModelConfig, RecipeError, theta_warning
+from prolong.errors import require_path_or_hub_id
 
 logger = logging.getLogger(__name__)
 
 
-def _check_model_path(path: str) -> None:
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if not os.path.isdir(path) and not looks_like_hub_id:
-        raise RecipeError(
-            f"model_name_or_path: '{path}' is neither a local directory nor a Hub id (org/name). "
-            "Fix the path, or run `make demo-model` for the tiny demo model."
-        )
+def _check_model_path(path: str, field: str = "model_name_or_path") -> None:
+    require_path_or_hub_id(path, field, hint="Fix the path, or run `make demo-model` for the tiny demo model."
+                           if field != "init_from" else "init_from is the output_dir of the previous stage.")
 
 
 def _rope_dicts(config: PretrainedConfig) -> list[dict]:
@@ -80,7 +77,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def load_tokenizer(cfg: ModelConfig):
     path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
-    _check_model_path(path)
+    _check_model_path(path, "tokenizer_name_or_path" if cfg.tokenizer_name_or_path else "model_name_or_path")
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer_name_or_path else {}
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
     if tokenizer.eos_token_id is None:
@@ -92,8 +89,9 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_model(cfg: ModelConfig, max_length: int | None = None, path: str | None = None):
     """Load ``path`` (default: cfg.model_name_or_path) with the recipe's RoPE and attention backend."""
+    field = "init_from" if path else "model_name_or_path"
     path = path or cfg.model_name_or_path
-    _check_model_path(path)
+    _check_model_path(path, field)
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and path == cfg.model_name_or_path else {}
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
     apply_rope_settings(config, cfg.rope_theta, cfg.rope_scaling, max_length)
@@ -116,3 +114,13 @@ def load_model(cfg: ModelConfig, max_length: int | None = None, path: str | None
         model.config.get_text_config().rope_parameters,
     )
     return model
+
+
+def check_model_paths(cfg: ModelConfig, init_from: str | None = None) -> None:
+    """Refuse at once (before any data or weights are read) a model, tokenizer or init_from path
+    that does not exist."""
+    _check_model_path(cfg.model_name_or_path)
+    if cfg.tokenizer_name_or_path:
+        _check_model_path(cfg.tokenizer_name_or_path, "tokenizer_name_or_path")
+    if init_from:
+        _check_model_path(init_from, "init_from")

@@ -13,6 +13,7 @@ import sys
 if __package__ in (None, ""):  # `python prolong/run_cpt.py` from a checkout that is not pip-installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pyarrow.compute as pc
 from transformers import set_seed
 
 from prolong.attention import guard_document_masking
@@ -20,7 +21,8 @@ from prolong.errors import cli_errors
 from prolong.collator import PackedCollator
 from prolong.config import CPTConfig, DataConfig, ModelConfig, RecipeError, parse_recipe, resolve_gradient_accumulation
 from prolong.data.mixture import BalancedOrder, MixtureDataset
-from prolong.model import load_model, load_tokenizer
+from prolong.data.storage import read_metadata
+from prolong.model import check_model_paths, load_model, load_tokenizer
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
 from prolong.outputs import close_process_group, exit_without_teardown, save_final_model, setup_logging
 from prolong.checkpoints import resolve_resume
@@ -46,6 +48,44 @@ def build_train_dataset(data: DataConfig, args: CPTConfig):
     return dataset
 
 
+def check_packed_lengths(mixture: MixtureDataset, data: DataConfig) -> int:
+    """Compare ``max_length`` with the length each domain was packed at; return the length trained.
+
+    A domain packed shorter than max_length gives rows of its packed length, so a context-extension
+    run would silently train short. Long data must reach max_length; short data may be packed
+    shorter only where the recipe lists it in ``allow_packed_shorter``.
+    """
+    allowed = set(data.allow_packed_shorter or [])
+    trained = 0
+    for path, dataset in zip(mixture.paths, mixture.datasets):
+        metadata = read_metadata(path) or {}
+        mode = metadata.get("mode")
+        # no metadata (a dataset not written by prolong-data): its longest row, from the Arrow offsets
+        length = int(metadata.get("length") or 0) or int(pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py())
+        if length < data.max_length:
+            what = f"dataset_mixture: {path} was packed at {length} tokens ({mode or 'unknown'} mode), shorter than max_length={data.max_length}"
+            if mode == "long":
+                raise RecipeError(
+                    f"{what}: its long documents were cut at {length} tokens, so the run would train at {length}, not "
+                    f"{data.max_length}. Re-pack it with `prolong-data pack --mode long --length {data.max_length}`, "
+                    f"or set max_length: {length}."
+                )
+            if path not in allowed:
+                raise RecipeError(
+                    f"{what}: its rows would train at {length} tokens. Re-pack it with `prolong-data pack --length "
+                    f"{data.max_length}`, set max_length: {length}, or, if this short data is packed shorter on "
+                    "purpose, list the path under allow_packed_shorter."
+                )
+        trained = max(trained, min(length, data.max_length))
+        logger.info("Domain %s: packed at %d tokens (%s mode), trained at %d", path, length, mode or "unknown",
+                    min(length, data.max_length))
+    if trained < data.max_length:
+        logger.warning("Every domain is packed shorter than max_length=%d: training at %d tokens per sequence.",
+                       data.max_length, trained)
+    logger.info("Training sequence length: %d tokens", trained)
+    return trained
+
+
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     model_cfg, data_cfg, args, recipe = parse_recipe((ModelConfig, DataConfig, CPTConfig), argv, return_recipe=True)
     setup_logging(args)
@@ -53,15 +93,18 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
     set_seed(args.seed)
 
+    check_model_paths(model_cfg, args.init_from)
+    train_dataset = build_train_dataset(data_cfg, args)  # before the model: bad data fails at once
+    trained_length = check_packed_lengths(getattr(train_dataset, "dataset", train_dataset), data_cfg)
+
     tokenizer = load_tokenizer(model_cfg)
-    model = load_model(model_cfg, data_cfg.max_length, path=args.init_from)
+    model = load_model(model_cfg, trained_length, path=args.init_from)
     guard_document_masking(model, args)
     collator, layout = PackedCollator(), None
     if args.sequence_parallel_size > 1:  # after the probe, which runs a whole row without SP
         layout = init_parallel_layout(args.sequence_parallel_size)
         enable_sequence_parallel(model, layout.sp_group)
         collator = SequenceParallelCollator(collator, layout.sp_rank, layout.sp_size, tokenizer.pad_token_id or 0)
-    train_dataset = build_train_dataset(data_cfg, args)
 
     callbacks = list(callbacks or [])
     if args.eval_recall_lengths:
@@ -81,7 +124,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         base_model=args.init_from or model_cfg.model_name_or_path,
         stage="continued-pretraining",
         recipe=recipe,
-        max_length=data_cfg.max_length,
+        max_length=trained_length,  # what the rows held, which check_packed_lengths tied to max_length
         mixture=data_cfg.dataset_mixture,
     )
     trainer.train(resume_from_checkpoint=resume)

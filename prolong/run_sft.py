@@ -21,7 +21,7 @@ from transformers import set_seed
 from prolong.attention import guard_document_masking
 from prolong.errors import cli_errors
 from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe, resolve_gradient_accumulation
-from prolong.model import load_model, load_tokenizer
+from prolong.model import check_model_paths, load_model, load_tokenizer
 from prolong.outputs import close_process_group, exit_without_teardown, save_final_model, setup_logging
 from prolong.checkpoints import resolve_resume
 from prolong.trainer import SFTTrainer
@@ -40,11 +40,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     set_seed(args.seed)
     max_length = args.max_length
 
+    check_model_paths(model_cfg)
+    dataset = load_sft_dataset(args.dataset_name, args.dataset_config, args.dataset_split)  # fails before the model
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, max_length)  # keeps the checkpoint's RoPE unless the recipe sets it
     guard_document_masking(model, args)
     model, tokenizer = apply_chat_template_path(model, tokenizer, args)
-    dataset = load_sft_dataset(args.dataset_name, args.dataset_config, args.dataset_split)
     train_dataset, stats = prepare_sft_dataset(dataset, tokenizer, max_length, args.dataset_num_proc)
     if stats.kind == "packed":
         use_prepacked_rows(args)

@@ -35,6 +35,7 @@ import datasets
 import numpy as np
 
 from prolong.config import RecipeError
+from prolong.errors import require_path_or_hub_id
 from prolong.data.storage import atomic_output_dir, read_metadata
 from prolong.data.tokenize import tokenize_conversation
 
@@ -89,12 +90,11 @@ def load_sft_dataset(name: str | None, config: str | None = None, split: str = "
                 dataset = dataset[split]
             return dataset
         return datasets.load_dataset(str(path), config, split=split)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.parent.is_dir():
-        return datasets.load_dataset(name, config, split=split)
-    raise RecipeError(
-        f"dataset_name: '{name}' is neither an existing file or directory nor a Hub id (org/name). "
-        "The tiny recipe's chat data is built with `python -m prolong.sft chatterbot --out demo_data/chatterbot`."
+    require_path_or_hub_id(  # a missing local path fails at once, not after a minute of Hub retries
+        name, "dataset_name", repo_type="dataset",
+        hint="The tiny recipe's chat data is built with `python -m prolong.sft chatterbot --out demo_data/chatterbot`.",
     )
+    return datasets.load_dataset(name, config, split=split)
 
 
 def dataset_kind(columns: list[str]) -> str:

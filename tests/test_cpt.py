@@ -48,8 +48,19 @@ def _losses(output_dir):
     return {entry["step"]: entry["loss"] for entry in _log(output_dir) if "loss" in entry}
 
 
-def test_raised_theta_is_saved_and_changes_the_inverse_frequencies(tiny_model_dir, packed_mixture, tmp_path):
-    out = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "run", rope_theta=1e6, max_length=512, max_steps=1))
+@pytest.fixture(scope="module")
+def mixture_512(tmp_path_factory) -> dict[str, float]:
+    """Two domains packed at 512 tokens, for runs that raise max_length above the base window."""
+    from conftest import random_documents, write_packed_dataset
+
+    root = tmp_path_factory.mktemp("packed-512")
+    long_dir = write_packed_dataset(str(root / "long"), random_documents(12, 300, 200, 600, 4), 512, "long")
+    short_dir = write_packed_dataset(str(root / "short"), random_documents(100, 300, 5, 60, 5), 512, "short")
+    return {long_dir: 0.6, short_dir: 0.4}
+
+
+def test_raised_theta_is_saved_and_changes_the_inverse_frequencies(tiny_model_dir, mixture_512, tmp_path):
+    out = main(_argv(tiny_model_dir, mixture_512, tmp_path / "run", rope_theta=1e6, max_length=512, max_steps=1))
     config = AutoConfig.from_pretrained(out)
     assert config.rope_parameters["rope_theta"] == 1e6
     assert config.max_position_embeddings == 512  # widened from the base model's 256
@@ -63,6 +74,37 @@ def test_raised_theta_is_saved_and_changes_the_inverse_frequencies(tiny_model_di
     card = open(os.path.join(out, "README.md")).read()
     assert "1000000.0" in card and "| 60% |" in card
     assert not os.path.exists(os.path.join(out, ".final-tmp"))
+
+
+def test_max_length_above_the_packed_length_is_refused_or_trained_and_reported_as_packed(
+        tiny_model_dir, packed_mixture, mixture_512, tmp_path, caplog):
+    """Data packed at 128 with max_length 512 trains on 128-token rows: refused, unless the recipe
+    lists the domains under allow_packed_shorter; then the card and config say 128, not 512."""
+    with pytest.raises(RecipeError, match=r"packed at 128 tokens.*max_length=512.*allow_packed_shorter"):
+        main(_argv(tiny_model_dir, packed_mixture, tmp_path / "refused", max_length=512))
+    long_512 = next(p for p in mixture_512 if p.endswith("long"))
+    short_128 = next(p for p in packed_mixture if p.endswith("short"))
+    with open(os.path.join(short_128, "prolong_data.json")) as f:
+        meta = json.load(f)
+    long_128 = str(tmp_path / "long-128")  # the same rows, recorded as --mode long
+    Dataset.load_from_disk(short_128).save_to_disk(long_128)
+    with open(os.path.join(long_128, "prolong_data.json"), "w") as f:
+        json.dump(dict(meta, mode="long"), f)
+    with pytest.raises(RecipeError, match="--mode long --length 512"):  # long data must reach max_length
+        main(_argv(tiny_model_dir, {long_128: 1.0}, tmp_path / "refused", max_length=512,
+                   allow_packed_shorter=long_128))
+
+    # short data packed shorter, on purpose, beside long data at max_length: trains at 512
+    mixed = main(_argv(tiny_model_dir, {long_512: 0.6, short_128: 0.4}, tmp_path / "mixed", max_length=512,
+                       allow_packed_shorter=short_128, max_steps=1))
+    assert "training sequence length: 512 tokens" in open(os.path.join(mixed, "README.md")).read()
+    # every domain shorter: the run, its card and config.json say 128
+    with caplog.at_level("INFO", logger="prolong.run_cpt"):
+        short = main(_argv(tiny_model_dir, {short_128: 1.0}, tmp_path / "short", max_length=512,
+                           allow_packed_shorter=short_128, max_steps=1))
+    assert "training sequence length: 128 tokens" in open(os.path.join(short, "README.md")).read()
+    assert AutoConfig.from_pretrained(short).max_position_embeddings == 256  # the base window, not widened to 512
+    assert "Training sequence length: 128 tokens" in caplog.text
 
 
 class _PreemptAt(TrainerCallback):
@@ -184,8 +226,8 @@ def test_unknown_key_in_a_yaml_recipe(tmp_path):
         main([str(recipe)])
 
 
-def test_recall_evaluation_runs_at_checkpoints_and_reaches_the_model_card(tiny_model_dir, packed_mixture, tmp_path):
-    out = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "eval", max_steps=2, save_steps=2, max_length=512,
+def test_recall_evaluation_runs_at_checkpoints_and_reaches_the_model_card(tiny_model_dir, mixture_512, tmp_path):
+    out = main(_argv(tiny_model_dir, mixture_512, tmp_path / "eval", max_steps=2, save_steps=2, max_length=512,
                      eval_recall_lengths=512, eval_recall_samples=1))
     with open(os.path.join(out, "trainer_state.json")) as f:
         history = json.load(f)["log_history"]

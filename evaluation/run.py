@@ -19,6 +19,8 @@ def parse_args(argv=None) -> tuple[str | None, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)  # --max_sample must not pass for --max_samples
     parser.add_argument("--config", help="YAML file with config keys")
+    parser.add_argument("--update-card", "--update_card", dest="update_card", metavar="MODEL_DIR",
+                        help="put the category scores into MODEL_DIR/README.md (model-index + Evaluation section)")
     for key in DEFAULTS:
         parser.add_argument(f"--{key}", dest=key, default=None, help=f"default: {DEFAULTS[key]!r}")
     args, unknown = parser.parse_known_args(argv)
@@ -30,6 +32,8 @@ def parse_args(argv=None) -> tuple[str | None, dict]:
         if value is not None:
             overrides[key] = value if key in ("tasks", "lengths", "model", "tokenizer", "output_dir", "data_dir") \
                 else yaml.safe_load(value)
+    if args.update_card:  # not an evaluation setting: main() takes it out again
+        overrides["update_card"] = args.update_card
     return args.config, overrides
 
 
@@ -37,6 +41,10 @@ def parse_args(argv=None) -> tuple[str | None, dict]:
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config, overrides = parse_args(argv)
+    update_card = overrides.pop("update_card", None)
+    if update_card:  # checked before the (long) evaluation, not after
+        from prolong.model_card import check_updatable_card
+        check_updatable_card(update_card)
     from .config import load_config
     model = load_config(config, overrides)["model"]
     if not model:
@@ -46,6 +54,10 @@ def main(argv=None):
     for category, by_length in scores["categories"].items():
         print(category, {n: round(v, 1) for n, v in by_length.items() if v is not None})
     print(f"report: {scores['config']['output_dir']}/report.md")
+    if update_card:
+        from prolong.model_card import update_model_card
+        update_model_card(update_card, scores)
+        print(f"model card: {update_card}/README.md (model-index updated)")
     if scores["failed"]:  # the others were run and reported; the exit status still says so
         print(f"failed (see the log and report.md): {', '.join(scores['failed'])}", file=sys.stderr)
         sys.exit(1)

@@ -61,21 +61,22 @@ def _category_name(category: str) -> str:
     return _CATEGORY_NAMES.get(category, category)
 
 
-def _eval_result(category: str, length: int | str, score: float, mode: str, source: str):
+def _eval_result(category: str, length: int | str, score: float, mode: str):
     from huggingface_hub import EvalResult
 
     return EvalResult(
         task_type="text-generation",
         task_name="Long-context evaluation",
         dataset_type=HELMET_DATASET,
-        dataset_name=f"HELMET {_category_name(category)} @ {length} tokens",
+        # the Hub groups results by dataset (task, type, config, split): one per category, one metric per length
+        dataset_name=f"HELMET {_category_name(category)}",
         dataset_config=category,
         dataset_split="test",
-        dataset_args={"input_length": int(length), "mode": mode},
-        metric_type=f"helmet_{category}",
-        metric_name=f"{_category_name(category)} ({length} tokens)",
+        dataset_args={"mode": mode},
+        metric_type=f"helmet_{category}_{int(length)}",
+        metric_name=f"{_category_name(category)} @ {int(length):,} tokens",
+        metric_args={"input_length": int(length)},
         metric_value=round(float(score), 2),
-        source_name=source,
     )
 
 
@@ -86,7 +87,7 @@ def eval_results_from_scores(scores: dict) -> list:
     for category, by_length in (scores.get("categories") or {}).items():
         for length, value in sorted(by_length.items(), key=lambda item: int(item[0])):
             if value is not None:
-                results.append(_eval_result(category, length, value, mode, HELMET_SOURCE))
+                results.append(_eval_result(category, length, value, mode))
     return results
 
 
@@ -96,25 +97,23 @@ def eval_results_from_log_history(log_history: list[dict] | None) -> list:
     if not recall:
         return []
     last = recall[-1]
-    return [_eval_result("recall", key.removeprefix("eval_recall/avg_"), value, "helmet",
-                         f"RecallEvalCallback at step {last.get('step')}")
+    return [_eval_result("recall", key.removeprefix("eval_recall/avg_"), value, "helmet")
             for key, value in last.items() if key.startswith("eval_recall/avg_") and value is not None]
 
 
-def _evaluation_section(eval_results: list, log_history: list[dict] | None) -> str:
+def _evaluation_section(eval_results: list, log_history: list[dict] | None, source: str) -> str:
     if not eval_results:
         return "No evaluation results yet (run `python -m evaluation.run --model THIS_DIR --update-card THIS_DIR`)."
-    lengths = sorted({r.dataset_args["input_length"] for r in eval_results})
+    lengths = sorted({r.metric_args["input_length"] for r in eval_results})
     categories = list(dict.fromkeys(r.dataset_config for r in eval_results))
-    score = {(r.dataset_config, r.dataset_args["input_length"]): r.metric_value for r in eval_results}
+    score = {(r.dataset_config, r.metric_args["input_length"]): r.metric_value for r in eval_results}
     rows = ["| category | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     for category in categories:
         cells = [f"{score[(category, n)]:.1f}" if (category, n) in score else "-" for n in lengths]
         rows.append(f"| {_category_name(category)} | " + " | ".join(cells) + " |")
-    sources = sorted({r.source_name for r in eval_results})
-    text = f"Scores (0-100) from {', '.join(sources)}; they are in this card's `model-index` too.\n\n" + "\n".join(rows)
+    text = f"Scores (0-100) from {source}; they are in this card's `model-index` too.\n\n" + "\n".join(rows)
     recall = [entry for entry in (log_history or []) if any(k.startswith("eval_recall/") for k in entry)]
-    if recall and all(r.source_name.startswith("RecallEvalCallback") for r in eval_results):
+    if recall and log_history is not None:
         task_rows = ["| step | task / length | score |", "| --- | --- | --- |"]
         task_rows += [f"| {recall[-1].get('step', '')} | {key.removeprefix('eval_recall/')} | {value:.3f} |"
                       for key, value in recall[-1].items() if key.startswith("eval_recall/")]
@@ -166,6 +165,11 @@ def write_model_card(
     if summary:
         figures.append(f"- training time: {summary[-1]['train_runtime']:.0f} s")
     eval_results = eval_results_from_scores(scores) if scores else eval_results_from_log_history(log_history)
+    if scores:
+        source = HELMET_SOURCE
+    else:
+        recall = [e for e in (log_history or []) if any(k.startswith("eval_recall/") for k in e)]
+        source = f"RecallEvalCallback at step {recall[-1].get('step')}" if recall else ""
     card_data = _card_data(name=name, base_model=base_model, stage=stage, mixture=mixture, eval_results=eval_results)
     safe_recipe = redact(json.loads(json.dumps(recipe, default=str)))
     text = f"""---
@@ -191,7 +195,7 @@ Trained with ProLong recipes (`{stage}` stage) from `{redact(base_model)}`.
 
 {EVALUATION_HEADING}
 
-{_evaluation_section(eval_results, log_history)}
+{_evaluation_section(eval_results, None if scores else log_history, source)}
 
 ## Recipe
 
@@ -207,15 +211,28 @@ Load it with `AutoModelForCausalLM.from_pretrained("{load_path}")`.
     return text
 
 
-def update_model_card(model_dir: str, scores: dict) -> str:
-    """Put an evaluation's scores into an existing card: the model-index (HELMET results replaced,
-    others kept) and the Evaluation section. Returns the new text."""
+def check_updatable_card(model_dir: str) -> str:
+    """The path of ``model_dir``'s card, or a clear error (before an evaluation runs for it)."""
     from huggingface_hub import ModelCard
 
     path = os.path.join(model_dir, "README.md")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--update-card: not found: {path} (the model card a ProLong run writes "
                                 "into its output_dir); give the trained model's directory")
+    try:
+        ModelCard.load(path)
+    except Exception as error:  # huggingface_hub raises several types for a bad YAML header
+        raise ValueError(f"--update-card: {path} is not a readable model card ({type(error).__name__}: {error})") \
+            from error
+    return path
+
+
+def update_model_card(model_dir: str, scores: dict) -> str:
+    """Put an evaluation's scores into an existing card: the model-index (HELMET results replaced,
+    others kept) and the Evaluation section. Returns the new text."""
+    from huggingface_hub import ModelCard
+
+    path = check_updatable_card(model_dir)
     card = ModelCard.load(path)
     new_results = eval_results_from_scores(scores)
     if not new_results:
@@ -224,7 +241,7 @@ def update_model_card(model_dir: str, scores: dict) -> str:
     card.data.eval_results = kept + new_results
     if not card.data.model_name:
         card.data.model_name = os.path.basename(os.path.abspath(model_dir))
-    section = _evaluation_section(new_results, None)
+    section = _evaluation_section(new_results, None, HELMET_SOURCE)
     body = card.content.split("---", 2)[2] if card.content.startswith("---") else card.content
     if EVALUATION_HEADING in body:
         head, _, rest = body.partition(EVALUATION_HEADING)
@@ -232,7 +249,7 @@ def update_model_card(model_dir: str, scores: dict) -> str:
         body = f"{head}{EVALUATION_HEADING}\n\n{section}\n{rest[following:] if following >= 0 else ''}"
     else:
         body = f"{body.rstrip()}\n\n{EVALUATION_HEADING}\n\n{section}\n"
-    text = redact(f"---\n{card.data.to_yaml()}\n---\n{body}")
+    text = redact(f"---\n{card.data.to_yaml()}\n---\n\n{body.lstrip(chr(10))}")
     ModelCard(text)
     _write_atomically(path, text)
     return text

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerFast
 
 from prolong.data import pack_dataset
 from prolong.data.cli import main
+from prolong.data.mds import import_mds
 from prolong.data.tokenize import tokenize_dataset, tokenize_to_disk
 
 REPO = Path(__file__).parents[1]
@@ -197,6 +198,7 @@ DATA_CASES = [
     ("pack-output-exists", pack("{d}/tok", extra=("--out", "{d}/packed")), "--overwrite"),
     ("pack-output-is-a-file", pack("{d}/tok", extra=("--out", "{d}/a-file")), "already exists"),
     ("inspect-truncated-arrow", ["inspect", "{d}/truncated"], "{d}/truncated/data-00000-of-00001.arrow"),
+    ("inspect-folder-of-domains", ["inspect", "{d}/domains"], "holds one dataset per domain (books, fineweb-edu"),
     ("inspect-missing", ["inspect", "{d}/nope"], "not found: {d}/nope"),
     ("import-mds-missing", ["import-mds", "{d}/nope"], "not found: {d}/nope"),
     ("import-mds-no-index", ["import-mds", "{d}/plain_dir"], "no index.json in {d}/plain_dir"),
@@ -231,6 +233,7 @@ def bad_inputs(tmp_path_factory):
     shutil.copytree(d / "tok", d / "truncated")
     arrow = d / "truncated" / "data-00000-of-00001.arrow"
     arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    import_mds(MDS_BOOKS.parent, d / "domains")  # one packed dataset per domain
     shutil.copytree(MDS_BOOKS, d / "mds_truncated")
     shard = d / "mds_truncated" / "proc00-0" / "shard.00001.mds"
     shard.write_bytes(shard.read_bytes()[:-10])

@@ -366,6 +366,7 @@ def _import_domain(index_files: list[Path], out: Path, *, mode: str, domain: str
         "version": FORMAT_VERSION,
         "mode": mode,
         "length": max(lengths),
+        "row_lengths": [min(lengths), max(lengths)],  # equal unless the shards mix lengths (warned above)
         "num_sequences": num_rows,
         "num_tokens": sum(domain_tokens.values()),
         "domains": dict(sorted(domain_tokens.items())),

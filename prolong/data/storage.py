@@ -129,6 +129,11 @@ def load_dataset_dir(directory: str | os.PathLike, flag: str = "input") -> datas
                                  "(a `prolong-data tokenize` or `pack` output)")
     if not path.is_dir():
         raise FileNotFoundError(f"{flag} directory not found: {path}")
+    if not (path / "state.json").exists() and any(path.glob("*/state.json")):
+        parts = sorted(p.parent.name for p in path.glob("*/state.json"))
+        raise FileNotFoundError(
+            f"{flag} directory {path} holds one dataset per domain ({', '.join(parts[:8])}"
+            f"{', ...' if len(parts) > 8 else ''}), not one dataset: give one of them, e.g. {path / parts[0]}")
     if not (path / "state.json").exists():
         raise FileNotFoundError(
             f"{flag} directory {path} is not a dataset saved with save_to_disk (no state.json); "

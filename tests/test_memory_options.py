@@ -239,7 +239,7 @@ def test_compiled_decoder_layers_give_the_same_loss_curve(tiny_model_dir, packed
     backend = _CountingBackend()
     register_backend(backend, name="prolong_test_counting")
     reset()
-    out = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "run", max_steps=3,
+    out = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "run", max_steps=3, activation_checkpointing="true",
                      compile_decoder_layers="prolong_test_counting"))
     losses = _losses(out)
     assert sorted(losses) == [1, 2, 3]

@@ -6,8 +6,9 @@ sit outside it). Here ONE compiled function runs every decoder layer: the layer 
 so (with dynamo's default ``inline_inbuilt_nn_modules``) its weights are graph inputs and every
 layer of the same class reuses one graph instead of hitting the recompile limit after 8 layers;
 ``dynamic=True`` keeps the sequence length symbolic, so new lengths do not recompile either.
-Activation checkpointing (transformers' ``GradientCheckpointingLayer.__call__``) stays outside
-the compiled function and recomputes through it.
+transformers 5.24 checkpoints a layer by wrapping its class's ``forward``, so with activation
+checkpointing on, the checkpoint is traced inside the compiled function (dynamo's supported
+checkpoint path); tests/test_memory_options.py runs that combination.
 """
 
 from __future__ import annotations

@@ -398,6 +398,11 @@ class Judge:
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float = 120):
         self.base_url, self.model, self.api_key, self.timeout = base_url.rstrip("/"), model, api_key, timeout
 
+    @property
+    def name(self) -> str:
+        """Names the judge in each record, so a record judged by another judge is judged again."""
+        return f"{self.model}@{self.base_url}"
+
     @classmethod
     def from_config(cls, cfg: dict):
         base_url = cfg.get("judge_base_url") or os.environ.get("EVAL_JUDGE_BASE_URL")

@@ -21,7 +21,13 @@ def summarise(task, records: list) -> dict:
     means = {name: _mean(values) for name, values in numeric.items()}
     means = {name: (v if name in ("judge_score", "judge_f1", "num_preds") else 100 * v) for name, v in means.items()}
     metric, note = task.primary_metric, None
-    if task.judged and metric not in means:
+    components = task.extra.get("score_components")
+    if components:  # Cite: HELMET averages correctness, citation recall and citation precision
+        if "citation_scored" in means:  # citations were scored; a metric no sample has counts 0, as HELMET
+            means[metric] = _mean([means.get(c) or 0 for c in components])
+        else:
+            metric, note = task.fallback_metric, "citations not scored (no nli_model): score is " + task.fallback_metric
+    elif task.judged and metric not in means:
         metric, note = task.fallback_metric, "judge skipped: score is " + task.fallback_metric
     by_depth = defaultdict(list)
     for record in records:
@@ -156,4 +162,4 @@ def write_all(scores: dict, output_dir: str, plots: bool = True):
         if plot_depth_heatmap(scores, tmp):
             os.replace(tmp, heatmap)
     _replace_into(os.path.join(output_dir, "report.md"), text_writer(markdown(scores)))
-    _replace_into(os.path.join(output_dir, "scores.json"), text_writer(json.dumps(scores, indent=2)))
+    _replace_into(os.path.join(output_dir, "scores.json"), text_writer(json.dumps(scores, indent=2, default=str)))

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import identity, report
 from .config import load_config
 from .generation import HFGenerator, PromptBuilder, VLLMGenerator
+from .cite import CitationScorer
 from .judge import Judge
 from .tasks import DataFileMissing, LoadRequest, get_task
 
@@ -133,8 +134,8 @@ def run_identity(model_or_path, tokenizer, cfg: dict) -> dict:
 
 
 def task_identity(run: dict, task, length: int, cfg: dict, settings: dict) -> dict:
-    """Everything that changes a prompt or a score of (task, length). Model-judged scores are not in
-    it: each record names its judge and is re-judged when the judge changes."""
+    """Everything that changes a prompt or a score of (task, length). Model-scored metrics (judge,
+    citation NLI) are not in it: each record names its scorer and is scored again when it changes."""
     return {**run, "task": task.name, "length": length, "seed": cfg["seed"], "num_depths": cfg["num_depths"],
             "data_dir": os.path.abspath(cfg["data_dir"]) if not task.extra.get("builder") else None, **settings}
 
@@ -201,29 +202,44 @@ def _make_generator(model_or_path, tokenizer, cfg):
     return HFGenerator(model_or_path, tokenizer, prefill_chunk_size=cfg["prefill_chunk_size"])
 
 
-def _judge_name(judge) -> str | None:
-    return f"{judge.model}@{judge.base_url}" if judge is not None else None
+def _model_scorer(task):
+    """(metrics key, record key naming the scorer, why it may be absent) of a model-scored task."""
+    if task.category == "cite":
+        return "citation", "nli_model", "no nli_model configured"
+    if task.judged:
+        return "judge", "judge_model", "no judge configured"
+    return None
 
 
-def _model_scores(task, output: str, sample: dict, judge) -> dict:
-    """Model-judged metrics of one sample; a failing judge marks the sample, never the run."""
-    if not task.judged:
+def _model_scores(task, output: str, sample: dict, scorers: dict) -> dict:
+    """Model-scored metrics of one sample (LLM judge, citation NLI); a failing scorer marks the sample,
+    never the run, and the output is kept, to be scored again on resume."""
+    spec = _model_scorer(task)
+    if spec is None:
         return {}
-    if judge is None:
-        return {"judge": "skipped: no judge configured"}
+    key, name_key, missing = spec
+    scorer = scorers.get(key)
+    if scorer is None:
+        return {key: f"skipped: {missing}"}
     try:
-        scores = judge.score(task, output, sample)
+        scores = scorer.score(task, output, sample)
     except Exception as error:  # noqa: BLE001 - URLError, timeouts, bad replies: this sample only
-        logger.warning("%s %s: judge failed: %s", task.name, sample.get("id"), error)
-        scores = {"judge": f"failed: {type(error).__name__}: {error}", "judge_failed": 1}
-    return {**scores, "judge_model": _judge_name(judge)}
+        logger.warning("%s %s: %s failed: %s", task.name, sample.get("id"), key, error)
+        scores = {key: f"failed: {type(error).__name__}: {error}", f"{key}_failed": 1}
+    return {**scores, name_key: scorer.name}
 
 
-def _needs_rejudge(task, record: dict, judge) -> bool:
-    if not task.judged or judge is None:
-        return False
+def _rescore(task, record: dict, sample: dict, scorers: dict) -> None:
+    """Score a kept output again when its scorer failed, was absent or changed (no regeneration)."""
+    spec = _model_scorer(task)
+    if spec is None or scorers.get(spec[0]) is None:
+        return
+    key, name_key, _ = spec
     metrics = record["metrics"]
-    return metrics.get("judge_model") != _judge_name(judge) or str(metrics.get("judge", "")).startswith(("failed", "skipped"))
+    if metrics.get(name_key) == scorers[key].name and not str(metrics.get(key, "")).startswith(("failed", "skipped")):
+        return
+    kept = {k: v for k, v in metrics.items() if not k.startswith(key) and k != name_key}
+    record["metrics"] = {**kept, **_model_scores(task, record["output"], sample, scorers)}
 
 
 def _prompt_fields(tokenizer, input_ids: list[int], save_prompts: bool) -> dict:
@@ -237,7 +253,8 @@ def _prompt_fields(tokenizer, input_ids: list[int], save_prompts: bool) -> dict:
     return fields
 
 
-def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuilder, judge, window, run: dict) -> dict:
+def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuilder, scorers: dict, window,
+                    run: dict) -> dict:
     """Evaluate one task at one length; returns its summary (also when skipped)."""
     settings = resolved_settings(task, cfg)
     gen_len, use_chat, stop_newline = settings["generation_max_length"], settings["use_chat_template"], settings["stop_newline"]
@@ -266,11 +283,9 @@ def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuil
                                   "(data, tokenizer or prompt settings changed). Use another output_dir or resume=false.")
     identity.write_json_atomic(meta, {"identity": this_identity, "summary": None})  # claims the file
     if done:
-        for sample in samples:  # re-judge kept outputs whose judge failed or changed; no regeneration
-            record = done.get(sample["id"])
-            if record is not None and _needs_rejudge(task, record, judge):
-                record["metrics"] = {**{k: v for k, v in record["metrics"].items() if not k.startswith("judge")},
-                                     **_model_scores(task, record["output"], sample, judge)}
+        for sample in samples:
+            if sample["id"] in done:
+                _rescore(task, done[sample["id"]], sample, scorers)
     _rewrite(jsonl, done)  # also drops a torn last line, and starts the file afresh without resume
 
     todo = [(s, p) for s, p in zip(samples, prompts) if s["id"] not in done]
@@ -282,8 +297,8 @@ def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuil
             start = time.time()
             output = generator.generate(input_ids, gen_len, stop_newline)
             elapsed = time.time() - start
-            scored = task.score_output(output, sample, use_chat) if hasattr(task, "score_output") else task.score(output, sample)
-            metrics = {**scored, **_model_scores(task, output, sample, judge)}
+            scored = task.score_output(output, sample, use_chat, request.mode) if hasattr(task, "score_output") else task.score(output, sample)
+            metrics = {**scored, **_model_scores(task, output, sample, scorers)}
             record = {"id": sample["id"], "task": task.name, "length": length, "input_tokens": len(input_ids),
                       "truncated_tokens": cut, "depth": sample.get("depth"), "output": output,
                       "answer": sample["answer"], "metrics": metrics, "seconds": round(elapsed, 3),
@@ -346,7 +361,8 @@ def evaluate(model_or_path, tokenizer=None, tasks=None, lengths=None, output_dir
     run = run_identity(model_or_path, tokenizer, cfg)
     check_resume(task_objects, cfg, run)
     window = getattr(_model_config(model_or_path), "max_position_embeddings", None)
-    judge = Judge.from_config(cfg)
+    scorers = {"judge": Judge.from_config(cfg),  # the citation NLI model loads only for Cite tasks
+               "citation": CitationScorer.from_config(cfg) if any(t.category == "cite" for t in task_objects) else None}
     os.makedirs(cfg["output_dir"], exist_ok=True)
     generator = _make_generator(model_or_path, tokenizer, cfg)
     if run["model_fingerprint"] is None and hasattr(generator, "model"):  # a Hub id: fingerprint what was loaded
@@ -359,7 +375,7 @@ def evaluate(model_or_path, tokenizer=None, tasks=None, lengths=None, output_dir
             for length in cfg["lengths"]:
                 logger.info("evaluating %s at %d tokens", task.name, length)
                 try:
-                    current.append(run_task_length(task, length, cfg, generator, builder, judge, window, run))
+                    current.append(run_task_length(task, length, cfg, generator, builder, scorers, window, run))
                 except Exception as error:  # noqa: BLE001 - one task's failure must not lose the others' report
                     logger.exception("%s at %d failed", task.name, length)
                     current.append({"task": task.name, "category": task.category, "length": length, "status": "failed",

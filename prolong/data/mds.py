@@ -119,9 +119,12 @@ def read_index(index_path: Path) -> list[dict]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         shards = index["shards"]
-        for shard in shards:
-            (shard.get("zip_data") or shard["raw_data"])["basename"]  # noqa: B018 (presence check)
-            shard["column_names"], shard["column_encodings"]  # noqa: B018
+        for shard in shards:  # the keys every reader below needs
+            for key in ("column_names", "column_encodings"):
+                if key not in shard:
+                    raise KeyError(key)
+            if "basename" not in (shard.get("zip_data") or shard["raw_data"]):
+                raise KeyError("basename")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         what = f"no {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
         raise ValueError(f"{index_path} is not a valid MDS index.json ({what}); "

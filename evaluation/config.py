@@ -20,6 +20,9 @@ DEFAULTS = {
     "data_dir": "data",               # HELMET's extracted data/ folder (plus icl/, narrativeqa/, ...)
     "max_samples": None,              # per task and length; null = HELMET's 100 (ICL 500)
     "seed": 42,
+    # tokenizer measuring LongQA/Summ documents for HELMET's length filters and context cut; null =
+    # the model's. HELMET uses meta-llama/Llama-2-7b-hf for every model (set it to match exactly)
+    "length_tokenizer": None,
     "shots": None,
     "use_chat_template": None,
     "stop_newline": None,

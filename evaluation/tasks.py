@@ -5,12 +5,14 @@ A task turns (length, settings) into samples: dicts holding the template fields 
 (`synthetic.py`); the others read the files of HELMET's release (or, for ICL/LongQA/Summ, which
 HELMET pulls from the Hub at run time, a jsonl export of the same Hub datasets).
 """
+import gzip
 import hashlib
 import json
 import math
 import os
 import random
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -22,6 +24,7 @@ HELMET_DATA_URL = "https://huggingface.co/datasets/princeton-nlp/HELMET"
 HELMET_DOWNLOAD = (f"download {HELMET_DATA_URL}/resolve/main/data.tar.gz and extract it "
                    "(HELMET's scripts/download_data.sh), then pass --data_dir pointing at the extracted data/ folder")
 HELMET_LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072]
+TRUNCATION_MARKER = " ... [the rest of the text is omitted]"  # HELMET's truncate_llama2 postfix
 
 
 class DataFileMissing(FileNotFoundError):
@@ -39,6 +42,10 @@ class LoadRequest:
     data_dir: str
     num_depths: int = 11
     count_tokens: Callable[[dict], int] | None = None  # renders fields with the task's template
+    mode: str = "helmet"             # helmet | fixed (config key `mode`; docs/evaluation.md)
+    # tokenizer (or a name for AutoTokenizer) that measures LongQA/Summ documents for HELMET's
+    # length filters and context cut; HELMET uses meta-llama/Llama-2-7b-hf for every model
+    length_tokenizer: object = None
 
 
 @dataclass(frozen=True)
@@ -70,23 +77,41 @@ class Task:
     def answer_prefix(self, sample: dict) -> str:
         return self.system_template.format(**self.fields(sample))
 
+    def default_stop_newline(self, mode: str) -> bool:
+        """HELMET's configs say `stop_new_line: true` for RAG/Re-rank/ICL, but its flag is
+        `--stop_newline`, so HELMET never stops at a newline: `helmet` mode keeps that."""
+        return self.stop_newline and mode == "fixed"
+
+    def score_output(self, output: str, sample: dict, use_chat_template: bool, mode: str = "helmet") -> dict:
+        """Score as HELMET's eval.py: without a chat template the model completed the answer
+        prefix ("Answer:", "label:", ...), so the prefix is put back before parsing (both modes).
+        `helmet` mode uses HELMET's scorer where ours fixes it (`extra["helmet_score"]`)."""
+        if not use_chat_template:
+            output = self.answer_prefix(sample) + output
+        score = self.extra.get("helmet_score", self.score) if mode == "helmet" else self.score
+        return score(output, sample)
+
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
 def read_jsonl(path: str, how_to_get: str = HELMET_DOWNLOAD) -> list[dict]:
+    """A .json/.jsonl file, or its gzip-compressed `<path>.gz` when only that exists."""
+    opener = open
+    if not os.path.exists(path) and os.path.exists(path + ".gz"):
+        path, opener = path + ".gz", gzip.open
     if not os.path.exists(path):
         raise DataFileMissing(f"Data file not found: {path}. To get it: {how_to_get}.")
-    with open(path, encoding="utf-8") as f:
+    with opener(path, "rt", encoding="utf-8") as f:
         if path.endswith(".json"):
             data = json.load(f)
             return data["data"] if isinstance(data, dict) else data
         return [json.loads(line) for line in f if line.strip()]
 
 
-def sha_seed(text: str) -> int:
-    """HELMET's per-sample seed: sha256 of the key, as a positive 31-bit integer."""
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % 2**31
+def sha_seed(key) -> int:
+    """HELMET's per-sample seed: sha256 of `str(key)` (PopQA ids are integers), as a positive 31-bit integer."""
+    return int(hashlib.sha256(str(key).encode("utf-8")).hexdigest(), 16) % 2**31
 
 
 def helmet_shuffle(rows: list, seed: int) -> list:
@@ -181,7 +206,7 @@ def load_kilt(task: Task, req: LoadRequest) -> list:
         demo_text = ""
         if req.shots > 0:
             pool = [x for x in demos if x[key] != d[key]] if "popqa" in task.name else demos
-            chosen = drop_duplicates(helmet_shuffle(pool, sha_seed(d[key])), key)[:req.shots]
+            chosen = drop_duplicates(helmet_shuffle(pool, sha_seed(d[key])), key)[:req.shots]  # str(id), as HELMET
             demo_text = "\n\n".join(
                 "\n\n".join(PASSAGE.format(**c) for c in x["ctxs"]) + f"\n\nQuestion: {x['question']}\nAnswer: {x['answers'][0]}"
                 for x in chosen) + "\n\n"
@@ -257,12 +282,20 @@ def icl_shots(name: str, length: int) -> int:
     return table.get(length, max(1, round(table[131072] * length / 131072)))
 
 
-def balance_labels(train: list, label_field: str, shots: int, seed: int) -> list:
-    """HELMET's balanced demo sampling (one seeded RNG, so every test sample shares the demos)."""
-    rand = random.Random(seed)
+def group_by_label(rows: list, label_field: str) -> dict:
+    """{label: rows} in order of first appearance (the order HELMET's balance_labels walks)."""
     by_label = {}
-    for x in train:
+    for x in rows:
         by_label.setdefault(x[label_field], []).append(x)
+    return by_label
+
+
+def balance_labels(rows: list, label_field: str, shots: int, seed: int, by_label: dict | None = None) -> list:
+    """HELMET's label-balanced sampling: `shots` rows in rounds holding one row per label, each
+    round in a seeded random order. HELMET calls it per test sample (seed from the sample's text)
+    for the demonstrations, and once (the run's seed) to subsample a large test set."""
+    rand = random.Random(seed)
+    by_label = by_label if by_label is not None else group_by_label(rows, label_field)
     rounds = math.ceil(shots / len(by_label))
     grouped = [[] for _ in range(rounds)]
     for samples in by_label.values():
@@ -288,13 +321,15 @@ def load_icl(task: Task, req: LoadRequest) -> list:
         train, test = split["train"].to_list(), split["test"].to_list()
     else:
         test = read_jsonl(os.path.join(folder, f"{task.name}_test.jsonl"), how)
-    if len(test) > req.max_samples:
-        test = helmet_shuffle(test, req.seed)[:req.max_samples]
+    if len(test) > req.max_samples:  # HELMET: shuffle, then a label-balanced subset
+        test = balance_labels(helmet_shuffle(test, req.seed), label_field, req.max_samples, req.seed)
     shots = icl_shots(task.name, req.length)
-    demos = balance_labels(train, label_field, shots, req.seed)
+    train_by_label = group_by_label(train, label_field)
     samples = []
     for index, x in enumerate(test):
         local_seed = (int(hashlib.sha256(x["text"].encode("utf-8")).hexdigest(), 16) + req.seed) % 2**31
+        # HELMET's "_balance" configs: each test sample draws its own balanced demonstrations
+        demos = balance_labels(train, label_field, shots, local_seed, train_by_label)
         mapping = list(range(num_labels))
         random.Random(local_seed).shuffle(mapping)  # labels -> shuffled integers, per test sample
         context = "\n\n".join(f"{d['text']}\nlabel: {mapping[int(d[label_field])]}" for d in demos)
@@ -350,19 +385,89 @@ def _narrativeqa_row(row: dict, index: int) -> dict:
             "answer": row["answer"] if isinstance(row["answer"], list) else [row["answer"]]}
 
 
+@lru_cache(maxsize=4)
+def _tokenizer_by_name(name: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(name)
+
+
+_DOCUMENT_MEASURES: dict = {}  # id(tokenizer) -> (tokenizer, {text digest: {"length": n, cut index: char}})
+
+
+class LengthRuler:
+    """HELMET's document measures for LongQA/Summ (data.py `filter_length`, `truncate_llama2`),
+    with the tokenizer the run names (HELMET: Llama-2's, for every model). Each book is tokenized
+    once per (tokenizer, cut point) and remembered by text digest: NarrativeQA repeats a book for
+    every one of its questions, InfiniteBench uses the same books in three tasks, and a run loads
+    each task once per length."""
+
+    def __init__(self, task: Task, req: LoadRequest):
+        tokenizer = req.length_tokenizer
+        if tokenizer is None:
+            raise ValueError(f"{task.name}: LoadRequest.length_tokenizer is needed to apply HELMET's document "
+                             "length filter and context cut (pass the model's tokenizer or a tokenizer name)")
+        self.tokenizer = _tokenizer_by_name(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        # the context keeps this many tokens (HELMET's dataset-name suffix: length - generation - 200;
+        # Multi-LexSum length - 400 - 300), the rest is replaced by TRUNCATION_MARKER
+        self.context_tokens = req.input_budget - task.extra["context_margin"]
+        # truncate_llama2 keeps the text up to the end of this token (its tokens include the marker's)
+        self.cut_index = self.context_tokens - len(self.tokenizer(TRUNCATION_MARKER)["input_ids"])
+        # HELMET keeps documents of at least `min_doc_tokens` at every length; `fixed` also asks for
+        # a full context, so beyond 128K every prompt is as long as its nominal length
+        self.min_tokens = task.extra["min_doc_tokens"]
+        if req.mode == "fixed":
+            self.min_tokens = max(self.min_tokens, self.context_tokens)
+        # the entry holds the tokenizer, so its id cannot be reused by another one
+        self._measures = _DOCUMENT_MEASURES.setdefault(id(self.tokenizer), (self.tokenizer, {}))[1]
+
+    def _measure(self, text: str) -> dict:
+        key = hashlib.sha1(text.encode("utf-8")).digest()
+        entry = self._measures.get(key)
+        if entry is None or (entry["length"] > self.context_tokens and self.cut_index not in entry):
+            encoding = self.tokenizer(text, return_offsets_mapping=True)  # special tokens included, as HELMET
+            entry = self._measures.setdefault(key, {"length": len(encoding["input_ids"])})
+            if entry["length"] > self.context_tokens:
+                entry[self.cut_index] = encoding["offset_mapping"][self.cut_index][1]
+        return entry
+
+    def long_enough(self, text: str) -> bool:
+        return self._measure(text)["length"] >= self.min_tokens
+
+    def check_any(self, kept: list, path: str) -> None:
+        """A task whose every document fails the filter is an error, not an empty score."""
+        if not kept:
+            raise ValueError(f"No document in {path} has at least {self.min_tokens} tokens of the length tokenizer "
+                             "(HELMET's length filter); use the full dataset, or a length_tokenizer that matches it")
+
+    def cut(self, text: str) -> str:
+        entry = self._measure(text)
+        if entry["length"] <= self.context_tokens:
+            return text
+        return text[:entry[self.cut_index]] + TRUNCATION_MARKER
+
+
 def load_narrativeqa(task: Task, req: LoadRequest) -> list:
     folder = os.path.join(req.data_dir, "narrativeqa")
     how = (f"export the Hub dataset deepmind/narrativeqa with `datasets`: load_dataset('deepmind/narrativeqa')"
            f"[split].to_json('{folder}/<split>.jsonl') for test and train")
     test = [_narrativeqa_row(r, i) for i, r in enumerate(read_jsonl(os.path.join(folder, "test.jsonl"), how))]
-    test = helmet_shuffle(test, req.seed)[:req.max_samples]
+    ruler = LengthRuler(task, req)
+    # HELMET: shuffle, keep books over 131,072 tokens, take the first max_samples (the filter is per
+    # row, so stopping at max_samples gives the same rows without measuring every book)
+    chosen = []
+    for sample in helmet_shuffle(test, req.seed):
+        if len(chosen) == req.max_samples:
+            break
+        if ruler.long_enough(sample["context"]):
+            chosen.append({**sample, "context": ruler.cut(sample["context"])})
+    ruler.check_any(chosen, os.path.join(folder, "test.jsonl"))
     train = []
     if req.shots > 0:
         train = [_narrativeqa_row(r, i) for i, r in enumerate(read_jsonl(os.path.join(folder, "train.jsonl"), how))]
-    _add_demos(test, train, req, lambda demos: (
+    _add_demos(chosen, train, req, lambda demos: (
         "For example:\n\n" + "\n\n".join(f"Question: {d['question']}\nAnswer: {d['answer'][0]}" for d in demos)
         + "\n\nNow, use the following story to answer the question:\n\n"))
-    return test
+    return chosen
 
 
 def load_infbench(task: Task, req: LoadRequest) -> list:
@@ -376,7 +481,11 @@ def load_infbench(task: Task, req: LoadRequest) -> list:
             sample["options"] = "A. {}\nB. {}\nC. {}\nD. {}".format(*row["options"])
             sample["answer"] = [letter, f"{letter}. {row['answer'][0]}"]
         samples.append(sample)
-    chosen = helmet_shuffle(samples, req.seed)[:req.max_samples]
+    # HELMET: demonstrations from the whole file, then the length filter and cut, then shuffle + select
+    ruler = LengthRuler(task, req)
+    kept = [s for s in samples if ruler.long_enough(s["context"])]
+    ruler.check_any(kept, os.path.join(folder, task.extra["file"]))
+    chosen = [{**s, "context": ruler.cut(s["context"])} for s in helmet_shuffle(kept, req.seed)[:req.max_samples]]
     if task.name == "infbench_sum_eng":  # key points for the summarisation judge (HELMET's file; optional)
         keypoints = _keypoints_by_id(os.path.join(folder, "longbook_sum_eng_keypoints.jsonl"), "keypoints")
         for sample in chosen:
@@ -399,18 +508,24 @@ def load_multi_lexsum(task: Task, req: LoadRequest) -> list:
     how = (f"export the Hub dataset allenai/multi_lexsum (config v20230518) with `datasets`: "
            f"load_dataset('allenai/multi_lexsum', name='v20230518')[split].to_json('{folder}/<split>.jsonl') "
            "for validation and train")
-    rows = [r for r in read_jsonl(os.path.join(folder, "validation.jsonl"), how) if r.get("summary/short")]
+    rows = [r for r in read_jsonl(os.path.join(folder, "validation.jsonl"), how) if r.get("summary/short") is not None]
+    ruler = LengthRuler(task, req)
     # judge inputs: key points from the row or HELMET's multi_lexsum_val.jsonl (optional), expert = summary/long
     keypoints = _keypoints_by_id(os.path.join(folder, "multi_lexsum_val.jsonl"), "summary/short_keypoints")
     test = [{"id": str(r.get("id", i)), "context": "\n\n".join(r["sources"]), "question": "",
              "answer": r["summary/short"], "expert_summary": r.get("summary/long"),
              "keypoints": r.get("summary/short_keypoints") or keypoints.get(str(r.get("id", i))),
              } for i, r in enumerate(rows)]
-    test = helmet_shuffle(test, req.seed)[:req.max_samples]
+    test = [s for s in test if ruler.long_enough(s["context"])]
+    ruler.check_any(test, os.path.join(folder, "validation.jsonl"))
+    if len(test) > req.max_samples:  # HELMET shuffles only when it subsamples
+        test = helmet_shuffle(test, req.seed)[:req.max_samples]
+    test = [{**s, "context": ruler.cut(s["context"])} for s in test]
     train = []
     if req.shots > 0:
         train = [{"id": str(r.get("id", i)), "answer": r["summary/short"]}
-                 for i, r in enumerate(read_jsonl(os.path.join(folder, "train.jsonl"), how)) if r.get("summary/short")]
+                 for i, r in enumerate(read_jsonl(os.path.join(folder, "train.jsonl"), how))
+                 if r.get("summary/short") is not None]
     _add_demos(test, train, req, lambda demos: (
         "Example summaries:\n\n" + "\n\n".join(f"Summary: {d['answer']}" for d in demos)
         + "\n\nNow, write a summary of the following legal documents.\n"))
@@ -439,6 +554,10 @@ def _task(name, category, user, system, gen, chat, stop, shots, metric, load, sc
                 use_chat_template=chat, stop_newline=stop, shots=shots, primary_metric=metric, load=load, score=score, **kw)
 
 
+# HELMET's LongQA/Summ limits (data.py, scripts/generate_configs.py): documents of at least 65,536
+# tokens (NarrativeQA: over 131,072), context cut to length - generation - 200 tokens
+BOOK_LIMITS = {"min_doc_tokens": 65536, "context_margin": 200}
+
 TASKS: dict[str, Task] = {t.name: t for t in [
     _task("json_kv", "recall", JSON_KV_USER, "Corresponding value:", 100, False, False, 2, "substring_exact_match",
           load_synthetic, score_json_kv, extra={"builder": "json_kv"}),
@@ -454,18 +573,26 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     *[_task(name, "icl", ICL_USER, "label:", 20, False, True, 0, "exact_match", load_icl, score_icl, default_max_samples=500)
       for name in ICL_DATASETS],
     _task("narrativeqa", "longqa", NARRATIVEQA_USER, "Answer:", 100, True, False, 2, "judge_score", load_narrativeqa,
-          score_qa, judged=True, fallback_metric="rougeL_f1"),
+          score_qa, judged=True, fallback_metric="rougeL_f1", extra={**BOOK_LIMITS, "min_doc_tokens": 131072 + 1}),
     _task("infbench_qa_eng", "longqa", INFBENCH_QA_USER, "Answer:", 10, True, False, 2, "rougeL_f1", load_infbench,
-          score_qa, extra={"file": "longbook_qa_eng.jsonl"}),
+          score_qa, extra={**BOOK_LIMITS, "file": "longbook_qa_eng.jsonl"}),
     _task("infbench_choice_eng", "longqa", INFBENCH_MC_USER, "Answer:", 10, True, False, 2, "exact_match", load_infbench,
-          score_choice, extra={"file": "longbook_choice_eng.jsonl"}),
+          score_choice, extra={**BOOK_LIMITS, "file": "longbook_choice_eng.jsonl"}),
     _task("infbench_sum_eng", "summ", INFBENCH_SUM_USER, "Summary:", 1200, True, False, 2, "judge_f1", load_infbench,
-          score_rouge, separator="\n\n", judged=True, fallback_metric="rougeLsum_f1", extra={"file": "longbook_sum_eng.jsonl"}),
+          score_rouge, separator="\n\n", judged=True, fallback_metric="rougeLsum_f1",
+          # HELMET scores it with default_post_process, parsing after "Answer:" although the prompt ends "Summary:"
+          extra={**BOOK_LIMITS, "file": "longbook_sum_eng.jsonl", "helmet_score": score_qa}),
     _task("multi_lexsum", "summ", LEXSUM_USER, "Summary:", 400, True, False, 2, "judge_f1", load_multi_lexsum,
-          score_rouge, separator="\n\n", judged=True, fallback_metric="rougeLsum_f1"),
+          score_rouge, separator="\n\n", judged=True, fallback_metric="rougeLsum_f1",
+          extra={"min_doc_tokens": 65536, "context_margin": 300}),
 ]}
 
-CATEGORIES = {"recall": "Recall", "rag": "RAG", "rerank": "Re-rank", "icl": "ICL", "longqa": "LongQA", "summ": "Summ"}
+from . import cite  # noqa: E402 - Cite (ALCE): its loader, metrics and citation scorer live in cite.py
+
+TASKS.update({t.name: t for t in cite.tasks(_task)})
+
+CATEGORIES = {"recall": "Recall", "rag": "RAG", "rerank": "Re-rank", "icl": "ICL", "longqa": "LongQA", "summ": "Summ",
+              "cite": "Cite"}
 
 
 def get_task(name: str) -> Task:

@@ -272,13 +272,16 @@ def test_rerank_demonstrations_follow_helmet_when_the_demo_file_holds_the_test_q
 def test_longqa_and_summary_demonstrations_are_deterministic_and_never_the_sample_itself(tmp_path):
     from evaluation.tasks import LoadRequest, get_task
 
-    rows = [{"id": f"c{i}", "sources": ["doc"], "summary/short": f"short {i}", "summary/long": f"long {i}"}
+    from conftest import train_tiny_tokenizer
+    book = " the" * 66_000  # HELMET keeps Multi-LexSum cases of at least 65,536 tokens
+    rows = [{"id": f"c{i}", "sources": [book], "summary/short": f"short {i}", "summary/long": f"long {i}"}
             for i in range(6)]
     (tmp_path / "multi_lexsum").mkdir()
     for split in ("validation", "train"):
         (tmp_path / "multi_lexsum" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = get_task("multi_lexsum")
-    request = LoadRequest(length=1024, input_budget=600, max_samples=6, seed=42, shots=2, data_dir=str(tmp_path))
+    request = LoadRequest(length=1024, input_budget=600, max_samples=6, seed=42, shots=2, data_dir=str(tmp_path),
+                          length_tokenizer=train_tiny_tokenizer())
     samples = task.load(task, request)
     assert [s["demo"] for s in samples] == [s["demo"] for s in task.load(task, request)]
     for sample in samples:

@@ -172,14 +172,17 @@ def test_loaders_attach_helmet_key_points_and_expert_summary(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
+    from conftest import train_tiny_tokenizer
+    book = " the" * 66_000  # HELMET keeps Multi-LexSum / InfiniteBench documents of at least 65,536 tokens
     write(tmp_path / "multi_lexsum" / "validation.jsonl",
-          [{"id": "c1", "sources": ["doc"], "summary/short": "short 1", "summary/long": "long 1"},
-           {"id": "c2", "sources": ["doc"], "summary/short": "short 2", "summary/long": "long 2"}])
+          [{"id": "c1", "sources": [book], "summary/short": "short 1", "summary/long": "long 1"},
+           {"id": "c2", "sources": [book], "summary/short": "short 2", "summary/long": "long 2"}])
     write(tmp_path / "multi_lexsum" / "multi_lexsum_val.jsonl", [{"id": "c1", "summary/short_keypoints": ["k1", "k2"]}])
     write(tmp_path / "infbench" / "longbook_sum_eng.jsonl",
-          [{"id": 0, "context": "book", "input": "", "answer": ["gold"]}])
+          [{"id": 0, "context": book, "input": "", "answer": ["gold"]}])
     write(tmp_path / "infbench" / "longbook_sum_eng_keypoints.jsonl", [{"id": 0, "keypoints": ["p1"]}])
-    request = LoadRequest(length=1024, input_budget=600, max_samples=5, seed=42, shots=0, data_dir=str(tmp_path))
+    request = LoadRequest(length=1024, input_budget=600, max_samples=5, seed=42, shots=0, data_dir=str(tmp_path),
+                          length_tokenizer=train_tiny_tokenizer())
     lexsum = {s["id"]: s for s in get_task("multi_lexsum").load(get_task("multi_lexsum"), request)}
     assert lexsum["c1"]["keypoints"] == ["k1", "k2"] and lexsum["c1"]["expert_summary"] == "long 1"
     assert lexsum["c2"]["keypoints"] is None  # no key points: the judge skips this sample

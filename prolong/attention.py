@@ -116,8 +116,9 @@ def _check_output_head(model, hidden: torch.Tensor, logits: torch.Tensor) -> Non
         )
 
 
-def guard_document_masking(model, args) -> None:
-    """Run ``check_document_masking`` once, on the main process, on its training device.
+def guard_document_masking(model, args, collator=None, train_dataset=None, packed: bool = True) -> None:
+    """Run ``check_document_masking`` once, on the main process, on its training device, with the
+    trainer's own collator (``collator``) on a row in its own dataset's format (``train_dataset[0]``).
 
     The model is still on CPU here (the Trainer places it later) while flash/varlen kernels need
     CUDA, and with FSDP's RAM-efficient loading only the main process holds real weights.
@@ -127,14 +128,17 @@ def guard_document_masking(model, args) -> None:
         return
     with args.main_process_first(local=False, desc="document-masking probe"):
         if args.process_index == 0:
-            check_document_masking(model, device=args.device)
+            sample = train_dataset[0] if train_dataset is not None and len(train_dataset) else None
+            check_document_masking(model, device=args.device, collator=collator, sample=sample, packed=packed)
 
 
 @torch.no_grad()
-def check_document_masking(model, doc_len: int = 48, seed: int = 0, device=None) -> float:
-    """Refuse to train if packed documents can see each other with this model and backend.
+def check_document_masking(model, doc_len: int = 48, seed: int = 0, device=None, collator=None,
+                           sample: dict | None = None, packed: bool = True) -> float:
+    """Refuse to train if packed documents can see each other with this model, backend and collator.
 
-    Packs two documents A and B in one row exactly as training does, replaces every token of A,
+    Packs two documents A and B in one row exactly as training does (``collator``, default
+    PackedCollator, on a row laid out like the training rows ``sample``), replaces every token of A,
     and checks that B's logits do not move. Returns the largest change seen (0 when masked).
     With ``device``, the model is moved there for the probe and back afterwards.
     """
@@ -143,18 +147,50 @@ def check_document_masking(model, doc_len: int = 48, seed: int = 0, device=None)
     if device != home:
         model.to(device)
     try:
-        return _probe(model, doc_len, seed, device)
+        return _probe(model, doc_len, seed, device, collator or PackedCollator(), sample, packed)
     finally:
         if device != home:
             model.to(home)
 
 
-def _probe(model, doc_len: int, seed: int, device: torch.device) -> float:
+# collator outputs that are targets or bookkeeping, not model inputs (ours and TRL's)
+_NOT_FORWARD_INPUTS = (*NOT_MODEL_INPUTS, "completion_mask", "assistant_masks")
+
+
+def probe_examples(doc_a: list[int], doc_b: list[int], sample: dict | None, packed: bool = True) -> list[dict]:
+    """Documents A and B laid out as the training dataset lays out its rows (``sample``): spans in
+    ``indices`` (prolong-data / CPT), ``seq_lengths`` (TRL's bfd packing and pre-packed SFT rows),
+    one row without boundaries (packing that keeps none), or one document per example (no packing).
+    Other per-token columns (masks) are all ones, ``labels`` the tokens, scalars copied."""
+    n = len(doc_a)
+    keys = set(sample or ("input_ids", "indices"))
+    if "indices" in keys:
+        rows = [{"input_ids": doc_a + doc_b, "indices": [[0, n], [n, 2 * n]]}]
+    elif "seq_lengths" in keys:
+        rows = [{"input_ids": doc_a + doc_b, "seq_lengths": [n, n]}]
+    elif packed:
+        rows = [{"input_ids": doc_a + doc_b}]
+    else:
+        rows = [{"input_ids": doc_a}, {"input_ids": doc_b}]
+    for row in rows:
+        for key, value in (sample or {}).items():
+            if key in row:
+                continue
+            if key == "labels":
+                row[key] = list(row["input_ids"])
+            elif hasattr(value, "__len__") and not isinstance(value, str) and len(value) == len(sample["input_ids"]):
+                row[key] = [1] * len(row["input_ids"])
+            elif isinstance(value, (str, int, float)):
+                row[key] = value
+    return rows
+
+
+def _probe(model, doc_len: int, seed: int, device: torch.device, collator, sample, packed) -> float:
     was_training = model.training
     model.eval()
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(seed)
-    doc_a, doc_b, doc_a2 = (torch.randint(3, vocab, (doc_len,), generator=gen) for _ in range(3))
+    doc_a, doc_b, doc_a2 = (torch.randint(3, vocab, (doc_len,), generator=gen).tolist() for _ in range(3))
 
     captured = {}
 
@@ -164,17 +200,18 @@ def _probe(model, doc_len: int, seed: int, device: torch.device) -> float:
     hook = model.get_decoder().register_forward_hook(keep_hidden)
 
     def logits_of_b(first_doc):
-        row = PackedCollator()([{"input_ids": torch.cat([first_doc, doc_b]).tolist(),
-                                 "indices": [[0, doc_len], [doc_len, 2 * doc_len]]}])
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in row.items() if k not in NOT_MODEL_INPUTS}
-        out = model(**inputs, use_cache=False)
-        return out.logits[0].float()
+        batch = collator(probe_examples(first_doc, doc_b, sample, packed))
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k not in _NOT_FORWARD_INPUTS}
+        logits = model(**inputs, use_cache=False).logits.float()
+        hidden = captured["hidden"]
+        captured["flat"] = hidden.reshape(-1, hidden.shape[-1]), logits.reshape(-1, logits.shape[-1])
+        # B: tokens doc_len..2*doc_len of a flat packed row, or the second example of a batch
+        return logits[0, doc_len : 2 * doc_len] if logits.shape[0] == 1 else logits[1, :doc_len]
 
     try:
         reference = logits_of_b(doc_a)
-        _check_output_head(model, captured["hidden"][0], reference)
-        changed = logits_of_b(doc_a2)[doc_len:]
-        reference = reference[doc_len:]
+        _check_output_head(model, *captured["flat"])
+        changed = logits_of_b(doc_a2)
     finally:
         hook.remove()
         model.train(was_training)
@@ -183,7 +220,8 @@ def _probe(model, doc_len: int, seed: int, device: torch.device) -> float:
     if not delta <= 1e-3 * scale:  # `not <=` also catches NaN
         raise DocumentMaskingError(
             f"Packed documents attend to each other with attn_implementation="
-            f"'{model.config._attn_implementation}': changing document A moved document B's logits by "
+            f"'{model.config._attn_implementation}' and the training collator ({type(collator).__name__}): "
+            f"changing document A moved document B's logits by "
             f"{delta:.3g}. Use attn_implementation: auto, flash_attention_2, varlen, flex_attention or sdpa, "
             "and pass no attention_mask with packed batches."
         )

@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
 
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, trained_length, path=args.init_from)
-    guard_document_masking(model, args)
     collator, layout = PackedCollator(), None
+    guard_document_masking(model, args, collator, train_dataset)  # the collator the trainer gets (SP only splits its row)
     if args.sequence_parallel_size > 1:  # after the probe, which runs a whole row without SP
         layout = init_parallel_layout(args.sequence_parallel_size)
         enable_sequence_parallel(model, layout.sp_group)

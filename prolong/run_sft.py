@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     dataset = load_sft_dataset(args.dataset_name, args.dataset_config, args.dataset_split)  # fails before the model
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, max_length)  # keeps the checkpoint's RoPE unless the recipe sets it
-    guard_document_masking(model, args)
     model, tokenizer = apply_chat_template_path(model, tokenizer, args)
     train_dataset, stats = prepare_sft_dataset(dataset, tokenizer, max_length, args.dataset_num_proc)
     if stats.kind == "packed":
@@ -59,6 +58,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         callbacks=callbacks,
     )
     check_token_averaging(trainer)
+    # on TRL's own collator and its packed rows, as training will see them
+    guard_document_masking(trainer.model, args, trainer.data_collator, trainer.train_dataset,
+                           packed=bool(args.packing))
     # the card of every push to the Hub and of the final model
     trainer.model_card_info = dict(base_model=model_cfg.model_name_or_path, stage="sft", recipe=recipe,
                                    max_length=max_length)

@@ -107,6 +107,24 @@ def test_max_length_above_the_packed_length_is_refused_or_trained_and_reported_a
     assert "Training sequence length: 128 tokens" in caplog.text
 
 
+def test_masking_probe_packs_rows_like_the_mixture_with_the_trainers_collator(tiny_model_dir, packed_mixture):
+    from prolong.attention import DocumentMaskingError, check_document_masking
+
+    dataset = MixtureDataset(packed_mixture, 128, num_sequences=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    seen = []
+
+    def collate(examples):
+        seen.append(examples)
+        return PackedCollator()(examples)
+
+    assert check_document_masking(model, collator=collate, sample=dataset[0]) == 0.0
+    assert set(seen[0][0]) == set(dataset[0])  # input_ids, indices, domain: a mixture row
+    spans_ignored = lambda examples: PackedCollator()([{"input_ids": e["input_ids"]} for e in examples])  # noqa: E731
+    with pytest.raises(DocumentMaskingError, match="attend to each other"):
+        check_document_masking(model, collator=spans_ignored, sample=dataset[0])
+
+
 class _PreemptAt(TrainerCallback):
     """Sends SIGUSR1 to this process at a given step, as a cluster scheduler would."""
 

@@ -318,3 +318,43 @@ def test_recipes_parse():
         model_cfg, args = parse_recipe((ModelConfig, SFTRecipeConfig), [recipe, "--use_cpu", "true"])
         assert args.packing and args.packing_strategy == "bfd" and args.average_tokens_across_devices
     assert args.model_init_kwargs is None and model_cfg.model_name_or_path == "outputs/tiny-cpt"
+
+
+# ---------------------------------------------------------------------------------------------
+# The start-up probe runs the collator SFT trains with
+
+
+def test_masking_probe_runs_the_sft_trainers_own_collator(tiny_model_dir, tmp_path):
+    """The probe packs its two documents as TRL's trainer packs rows (bfd: `seq_lengths`) and runs
+    them through the trainer's own collator: a collator that mixes packed rows is refused."""
+    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from prolong.attention import DocumentMaskingError, guard_document_masking
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = load_model(ModelConfig(model_name_or_path=tiny_model_dir, attn_implementation="sdpa"))
+    rows, _ = prepare_sft_dataset(Dataset.from_dict({"messages": _conversations(12, seed=3)}), tokenizer, 256)
+    args = _sft_config(tmp_path)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    assert "seq_lengths" in trainer.train_dataset.column_names  # TRL's bfd rows
+
+    seen = []
+
+    def recording(collate):
+        def run(examples):
+            batch = collate(examples)
+            seen.append((examples, batch))
+            return batch
+        return run
+
+    trainer.data_collator = recording(trainer.data_collator)
+    guard_document_masking(trainer.model, args, trainer.data_collator, trainer.train_dataset, packed=args.packing)
+    examples, batch = seen[0]
+    assert set(examples[0]) == set(trainer.train_dataset[0])  # laid out like the training rows
+    assert "attention_mask" not in batch and (batch["position_ids"][0] == 0).sum() == 2
+
+    # TRL's collator without padding-free masking attends across the row: the probe must refuse it
+    mixing = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=False)
+    with pytest.raises(DocumentMaskingError, match="DataCollatorForLanguageModeling"):
+        guard_document_masking(trainer.model, args, mixing, trainer.train_dataset, packed=args.packing)

@@ -64,4 +64,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from prolong.errors import cli_errors
+
+    cli_errors("evaluation.run")(main)()  # expected errors: one message, no traceback, exit 2

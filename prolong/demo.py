@@ -89,4 +89,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from prolong.errors import cli_errors
+
+    sys.exit(cli_errors("prolong.demo")(main)())  # any other expected error: one message, exit 2

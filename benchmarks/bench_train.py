@@ -1,30 +1,46 @@
 """Training throughput and memory: ProLong's step vs TRL padding-free vs plain padded Trainer, side by side.
 
-    # GPU (H100/H200): Llama-3.2-1B shape, 8K..64K
-    python benchmarks/bench_train.py --shape llama-3.2-1b --lengths 8192 16384 32768 65536 --json out.json
+    # GPU (H100/H200): Llama-3.2-1B shape, 8K..64K, checkpointing on for every method
+    python benchmarks/bench_train.py --shape llama-3.2-1b --lengths 8192 16384 32768 65536 \
+        --activation-checkpointing --json out.json
     # CPU (automatic without CUDA, or --cpu): tiny shape, tiny lengths, under a minute
     python benchmarks/bench_train.py --cpu
 
-What is measured, for every sequence length, each method in its own fresh process (so peak memory and
-OOM state are the method's own), on the SAME rows of the SAME randomly initialised model:
+What is measured, for every sequence length, on the SAME rows of the SAME randomly initialised model:
 
-* ``prolong``: the ``prolong/run_cpt.py`` path. ``PackedCollator`` -> ``CPTTrainer.training_step``
-  (our ``compute_loss``: forward with ``logits_to_keep=1``, chunked cross-entropy or Liger's fused
-  loss with ``--loss liger``) with the chosen attention backend.
+* ``prolong``: the ``prolong/run_cpt.py`` path. ``PackedCollator`` -> ``CPTTrainer`` (our
+  ``compute_loss``: forward with ``logits_to_keep=1``, then the loss ``loss_kernel: auto`` picks:
+  Liger's or TRL's fused linear cross-entropy on CUDA, the chunked fp32 loss on CPU;
+  ``--loss chunked`` forces the chunked one) with the chosen attention backend.
 * ``trl-padding-free``: TRL's ``SFTTrainer`` with ``packing=True, packing_strategy="bfd"`` (padding-free
-  rows). Each row's documents go through TRL's own ``pack_dataset`` and data collator, then its
-  ``training_step``.
+  rows; what ``prolong/run_sft.py`` runs). Each row's documents go through TRL's own ``pack_dataset``
+  and data collator, then its ``training_step``.
 * ``hf-padded``: plain ``transformers.Trainer``; the row's documents are one batch padded to the
   longest with an ``attention_mask`` (the baseline users start from). ``varlen`` needs one flat row, so
   this method uses ``sdpa`` when ``varlen`` is asked for (the ``attn`` column says what ran).
 
-One step = ``training_step`` (forward + backward, under the Trainer's autocast) + AdamW step +
-``zero_grad`` (no gradient clipping, no scheduler). ``--warmup`` steps run first and are not timed.
-Activation checkpointing (``--activation-checkpointing``, of every ``--checkpoint-every``-th decoder
-layer) and its CPU offload (``--offload``: the
-checkpointed layers' saved tensors go to pinned host memory through
-``torch.autograd.graph.save_on_cpu``, transformers' ``activation_checkpointing_kwargs={"offload": True}``)
-apply to all three methods alike. ``--tiled-mlp TOKENS`` (our ``tiled_mlp_tokens``) applies to ``prolong`` only.
+The step is built as the recipes build it. Each trainer runs ``Trainer.train()``'s own set-up and
+is stopped by a callback at ``on_train_begin``, before its first step (``set_up_as_train``): in
+transformers 5.24 ``train()``, not ``__init__``, applies Liger's layer kernels and turns on
+activation checkpointing (and with it ``--offload`` / ``--checkpoint-every``); our
+``CPTTrainer._inner_training_loop`` then tiles the MLPs (``--tiled-mlp``) and ``accelerate``
+prepares the model and optimizer. A benchmark that called ``training_step`` on a trainer fresh
+from ``__init__`` measured none of these. One step is then what the Trainer's loop does per
+optimizer step: ``training_step`` (forward + backward) + gradient clipping at ``max_grad_norm``
+(1.0 for all three) + AdamW step + scheduler step + ``zero_grad``. ``--warmup`` steps run first
+and are not timed.
+
+Options apply to every method alike and are set explicitly for each (TRL's ``SFTConfig`` defaults
+``gradient_checkpointing=True``; here ``activation_checkpointing`` is always given, True or False):
+``--activation-checkpointing`` (every ``--checkpoint-every``-th decoder layer), ``--offload`` (the
+checkpointed layers' saved tensors to pinned host memory through ``save_on_cpu``, transformers'
+``activation_checkpointing_kwargs={"offload": True}``), ``--liger-kernels`` (``use_liger_kernel``:
+Liger's layer kernels, CUDA). ``--tiled-mlp TOKENS`` (our ``tiled_mlp_tokens``) exists for
+``prolong`` only.
+
+Repeats: ``--repeats R`` runs the methods interleaved (A B C A B C ...), each run in a fresh process
+(peak memory and OOM state are the run's own), and reports the median with the spread (min-max)
+over the repeats: sequential per-method runs on a shared machine measured the machine's load.
 
 Data (seeded, identical for every method): each row is ``length`` tokens. A share ``--long-share``
 (default 0.6, ProLong's 60% long data) of the rows is ONE full-length document (a book or a code
@@ -85,8 +101,8 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200",
 LONG_SHARE = 0.6  # ProLong: 60% long data / 40% short data works best
 SHORT_DOC_MU, SHORT_DOC_SIGMA, MIN_DOC = 6.5, 1.2, 16
 
-CPU_DEFAULTS = {"shape": "tiny", "lengths": [512, 2048], "warmup": 1, "steps": 3}
-GPU_DEFAULTS = {"shape": "llama-3.2-1b", "lengths": [8192, 16384, 32768, 65536], "warmup": 2, "steps": 5}
+CPU_DEFAULTS = {"shape": "tiny", "lengths": [512, 2048], "warmup": 1, "steps": 3, "repeats": 3}
+GPU_DEFAULTS = {"shape": "llama-3.2-1b", "lengths": [8192, 16384, 32768, 65536], "warmup": 2, "steps": 5, "repeats": 3}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,18 +189,22 @@ def shape_path(shape: str) -> str:
 
 
 def trainer_arguments(ns, cuda: bool) -> dict:
-    """TrainingArguments fields shared by the three methods."""
+    """TrainingArguments fields shared by the three methods, each given explicitly (TRL's defaults differ)."""
     kwargs = dict(
         output_dir=tempfile.mkdtemp(prefix="bench_train-"),
         per_device_train_batch_size=1,
+        max_steps=1,  # train() only runs its set-up (set_up_as_train); the benchmark drives the steps
+        max_grad_norm=1.0,
         bf16=cuda,
         use_cpu=not cuda,
         report_to="none",
         save_strategy="no",
+        disable_tqdm=True,
         seed=ns.seed,
+        use_liger_kernel=ns.liger_kernels and cuda,
+        activation_checkpointing=ns.activation_checkpointing,  # False too: SFTConfig defaults to True
     )
     if ns.activation_checkpointing:
-        kwargs["activation_checkpointing"] = True
         kwargs["activation_checkpointing_kwargs"] = {
             "use_reentrant": False,
             "offload": ns.offload,
@@ -211,9 +231,10 @@ def build_trainer(method: str, model, ns, cuda: bool, first_row: list[np.ndarray
         from prolong.config import CPTConfig
         from prolong.trainer import CPTTrainer
 
-        args = CPTConfig(**common, use_liger_kernel=ns.loss == "liger" and cuda, check_document_masking=False,
-                         tiled_mlp_tokens=ns.tiled_mlp)
-        return CPTTrainer(model=model, args=args, data_collator=PackedCollator())
+        args = CPTConfig(**common, check_document_masking=False, tiled_mlp_tokens=ns.tiled_mlp, loss_kernel=ns.loss)
+        lengths = np.cumsum([0] + [len(d) for d in first_row])
+        example = {"input_ids": np.concatenate(first_row), "indices": np.stack([lengths[:-1], lengths[1:]], 1)}
+        return CPTTrainer(model=model, args=args, data_collator=PackedCollator(), train_dataset=[example])
     if method == "trl-padding-free":
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
@@ -224,8 +245,32 @@ def build_trainer(method: str, model, ns, cuda: bool, first_row: list[np.ndarray
     if method == "hf-padded":
         from transformers import Trainer, TrainingArguments
 
-        return Trainer(model=model, args=TrainingArguments(**common))
+        example = {"input_ids": first_row[0][:64].tolist(), "labels": first_row[0][:64].tolist()}
+        return Trainer(model=model, args=TrainingArguments(**common), train_dataset=[example])
     raise ValueError(f"unknown method {method}")
+
+
+class _SetUpDone(Exception):
+    pass
+
+
+def set_up_as_train(trainer) -> None:
+    """Run ``trainer.train()`` up to its first step: everything train() sets up (Liger's kernels,
+    activation checkpointing and offload, CPTTrainer's tiled MLP, accelerate's prepare, the
+    optimizer and scheduler) comes from the Trainer's own code, then a callback stops it."""
+    from transformers import TrainerCallback
+
+    class StopBeforeFirstStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise _SetUpDone
+
+    trainer.add_callback(StopBeforeFirstStep)
+    try:
+        trainer.train()
+    except _SetUpDone:
+        pass
+    finally:
+        trainer.remove_callback(StopBeforeFirstStep)
 
 
 def make_batch(method: str, trainer, docs: list[np.ndarray]) -> dict:
@@ -259,13 +304,16 @@ def make_batch(method: str, trainer, docs: list[np.ndarray]) -> dict:
 
 
 def train_step(trainer, batch: dict) -> None:
-    """What Trainer.train does for one micro-batch, then the optimizer step."""
+    """What Trainer.train's loop does for one optimizer step of one micro-batch."""
+    model = trainer.model_wrapped  # as prepared by accelerate in set_up_as_train
     batches, num_items = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
-    with trainer.accelerator.autocast():
-        trainer.training_step(trainer.model, batches[0], num_items)
+    trainer.training_step(model, batches[0], num_items)
+    if trainer.args.max_grad_norm > 0:
+        trainer._clip_grad_norm(model)
     if trainer.optimizer is not None:
         trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.lr_scheduler.step()
+    model.zero_grad(set_to_none=True)
 
 
 def synchronize() -> None:
@@ -352,10 +400,8 @@ def measure_length(method: str, trainer, length: int, ns, flops_of) -> dict:
     }
 
 
-def run_worker(method: str, ns) -> dict:
-    """Build the model and the method's trainer once; measure every length, shortest first."""
-    import importlib.metadata as md
-
+def prepare_method(method: str, ns):
+    """The model and the method's trainer, set up as train() sets it up; returns (trainer, attn)."""
     import datasets
     import torch
 
@@ -369,10 +415,21 @@ def run_worker(method: str, ns) -> dict:
     model = build_model(ns.shape, max(ns.lengths), attn, "cuda" if cuda else "cpu")
     first_row = make_rows(min(ns.lengths), [False], model.config.vocab_size, ns.seed)[0]
     trainer = build_trainer(method, model, ns, cuda, first_row)
-    if ns.optimizer == "adamw":
-        trainer.create_optimizer()
-    else:
-        trainer.optimizer = None
+    set_up_as_train(trainer)
+    if ns.optimizer == "none":
+        trainer.optimizer = None  # AdamW allocates its state at the first step: none is held
+    return trainer, attn
+
+
+def run_worker(method: str, ns) -> dict:
+    """Build the model and the method's trainer once; measure every length, shortest first."""
+    import importlib.metadata as md
+
+    import torch
+
+    trainer, attn = prepare_method(method, ns)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    cuda = torch.cuda.is_available()
     config = model.config
     num_params = matmul_parameters(model)
     attn_dim = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
@@ -398,6 +455,8 @@ def run_worker(method: str, ns) -> dict:
         "matmul_parameters": num_params,
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "loss_kernel": getattr(trainer, "loss_kernel", None),  # prolong's: which loss ran
+        "checkpointing_on": bool(getattr(model, "is_activation_checkpointing", False)),
     }
     return {"meta": meta, "results": results}
 
@@ -413,6 +472,8 @@ def worker_command(method: str, ns, out: str) -> list[str]:
            "--loss", ns.loss, "--optimizer", ns.optimizer, "--seed", str(ns.seed)]
     if ns.activation_checkpointing:
         cmd.append("--activation-checkpointing")
+    if ns.liger_kernels:
+        cmd.append("--liger-kernels")
     if ns.offload:
         cmd.append("--offload")
     cmd += ["--checkpoint-every", str(ns.checkpoint_every), "--tiled-mlp", str(ns.tiled_mlp)]
@@ -442,25 +503,49 @@ def format_number(value, pattern: str) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| length | method | attn | tokens/s | MFU | peak mem (GiB) | status |",
-             "|---:|---|---|---:|---:|---:|---|"]
+    lines = ["| length | method | attn | tokens/s (median) | spread (min-max) | MFU | peak mem (GiB) | runs | status |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---|"]
     for r in sorted(results, key=lambda r: (r["length"], METHODS.index(r["method"]))):
         mfu = format_number(r.get("mfu") and 100 * r["mfu"], ".1f") + ("%" if r.get("mfu") else "")
         mfu = "n/a" if r["status"] == "ok" and r.get("mfu") is None else mfu
+        runs = r.get("tokens_per_s_runs") or []
+        spread = f"{min(runs):,.0f}-{max(runs):,.0f}" if len(runs) > 1 else "-"
         lines.append(
             f"| {r['length']} | {r['method']} | {r.get('attn', '-')} | {format_number(r.get('tokens_per_s'), ',.0f')} "
-            f"| {mfu} | {format_number(r.get('peak_memory_gib'), '.2f')} | {r['status']} |"
+            f"| {spread} | {mfu} | {format_number(r.get('peak_memory_gib'), '.2f')} | {len(runs) or '-'} | {r['status']} |"
         )
     return "\n".join(lines)
 
 
+def median_over_repeats(runs: list[dict]) -> dict:
+    """One row per (method, length) from its repeats: medians, the per-run figures, the worst status."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    if len(ok) < len(runs):  # an OOM / crash in any repeat is the row's status
+        failed = next(r for r in runs if r["status"] != "ok")
+        return {**failed, "repeats": len(runs), "statuses": [r["status"] for r in runs]}
+    row = dict(ok[0])
+    for key in ("seconds", "tokens_per_s", "step_s", "tflops_per_s", "peak_memory_gib", "mfu"):
+        if key in row:
+            values = [r[key] for r in ok]
+            row[key] = float(np.median(values))
+            row[f"{key}_runs"] = values
+    row["repeats"] = len(runs)
+    return row
+
+
 def run_all(ns) -> dict:
     started = datetime.datetime.now(datetime.timezone.utc)
-    meta, results = {}, []
-    for method in ns.methods:
-        report = run_method_in_subprocess(method, ns)
-        meta = meta or report["meta"]
-        results += report["results"]
+    meta, runs = {}, {}
+    for repeat in range(ns.repeats):
+        for method in ns.methods:  # interleaved: A B C A B C ...
+            print(f"repeat {repeat + 1}/{ns.repeats}: {method}", file=sys.stderr, flush=True)
+            report = run_method_in_subprocess(method, ns)
+            meta = meta or dict(report["meta"])
+            if method == "prolong" and report["meta"]:
+                meta["prolong_loss_kernel"] = report["meta"]["loss_kernel"]
+            for r in report["results"]:
+                runs.setdefault((r["method"], r["length"]), []).append(r)
+    results = [median_over_repeats(rs) for rs in runs.values()]
     memory_kind = next((r["memory_kind"] for r in results if "memory_kind" in r), None)
     meta.update(
         date=started.isoformat(timespec="seconds"),
@@ -470,10 +555,13 @@ def run_all(ns) -> dict:
         lengths=ns.lengths,
         warmup_steps=ns.warmup,
         timed_steps=ns.steps,
+        repeats=ns.repeats,
+        order="interleaved: " + " ".join(ns.methods) + " per repeat",
         long_share=ns.long_share,
         activation_checkpointing=ns.activation_checkpointing,
         checkpoint_every=ns.checkpoint_every,
         offload=ns.offload,
+        liger_kernels=ns.liger_kernels,
         tiled_mlp_tokens=ns.tiled_mlp,
         loss=ns.loss,
         optimizer=ns.optimizer,
@@ -499,7 +587,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="with --activation-checkpointing: checkpoint every N-th decoder layer only")
     parser.add_argument("--tiled-mlp", type=int, default=0, metavar="TOKENS",
                         help="prolong only: run each MLP on tiles of TOKENS tokens (tiled_mlp_tokens); 0 = off")
-    parser.add_argument("--loss", choices=("chunked", "liger"), default="chunked", help="prolong's loss (liger: CUDA)")
+    parser.add_argument("--loss", choices=("auto", "chunked", "liger", "trl"), default="auto",
+                        help="prolong's loss_kernel (auto: fused on CUDA, chunked on CPU)")
+    parser.add_argument("--liger-kernels", action="store_true",
+                        help="use_liger_kernel for every method (Liger's layer kernels, CUDA only)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats of every method (median reported)")
     parser.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
                         help="none: forward + backward only (no optimizer state in memory)")
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (default: from PEAK_TFLOPS)")
@@ -534,9 +626,10 @@ def main(argv=None) -> None:
     report = run_all(ns)
     meta = report["meta"]
     print(f"\n{meta.get('device')} | shape {ns.shape} | {meta.get('dtype')} | versions {meta.get('versions')}")
-    print(f"{ns.warmup} warm-up + {ns.steps} timed steps per length, long-document share {ns.long_share}, "
-          f"activation checkpointing {ns.activation_checkpointing}, offload {ns.offload}, "
-          f"tiled MLP {ns.tiled_mlp or 'off'}, loss {ns.loss}, "
+    print(f"{ns.warmup} warm-up + {ns.steps} timed steps per length, {ns.repeats} interleaved repeats "
+          f"(median, spread min-max), long-document share {ns.long_share}, "
+          f"activation checkpointing {ns.activation_checkpointing} (every {ns.checkpoint_every}), offload {ns.offload}, "
+          f"Liger layer kernels {ns.liger_kernels}, tiled MLP {ns.tiled_mlp or 'off'}, prolong loss {meta.get('prolong_loss_kernel')}, "
           f"memory = {meta.get('memory')}\n")
     print(markdown_table(report["results"]))
     if ns.json:

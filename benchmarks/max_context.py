@@ -8,8 +8,9 @@
     python benchmarks/max_context.py --cpu
 
 Every probe is ONE training step of the ``prolong`` method of ``bench_train.py`` (our run_cpt.py
-step: PackedCollator -> CPTTrainer.training_step -> AdamW step, so the optimizer state is in memory)
-in a fresh process, so the allocator state of a failed probe never leaks into the next. A probe
+step, set up by ``Trainer.train()`` itself so checkpointing, offload and the tiled MLP are really
+on: PackedCollator -> CPTTrainer.training_step -> clipping -> AdamW step, so the optimizer state is
+in memory) in a fresh process, so the allocator state of a failed probe never leaks into the next. A probe
 passes when the step finishes; it fails on OOM, on a crash (e.g. the host's OOM killer, which CPU
 offload can trigger) or on ``--probe-timeout``.
 
@@ -24,7 +25,7 @@ sdpa's dense block mask it does not (the mask grows as length^2).
 Memory options (``OPTIONS``): activation checkpointing of every decoder layer; CPU offload of the
 checkpointed layers' saved inputs (``torch.autograd.graph.save_on_cpu`` with pinned memory, through
 transformers' ``activation_checkpointing_kwargs={"offload": True}``); our chunked cross-entropy vs
-Liger's fused linear cross-entropy (CUDA only, needs ``pip install liger-kernel``); the tiled MLP
+a fused linear cross-entropy (CUDA only: Liger's if liger-kernel is installed, else TRL's); the tiled MLP
 (``--tiled-mlp-tokens``, 8192 on GPU: each MLP runs on 8K-token tiles recomputed in the backward, so a layer's
 recomputation holds one tile's intermediate activations, not the whole row's).
 """
@@ -46,15 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402  (the probe is bench_train's worker)
 
 TILE = "<tile>"  # replaced by --tiled-mlp-tokens
+CHUNKED, FUSED = ["--loss", "chunked"], ["--loss", "auto"]  # fused: Liger's if installed, else TRL's kernel
 OPTIONS = {
-    "none": [],
-    "ckpt": ["--activation-checkpointing"],
-    "ckpt+offload": ["--activation-checkpointing", "--offload"],
-    "ckpt+fused-loss": ["--activation-checkpointing", "--loss", "liger"],
-    "ckpt+offload+fused-loss": ["--activation-checkpointing", "--offload", "--loss", "liger"],
-    "ckpt+offload+tiled-mlp": ["--activation-checkpointing", "--offload", "--tiled-mlp", TILE],
+    "none": CHUNKED,
+    "ckpt": ["--activation-checkpointing", *CHUNKED],
+    "ckpt+offload": ["--activation-checkpointing", "--offload", *CHUNKED],
+    "ckpt+fused-loss": ["--activation-checkpointing", *FUSED],
+    "ckpt+offload+fused-loss": ["--activation-checkpointing", "--offload", *FUSED],
+    "ckpt+offload+tiled-mlp": ["--activation-checkpointing", "--offload", "--tiled-mlp", TILE, *CHUNKED],
     "ckpt+offload+tiled-mlp+fused-loss": [
-        "--activation-checkpointing", "--offload", "--tiled-mlp", TILE, "--loss", "liger",
+        "--activation-checkpointing", "--offload", "--tiled-mlp", TILE, *FUSED,
     ],
 }
 CUDA_ONLY = ("fused-loss",)
@@ -201,7 +203,7 @@ def main(argv=None) -> None:
     rows = []
     for option in ns.options:
         if ns.cpu and any(tag in option for tag in CUDA_ONLY):
-            rows.append({"option": option, "skipped": "fused loss (Liger) needs CUDA"})
+            rows.append({"option": option, "skipped": "the fused loss needs CUDA"})
             continue
         rows.append(search_option(ns, option))
     meta = next((r.pop("meta") for r in rows if r.get("meta")), {})

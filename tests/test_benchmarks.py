@@ -17,27 +17,64 @@ import bench_train  # noqa: E402
 import max_context  # noqa: E402
 
 
-def test_bench_train_cpu_mode_reports_all_three_methods(tmp_path):
+def test_bench_train_cpu_mode_interleaves_repeats_and_reports_medians(tmp_path):
     out = tmp_path / "bench.json"
+    methods = ["prolong", "trl-padding-free"]
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--cpu", "--lengths", "512",
-         "--warmup", "1", "--steps", "2", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--cpu", "--lengths", "256",
+         "--warmup", "0", "--steps", "2", "--repeats", "2", "--methods", *methods, "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
+    order = [line.split(": ")[1] for line in completed.stderr.splitlines() if line.startswith("repeat ")]
+    assert order == methods * 2  # A B A B, not A A B B
     report = json.loads(out.read_text())
     rows = {r["method"]: r for r in report["results"]}
-    assert set(rows) == set(bench_train.METHODS)
+    assert set(rows) == set(methods)
     for method, row in rows.items():
         assert row["status"] == "ok", row
-        assert row["length"] == 512 and row["tokens"] == 2 * 512  # two timed rows of 512 real tokens
-        assert row["tokens_per_s"] > 0 and row["tflops_per_s"] > 0 and row["peak_memory_gib"] > 0
-        assert f"| 512 | {method} | sdpa |" in completed.stdout
-    # the hf-padded batch carries the same real tokens as the packed row, in padded form
-    assert rows["prolong"]["documents_per_row"] == rows["hf-padded"]["documents_per_row"]
+        assert row["length"] == 256 and row["tokens"] == 2 * 256  # two timed rows of 256 real tokens
+        assert row["repeats"] == 2 and len(row["tokens_per_s_runs"]) == 2
+        assert row["tokens_per_s"] == pytest.approx(sum(row["tokens_per_s_runs"]) / 2)  # median of two
+        assert row["tflops_per_s"] > 0 and row["peak_memory_gib"] > 0
+        assert f"| 256 | {method} | sdpa |" in completed.stdout
     meta = report["meta"]
     assert meta["device"].startswith("CPU") and meta["versions"]["transformers"] and meta["date"]
+    assert meta["repeats"] == 2 and meta["prolong_loss_kernel"] == "chunked"  # CPU: the chunked fp32 loss
     assert "bench_train.py --cpu" in meta["command"] and "sum(doc_len^2)" in meta["flops_formula"]
+
+
+@pytest.mark.parametrize(
+    "method,checkpointing",
+    [("prolong", True), ("trl-padding-free", True), ("hf-padded", True), ("trl-padding-free", False)],
+)
+def test_the_benchmark_step_checkpoints_exactly_when_asked(method, checkpointing):
+    """transformers 5.24 turns checkpointing on inside train(): a trainer fresh from __init__ never
+    recomputed anything, whatever its arguments said. Counted here: a checkpointed decoder layer
+    runs its forward twice per step (forward + recomputation in the backward). TRL's SFTConfig
+    defaults to checkpointing, so "off" must be off for it too."""
+    argv = ["--worker", method, "--worker-out", "unused", "--shape", "tiny", "--lengths", "128",
+            "--warmup", "0", "--steps", "1"] + (["--activation-checkpointing"] if checkpointing else [])
+    ns = bench_train.parse_args(argv)
+    trainer, _ = bench_train.prepare_method(method, ns)
+    layer = trainer.accelerator.unwrap_model(trainer.model).model.layers[0]
+    calls = []
+    # a pre-hook of the layer's first op: transformers checkpoints the layer's forward (the layer's own
+    # hooks run once), and the recomputation stops early once it has what the backward needs
+    layer.input_layernorm.register_forward_pre_hook(lambda module, args: calls.append(1))
+    docs = bench_train.make_rows(128, [False], trainer.model.config.vocab_size, seed=0)[0]
+    bench_train.train_step(trainer, bench_train.make_batch(method, trainer, docs))
+    assert len(calls) == (2 if checkpointing else 1)
+
+
+def test_repeats_are_summarised_by_their_median_and_a_failed_repeat_fails_the_row():
+    runs = [{"method": "prolong", "length": 8, "status": "ok", "tokens_per_s": v, "peak_memory_gib": 1.0}
+            for v in (10.0, 30.0, 20.0)]
+    row = bench_train.median_over_repeats(runs)
+    assert row["tokens_per_s"] == 20.0 and row["tokens_per_s_runs"] == [10.0, 30.0, 20.0] and row["repeats"] == 3
+    assert "| 8 | prolong | - | 20 | 10-30 |" in bench_train.markdown_table([row])
+    failed = bench_train.median_over_repeats(runs[:2] + [{"method": "prolong", "length": 8, "status": "OOM"}])
+    assert failed["status"] == "OOM" and failed["statuses"] == ["ok", "ok", "OOM"]
 
 
 def test_training_flops_formula_by_hand():
@@ -83,7 +120,7 @@ def test_bisection_finds_the_boundary_and_the_limit():
 
 def test_markdown_table_marks_oom():
     table = bench_train.markdown_table([{"method": "hf-padded", "length": 65536, "status": "OOM", "attn": "sdpa"}])
-    assert "| 65536 | hf-padded | sdpa | - | - | - | OOM |" in table
+    assert "| 65536 | hf-padded | sdpa | - | - | - | - | - | OOM |" in table
 
 
 def _compare(tmp_path, base: dict, new: dict, capsys):

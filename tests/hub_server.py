@@ -11,6 +11,8 @@ does the upload. Endpoints, as huggingface_hub 2.4 calls them (hf_api.py, _commi
 * ``POST /[{type}s/]{org}/{name}.git/info/lfs/objects/batch`` LFS batch ("basic" transfer)
 * ``PUT  /lfs-upload/{sha256}``                             the LFS object itself
 * ``POST /api/{type}s/{org}/{name}/commit/{revision}``        ndjson commit
+* ``GET  /api/{type}s/{org}/{name}/revision/{rev}``, ``.../tree/{rev}``, ``HEAD/GET .../resolve/{rev}/{path}``
+                                                            snapshot_download (repo_info, list_repo_tree, files)
 
 The Xet path cannot be served here: clients must run with ``HF_HUB_DISABLE_XET=1``.
 Every request needs ``Authorization: Bearer <token>``. ``fail`` maps an endpoint name
@@ -87,6 +89,14 @@ class FakeHub:
         return Path(directory)
 
 
+def _tree_entry(name: str, data: bytes) -> dict:
+    entry = {"type": "file", "path": name, "size": len(data),
+             "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}  # git's blob id
+    if len(data) >= LFS_THRESHOLD:
+        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+    return entry
+
+
 class _Handler(BaseHTTPRequestHandler):
     hub: FakeHub
     protocol_version = "HTTP/1.1"
@@ -150,6 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.hub.repos[(repo_type, repo_id)] = {
                     "private": payload.get("visibility") == "private" or bool(payload.get("private")),
                     "branches": {"main": {}},
+                    "heads": {},       # branch -> sha of its last commit
+                    "snapshots": {},   # commit sha -> files at that commit
                 }
             return self._reply(200, {"url": self._url(repo_type, repo_id), "name": repo_id, "id": repo_id})
         if path == "/api/validate-yaml":  # create_commit checks a README.md's YAML header first
@@ -221,6 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.commits.append({"repo": repo_id, "type": repo_type, "revision": revision,
                                      "summary": header.get("summary"), "paths": sorted(new_files)})
             oid = hashlib.sha1(f"{repo_id}{len(self.hub.commits)}".encode()).hexdigest()
+            repo["heads"][revision] = oid
+            repo["snapshots"][oid] = dict(tree)
         return self._reply(200, {"success": True, "commitOid": oid,
                                  "commitUrl": f"{self._url(repo_type, repo_id)}/commit/{oid}",
                                  "pullRequestUrl": None})
@@ -240,10 +254,62 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.lfs_objects[match.group(1)] = body
         return self._reply(200, {})
 
+    # ---- downloads (snapshot_download: repo_info, list_repo_tree, then each file) --------------
+    def do_HEAD(self) -> None:
+        self._download(head=True)
+
     def do_GET(self) -> None:
-        self.hub.requests.append(("GET", self.path))
+        self._download(head=False)
+
+    def _download(self, head: bool) -> None:
+        path = unquote(urlsplit(self.path).path)
         self._body()
-        return self._reply(404, {"error": f"fake hub: no route for GET {self.path}"})
+        self.hub.requests.append(("HEAD" if head else "GET", path))
+        if match := re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?", path):
+            repo_type, repo_id, what, revision = match.group(1)[:-1], match.group(2), match.group(3), match.group(4)
+            if not self._authorised("download"):
+                return
+            repo = self._repo(repo_type, repo_id)
+            if repo is None:
+                return
+            sha, tree = self._resolve(repo, revision)
+            if tree is None:
+                return self._reply(404, {"error": f"Invalid rev id: {revision}"})
+            if what == "revision":
+                return self._reply(200, {"id": repo_id, "sha": sha, "private": repo["private"],
+                                         "siblings": [{"rfilename": name} for name in sorted(tree)]})
+            prefix = (match.group(5) or "").strip("/")
+            entries = [_tree_entry(name, data) for name, data in sorted(tree.items())
+                       if not prefix or name.startswith(prefix + "/")]
+            folders = sorted({"/".join(name.split("/")[:i]) for name in tree for i in range(1, name.count("/") + 1)})
+            entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in folders]
+            return self._reply(200, entries)
+        match = re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if not match:
+            return self._reply(404, {"error": f"fake hub: no route for GET {path}"})
+        if not self._authorised("download"):
+            return
+        repo = self._repo((match.group(1) or "models")[:-1], match.group(2))
+        if repo is None:
+            return
+        sha, tree = self._resolve(repo, match.group(3))
+        data = (tree or {}).get(match.group(4))
+        if data is None:
+            return self._reply(404, {"error": "Entry not found"})
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Repo-Commit", sha)
+        self.send_header("ETag", f'"{_tree_entry(match.group(4), data)["oid"]}"')
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+    def _resolve(self, repo: dict, revision: str) -> tuple[str, dict | None]:
+        """A branch name or a commit sha -> (commit sha, files)."""
+        if revision in repo["branches"]:
+            return repo["heads"].get(revision, "0" * 40), repo["branches"][revision]
+        snapshot = repo["snapshots"].get(revision)
+        return revision, snapshot
 
     def _url(self, repo_type: str, repo_id: str) -> str:
         prefix = "" if repo_type == "model" else f"{repo_type}s/"

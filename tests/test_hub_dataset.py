@@ -135,3 +135,32 @@ def test_push_bad_input_and_hub_refusals_exit_2_and_commit_nothing(case, mixture
     assert expected in last_line and last_line.startswith("prolong-data push: error:"), err
     if case == "403-at-commit":
         assert hub.lfs_objects  # the files went up, but no commit names them: the repo is unchanged
+
+
+def test_a_pushed_mixture_trains_and_inspects_from_its_hub_id(mixture_root, tmp_path, monkeypatch, capsys):
+    from prolong.data.hub import HubDatasetError, resolve_dataset_dir
+    from prolong.data.mixture import MixtureDataset
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    local = {str(mixture_root / "mix" / "books"): 0.5, str(mixture_root / "mix" / "web"): 0.5}
+    with FakeHub() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)  # what HF_ENDPOINT sets at import
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        assert cli.main(["push", str(mixture_root / "mix"), "--repo-id", "my-org/mix"]) == 0
+        remote = {"hf://datasets/my-org/mix/books": 0.5, "hf://datasets/my-org/mix/web": 0.5}
+        from_hub, from_disk = MixtureDataset(remote, 64, num_sequences=12), MixtureDataset(local, 64, num_sequences=12)
+        def rows(mixture):
+            return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in mixture[i].items()} for i in range(12)]
+
+        assert rows(from_hub) == rows(from_disk)  # the same items, document spans included
+        capsys.readouterr()
+        assert cli.main(["inspect", "hf://datasets/my-org/mix/web", "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)[0]
+        assert summary["num_rows"] == len(datasets.load_from_disk(str(mixture_root / "mix" / "web")))
+        with pytest.raises(HubDatasetError, match=r"holds the configs \['books', 'web'\].*hf://datasets/my-org/mix/CONFIG"):
+            resolve_dataset_dir("hf://datasets/my-org/mix")
+        with pytest.raises(HubDatasetError, match="cannot download the Hub dataset my-org/nothing"):
+            resolve_dataset_dir("hf://datasets/my-org/nothing/web")
+    assert resolve_dataset_dir("demo_data/books") == "demo_data/books"  # a bare path never goes to the network

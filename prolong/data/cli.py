@@ -135,9 +135,10 @@ def _run(args: argparse.Namespace) -> int:
             remove_scratch(cache)
         print(json.dumps(metadata, indent=2))
     elif args.command == "pack":
+        from .hub import resolve_dataset_dir
         from .pack import pack_dataset
 
-        metadata = pack_dataset(args.input, args.out, mode=args.mode, length=args.length,
+        metadata = pack_dataset(resolve_dataset_dir(args.input), args.out, mode=args.mode, length=args.length,
                                 min_length=args.min_length, seed=args.seed, overwrite=args.overwrite)
         from .hub import write_local_card
 
@@ -146,7 +147,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "inspect":
         from .inspection import format_summary, summarize
 
-        summaries = [summarize(d) for d in args.directories]
+        from .hub import resolve_dataset_dir  # hf://datasets/ORG/NAME/CONFIG is downloaded first
+
+        summaries = [summarize(resolve_dataset_dir(d)) for d in args.directories]
         print(json.dumps(summaries, indent=2) if args.json else "\n\n".join(map(format_summary, summaries)))
     elif args.command == "import-mds":
         from .mds import import_mds

@@ -43,6 +43,13 @@ class HubPushError(Exception):
     """An expected failure of `prolong-data push` (bad input or the Hub refusing): one line, exit 2."""
 
 
+class HubDatasetError(ValueError):
+    """A Hub dataset named in a mixture or a `prolong-data` command cannot be used as given."""
+
+
+HUB_URI = re.compile(r"hf://datasets/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<config>[^/]+))?/?")
+
+
 @dataclass
 class DatasetPart:
     config: str        # config name on the Hub (the directory's name)
@@ -296,6 +303,36 @@ def pushed_repo_id(directory: str | Path) -> str | None:
         return json.loads(path.read_text(encoding="utf-8"))["repo_id"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def resolve_dataset_dir(path: str | Path) -> str:
+    """A local path as it is; a Hub dataset pushed by `prolong-data push` as the local folder of one
+    of its configs, downloaded with huggingface_hub's snapshot_download (cached, so a second run and
+    every rank after the first read the cache): `hf://datasets/ORG/NAME[@REVISION][/CONFIG]` (the
+    config may be left out when the repository has one). A bare ORG/NAME stays a local path: a
+    missing `demo_data/books` must say "not found", not try the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    text = str(path)
+    match = HUB_URI.fullmatch(text)
+    if not match:
+        return text
+    repo_id, revision, config = match["repo"], match["revision"], match["config"]
+    try:
+        local = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                       allow_patterns=[f"{config}/*", CARD_FILENAME] if config else None))
+    except (HfHubHTTPError, _transport_errors(), OSError) as error:
+        raise HubDatasetError(f"{text}: cannot download the Hub dataset {repo_id} ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); check the id, the revision "
+                              "and HF_TOKEN, or give a local directory") from error
+    configs = sorted(p.name for p in local.iterdir() if (p / METADATA_FILENAME).is_file())
+    if config is None and len(configs) == 1:
+        config = configs[0]
+    if config is None or config not in configs:
+        raise HubDatasetError(f"{text}: the Hub dataset {repo_id} holds the configs {configs or 'none'} pushed by "
+                              f"`prolong-data push`; name one: hf://datasets/{repo_id}/CONFIG")
+    return str(local / config)
 
 
 def add_push_parser(commands) -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ from datasets import load_from_disk
 from torch.utils.data import Dataset
 
 from prolong.config import RecipeError
+from prolong.data.hub import resolve_dataset_dir
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class MixtureDataset(Dataset):
         # pieces per row) maps an item to its (row, piece), None when every row is one item
         self.datasets, self.piece_ends, self.num_items, item_tokens = [], [], [], []
         for path in self.paths:
+            path = resolve_dataset_dir(path)  # hf://datasets/ORG/NAME/CONFIG: downloaded (cached)
             if not os.path.isdir(path):
                 raise RecipeError(
                     f"dataset_mixture: '{path}' does not exist. Build it with `prolong-data pack` "

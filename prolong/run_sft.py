@@ -25,7 +25,7 @@ from prolong.model import check_model_paths, load_model, load_tokenizer
 from prolong.outputs import close_process_group, exit_without_teardown, save_final_model, setup_logging
 from prolong.checkpoints import resolve_resume
 from prolong.trainer import SFTTrainer
-from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, lora_config,
+from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, longest_row, lora_config,
                          prepare_sft_dataset, use_prepacked_rows)
 
 logger = logging.getLogger("prolong.run_sft")
@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     # on TRL's own collator and its packed rows, as training will see them
     guard_document_masking(trainer.model, args, trainer.data_collator, trainer.train_dataset,
                            packed=bool(args.packing))
+    trained_length = longest_row(trainer.train_dataset)  # bins or pre-packed rows may stay below max_length
+    logger.info("Training sequence length: %d tokens (longest packed row; max_length=%s)", trained_length, max_length)
     # the card of every push to the Hub and of the final model
     trainer.model_card_info = dict(base_model=model_cfg.model_name_or_path, stage="sft", recipe=recipe,
-                                   max_length=max_length)
+                                   max_length=trained_length)
     trainer.train(resume_from_checkpoint=resume)
 
     output_dir = save_final_model(trainer, **trainer.model_card_info)

@@ -255,6 +255,13 @@ def use_prepacked_rows(args) -> None:
     args.max_length = None
 
 
+def longest_row(dataset: datasets.Dataset) -> int:
+    """Tokens in the longest training row (read from the Arrow offsets, no row decoded)."""
+    import pyarrow.compute as pc
+
+    return int(pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)
+
+
 def lora_config(args):
     if not args.use_peft:
         return None

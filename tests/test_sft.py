@@ -204,6 +204,8 @@ def test_prepacked_prolong_data_rows_keep_boundaries_and_masks(tiny_model_dir, t
 
     out = main(_run_args(tiny_model_dir, str(tmp_path / "packed"), str(tmp_path / "sft")))
     assert os.path.exists(os.path.join(out, "model.safetensors"))
+    longest = max(len(ids) for ids in rows["input_ids"])  # the card states the rows' length, not max_length
+    assert f"training sequence length: {longest} tokens" in open(os.path.join(out, "README.md")).read()
 
 
 # ---------------------------------------------------------------------------------------------

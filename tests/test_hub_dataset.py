@@ -104,6 +104,10 @@ def test_push_private_to_a_branch(mixture_root, tmp_path, monkeypatch):
         assert "web/data-00000-of-00001.arrow" in repo["branches"]["v1"]
         card = DatasetCard(repo["branches"]["v1"]["README.md"].decode())
         assert [c["config_name"] for c in card.data.configs] == ["web"] and card.data.configs[0]["default"]
+        # a tokenized (not yet packed) directory pushes too, and its card says so
+        assert cli.main(["push", str(mixture_root / "tok" / "books"), "--repo-id", "me/tok"]) == 0
+        card = DatasetCard(hub.files("me/tok", "dataset")["README.md"].decode())
+        assert "tokenized" in card.data.tags and "| `books` | tokenized | - | - | 12 |" in card.text
 
 
 @pytest.mark.parametrize("case", ["no-repo-id", "bad-repo-id", "nested-repo-id", "not-a-dataset", "no-token",

@@ -196,7 +196,8 @@ trainer restarts positions and blocks attention at every span, so keep `indices`
 
 {_part_table(parts)}
 
-Load it with `datasets.{load}`, or train on it by naming the Hub id in a recipe's `dataset_mixture`.
+Load it with `datasets.{load}`, or train on it by naming `hf://datasets/{repo_id or 'ORG/NAME'}/{parts[0].config}`
+(one entry per config) in a recipe's `dataset_mixture`; `prolong-data inspect` takes the same address.
 
 {how_section}
 """

@@ -173,6 +173,11 @@ DATA_CASES = [
      "{d}/number_text.jsonl row 1: field 'text' is not a string"),
     ("tokenize-text-field-mixed-types", tok("{d}/mixed_text.jsonl"),
      "{d}/mixed_text.jsonl row 2: field 'text' is not a string"),
+    ("tokenize-chat-turn-without-role", tok("{d}/chat_no_role.jsonl", extra=("--text_field", "messages")),
+     "{d}/chat_no_role.jsonl row 2, turn 1 of 'messages': a chat turn needs string 'role' and 'content'"),
+    ("tokenize-chat-without-assistant", tok("{d}/chat_no_assistant.jsonl", tokenizer="{d}/tokenizer_chat",
+                                            extra=("--text_field", "messages")),
+     "no conversation of field 'messages' has an assistant turn"),
     ("tokenize-wrong-text-field", tok("{d}/good.jsonl", extra=("--text_field", "body")), "no field 'body'"),
     ("tokenize-saved-dataset-null-text", tok("{d}/saved_nulls"), "{d}/saved_nulls row 3: field 'text' is missing"),
     ("tokenize-only-binary-txt", tok("{d}/binary.txt"), "not UTF-8 text: {d}/binary.txt"),
@@ -212,6 +217,9 @@ def bad_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad-data")
     tiny_tokenizer().save_pretrained(d / "tokenizer")
     tiny_tokenizer(eos=False).save_pretrained(d / "tokenizer_no_eos")
+    chat_tokenizer = tiny_tokenizer()
+    chat_tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    chat_tokenizer.save_pretrained(d / "tokenizer_chat")
     (d / "demo_data").mkdir()
     (d / "good.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:20]))
     (d / "latin1.jsonl").write_bytes(json.dumps({"text": "caf\u00e9"}).encode("latin-1").replace(b"\\u00e9", b"\xe9") + b"\n")
@@ -221,6 +229,10 @@ def bad_inputs(tmp_path_factory):
     (d / "missing_field.jsonl").write_text('{"text": "a b"}\n{"body": "c"}\n{"text": "d"}\n')
     (d / "number_text.jsonl").write_text('{"text": 42}\n{"text": 7}\n')
     (d / "mixed_text.jsonl").write_text('{"text": "a b"}\n{"text": 7}\n')
+    chat = [{"role": "user", "content": "lorem ipsum"}, {"role": "assistant", "content": "dolor"}]
+    (d / "chat_no_role.jsonl").write_text(json.dumps({"messages": chat}) + "\n"
+                                          + json.dumps({"messages": [{"content": "x"}] + chat[1:]}) + "\n")
+    (d / "chat_no_assistant.jsonl").write_text(json.dumps({"messages": chat[:1]}) + "\n")
     (d / "binary.txt").write_bytes(b"\x00\x01\x02binary" * 100)
     (d / "empty.txt").write_bytes(b"")
     (d / "plain_dir").mkdir()

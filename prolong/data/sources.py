@@ -173,6 +173,9 @@ def check_text_column(part: datasets.Dataset, text_field: str, name: str, nulls_
     feature = part.features[text_field]
     is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
     is_chat = isinstance(feature, datasets.List) and isinstance(feature.feature, dict)
+    if isinstance(feature, datasets.List) and (is_chat or type(feature.feature).__name__ == "Json"):
+        _check_chat_turns(part, text_field, name)
+        is_chat = True
     if type(feature).__name__ == "Json":  # datasets' type for a JSON field whose rows mix value types
         for row, value in enumerate(part.data.column(text_field).to_pylist()):
             if value is not None and not isinstance(json.loads(value), str):
@@ -196,6 +199,20 @@ def check_text_column(part: datasets.Dataset, text_field: str, name: str, nulls_
         raise ValueError(f"input {name} row {first + 1}: field {text_field!r} is missing or null "
                          f"({column.null_count} row(s) in all); every row needs a string {text_field!r}: "
                          "fix or remove those rows")
+
+
+def _check_chat_turns(part: datasets.Dataset, text_field: str, name: str) -> None:
+    """A conversation is a list of turns, each with string `role` and `content`: a turn without
+    them would fail inside the chat template, or render as an empty turn."""
+    for row, turns in enumerate(part.data.column(text_field).to_pylist()):
+        for number, turn in enumerate(turns or []):
+            if isinstance(turn, str):  # datasets keeps turns of mixed keys as JSON strings
+                turn = json.loads(turn)
+            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)
+                    and (isinstance(turn.get("content"), str) or turn.get("tool_calls"))):
+                shown = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
+                raise ValueError(f"input {name} row {row + 1}, turn {number + 1} of {text_field!r}: a chat turn "
+                                 f"needs string 'role' and 'content' (got {shown}); fix or remove that row")
 
 
 def _with_all_columns(part: datasets.Dataset, parts: list[datasets.Dataset]) -> datasets.Dataset:

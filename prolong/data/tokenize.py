@@ -16,6 +16,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -164,6 +165,13 @@ def _tokenize_chats(batch, tokenizer, text_field, bos_id, eos_id, domain):
             "length": [len(ids) for ids in input_ids]}
 
 
+def _conversations_without_targets(tokenized: datasets.Dataset) -> int:
+    mask = tokenized.data.column("mask").combine_chunks()
+    targets = np.bincount(pc.list_parent_indices(mask).to_numpy(), weights=mask.flatten().to_numpy(),
+                          minlength=len(mask))
+    return int((targets == 0).sum())
+
+
 def tokenized_features(chat: bool) -> datasets.Features:
     features = {"input_ids": datasets.List(datasets.Value("int32")), "domain": datasets.Value("string"),
                 "length": datasets.Value("int64")}
@@ -212,6 +220,14 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
                    "domain": domain},
         num_proc=num_proc if num_proc > 1 else None, desc="tokenize", **cache_kwargs)
     skipped["empty_documents"] = len(raw) - len(tokenized) - skipped.get("unreadable_documents", 0)
+    if chat and len(tokenized):
+        without = _conversations_without_targets(tokenized)
+        if without == len(tokenized):
+            raise ValueError(f"no conversation of field {text_field!r} has an assistant turn: SFT would have no "
+                             "loss target (the loss is on assistant tokens only)")
+        if without:
+            logger.warning("%d of %d conversation(s) have no assistant turn: kept, but they give no loss target",
+                           without, len(tokenized))
     for reason, count in skipped.items():
         if count:
             logger.warning("skipped %d item(s): %s", count, reason.replace("_", " "))

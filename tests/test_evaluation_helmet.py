@@ -71,3 +71,47 @@ def test_helmet_mode_reproduces_helmets_prompts_token_ids_and_scores(path, smoll
         case = json.load(f)
     problems = mismatches(case, smollm2_tokenizer)
     assert not problems, f"{len(problems)} mismatch(es) with HELMET:\n" + "\n".join(problems[:10])
+
+
+# ---------------------------------------------------------------------------------------------
+# the two modes (docs/evaluation.md lists every difference)
+
+def test_helmet_is_the_default_mode_and_never_stops_at_a_newline():
+    from evaluation.config import load_config
+    from evaluation.tasks import TASKS
+    assert load_config()["mode"] == "helmet"
+    with pytest.raises(ValueError, match="'mode' must be one of helmet, fixed"):
+        load_config(overrides={"mode": "helmett"})
+    stops = {name: (t.default_stop_newline("helmet"), t.default_stop_newline("fixed")) for name, t in TASKS.items()}
+    assert not any(helmet for helmet, _ in stops.values())  # HELMET's flag name never matched its configs
+    assert {name for name, (_, fixed) in stops.items() if fixed} == {
+        name for name, t in TASKS.items() if t.category in ("rag", "rerank", "icl")}
+
+
+def test_answer_prefix_is_restored_before_scoring_without_a_chat_template():
+    task = get_task("icl_trec_coarse")
+    sample = {"answer": "3", "question": "q", "context": "c"}
+    # the model completed "label:"; its own next line holds another label (no newline stop in HELMET)
+    assert task.score_output(" 3\nlabel: 5", sample, use_chat_template=False)["exact_match"] == 1.0
+    assert task.score(" 3\nlabel: 5", sample)["exact_match"] == 0.0  # the raw output alone parses "5"
+
+
+def test_infbench_summary_is_parsed_after_answer_in_helmet_mode_only():
+    task = get_task("infbench_sum_eng")
+    sample = {"answer": ["a b c"]}
+    output = "Summary: a b c"
+    assert task.score_output(output, sample, True, mode="fixed")["rougeLsum_f1"] == pytest.approx(1.0)
+    assert task.score_output(output, sample, True, mode="helmet")["rougeLsum_f1"] < 0.9  # HELMET: "Answer:" parsing
+
+
+def test_beyond_128k_fixed_mode_keeps_only_books_that_fill_the_context(smollm2_tokenizer):
+    """HELMET keeps NarrativeQA books over 131,072 tokens at every length, so at 256K its prompts are
+    shorter than nominal (the fixture books have about 150K tokens); `fixed` asks for full books."""
+    case = {"task": "narrativeqa", "length": 262144, "gen": 100, "max_samples": 5, "seed": 42, "shots": 0}
+    _, _, samples = our_samples(case, smollm2_tokenizer, mode="helmet")
+    assert len(samples) == 3 and not any(s["context"].endswith("[the rest of the text is omitted]") for s in samples)
+    with pytest.raises(ValueError, match="No document in .*test.jsonl has at least 261844 tokens"):
+        our_samples(case, smollm2_tokenizer, mode="fixed")
+    at_2k = our_samples({**case, "length": 2048}, smollm2_tokenizer, mode="fixed")[2]
+    assert [s["context"] for s in at_2k] == [s["context"] for s in our_samples({**case, "length": 2048},
+                                                                                 smollm2_tokenizer)[2]]

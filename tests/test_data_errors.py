@@ -198,6 +198,8 @@ DATA_CASES = [
     ("pack-length-negative", pack("{d}/tok", length="-8"), "--length must be a positive"),
     ("pack-min-length-in-short-mode", pack("{d}/tok", extra=("--min_length", "4")), "--min_length applies to --mode long"),
     ("pack-truncated-arrow", pack("{d}/truncated"), "{d}/truncated/data-00000-of-00001.arrow"),
+    ("pack-mds-directory", pack("{d}/mds_truncated"), "holds MDS shards (index.json): convert them with"),
+    ("tokenize-csv-without-text-column", tok("{d}/table.csv"), "input {d}/table.csv has no field 'text'"),
     ("pack-directory-not-a-dataset", pack("{d}/plain_dir"), "not a dataset saved with save_to_disk"),
     ("pack-dataset-without-domain", pack("{d}/raw_saved"), "no `domain` column"),
     ("pack-output-exists", pack("{d}/tok", extra=("--out", "{d}/packed")), "--overwrite"),
@@ -233,6 +235,7 @@ def bad_inputs(tmp_path_factory):
     (d / "chat_no_role.jsonl").write_text(json.dumps({"messages": chat}) + "\n"
                                           + json.dumps({"messages": [{"content": "x"}] + chat[1:]}) + "\n")
     (d / "chat_no_assistant.jsonl").write_text(json.dumps({"messages": chat[:1]}) + "\n")
+    (d / "table.csv").write_text("id,body\n1,hello world\n")
     (d / "binary.txt").write_bytes(b"\x00\x01\x02binary" * 100)
     (d / "empty.txt").write_bytes(b"")
     (d / "plain_dir").mkdir()

@@ -221,3 +221,11 @@ def test_packing_a_subset_of_a_saved_dataset_packs_exactly_that_subset(subset, t
     assert metadata["num_tokens"] == 10 * len(part)
     packed = datasets.load_from_disk(str(tmp_path / "out"))
     assert sorted(tok for row in packed["input_ids"] for tok in row) == sorted(t for row in part["input_ids"] for t in row)
+
+
+def test_csv_rows_are_documents(tmp_path, tokenizer, tokenizer_dir):
+    # a .csv was read as ONE plain-text document (header and commas included)
+    (tmp_path / "t.csv").write_text('id,text\n1,the quick fox\n2,"a lazy dog, old songs"\n')
+    assert main(["tokenize", str(tmp_path / "t.csv"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "tok")]) == 0
+    assert datasets.load_from_disk(str(tmp_path / "tok"))["input_ids"] == expected_docs(
+        tokenizer, ["the quick fox", "a lazy dog, old songs"])

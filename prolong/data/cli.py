@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     tok = commands.add_parser("tokenize", help="raw text / chat / code repositories -> tokenized dataset")
-    tok.add_argument("inputs", nargs="*", help="jsonl/json/parquet/txt files, save_to_disk dirs or Hub ids")
+    tok.add_argument("inputs", nargs="*", help="jsonl/json/parquet/csv/txt files, save_to_disk dirs or Hub ids")
     tok.add_argument("--repos", nargs="+", metavar="DIR",
                      help="code: each immediate sub-directory (or top-level file) of DIR is one document")
     tok.add_argument("--single_repo", action="store_true", help="with --repos: each DIR itself is one document")

@@ -20,6 +20,7 @@ logger = logging.getLogger("prolong.data")
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
+CSV_SUFFIXES = (".csv", ".csv.gz")
 SKIPPED_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".tox", ".venv"}
 
 
@@ -131,6 +132,9 @@ def load_raw_inputs(inputs: list[str], *, text_field: str = "text", lines: bool 
             elif lowered.endswith(PARQUET_SUFFIXES):
                 parts.append(_load_builder("parquet", str(path), cache_dir))
                 labels.append(name)
+            elif lowered.endswith(CSV_SUFFIXES):  # rows, not one text document
+                parts.append(_load_builder("csv", str(path), cache_dir))
+                labels.append(name)
             else:
                 text_files.append(str(path))
         elif _looks_like_hub_id(name):
@@ -233,5 +237,5 @@ def _load_builder(builder: str, path: str, cache_dir: str | None) -> datasets.Da
         while error.__cause__ is not None:  # datasets wraps the reader's error in DatasetGenerationError
             error = error.__cause__
         raise ValueError(f"could not read {path} as {builder} ({type(error).__name__}: {error}); "
-                         "check that it is valid UTF-8 " + ("JSON lines" if builder == "json" else "parquet"))\
-            from error
+                         "check that it is valid UTF-8 "
+                         + {"json": "JSON lines", "csv": "CSV with a header row"}.get(builder, builder)) from error

@@ -135,10 +135,11 @@ def load_dataset_dir(directory: str | os.PathLike, flag: str = "input") -> datas
             f"{flag} directory {path} holds one dataset per domain ({', '.join(parts[:8])}"
             f"{', ...' if len(parts) > 8 else ''}), not one dataset: give one of them, e.g. {path / parts[0]}")
     if not (path / "state.json").exists():
+        mds = (path / "index.json").exists() or any(path.glob("*/index.json"))
         raise FileNotFoundError(
             f"{flag} directory {path} is not a dataset saved with save_to_disk (no state.json); "
-            "create it with `prolong-data tokenize` (or `pack`)"
-        )
+            + ("it holds MDS shards (index.json): convert them with `prolong-data import-mds`" if mds else
+               "create it with `prolong-data tokenize` (or `pack`)"))
     try:
         dataset = datasets.load_from_disk(str(path))
     except (OSError, ValueError, KeyError) as error:  # pyarrow's ArrowInvalid is a ValueError

@@ -136,8 +136,19 @@ DATA_CASES: list[tuple[str, list[str], str]] = [
      "is a file"),
     ("data-import-mds-domain-over-several", ["prolong-data", "import-mds", MDS_RELEASED, "--domain", "x",
                                              "--out", "{tmp}/d11"], "books, fineweb-edu"),
+    # prolong-data push (engineer H): refused before any network call
+    ("data-push-no-repo-id", ["prolong-data", "push", "{short}"], "--repo-id is required"),
+    ("data-push-bad-repo-id", ["prolong-data", "push", "{short}", "--repo-id", "my org/x"],
+     "'my org/x' is not a Hub repository id"),
+    ("data-push-not-a-dataset", ["prolong-data", "push", "{model}", "--repo-id", "org/name"],
+     "is not a prolong-data dataset"),
+    ("data-inspect-bad-hub-address", ["prolong-data", "inspect", "hf://datasets/my-org"],
+     "hf://datasets/my-org is not a Hub dataset address: use hf://datasets/ORG/NAME/CONFIG"),
 ]
-EVAL_CASES: list[tuple[str, list[str], str]] = []  # evaluation.run (engineer EB)
+EVAL_CASES: list[tuple[str, list[str], str]] = [  # evaluation.run (engineer EB)
+    ("eval-update-card-missing", ["evaluation.run", "--model", "{model}", "--update-card", "{tmp}/nope"],
+     "not found: {tmp}/nope/README.md"),
+]
 DEMO_CASES: list[tuple[str, list[str], str]] = []  # prolong.demo (engineer M)
 
 ALL_CASES = CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES

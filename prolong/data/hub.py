@@ -318,6 +318,9 @@ def resolve_dataset_dir(path: str | Path) -> str:
     text = str(path)
     match = HUB_URI.fullmatch(text)
     if not match:
+        if text.startswith("hf://"):
+            raise HubDatasetError(f"{text} is not a Hub dataset address: use hf://datasets/ORG/NAME/CONFIG "
+                                  "(the config is a folder `prolong-data push` made)")
         return text
     repo_id, revision, config = match["repo"], match["revision"], match["config"]
     try:

@@ -130,4 +130,5 @@ def require_path_or_hub_id(value: str, field: str, repo_type: str = "model", hin
             f"{field}: not found: {value} (no such local path; as a Hub id it is not in the local cache and "
             f"the Hub cannot be reached from here).{' ' + hint if hint else ''}"
         )
-    raise RecipeError(f"{field}: not found: {value}{_did_you_mean(value)}.{' ' + hint if hint else ''}")
+    message = f"{field}: not found: {value}{_did_you_mean(value)}"
+    raise RecipeError(message + ("" if message.endswith("?") else ".") + (f" {hint}" if hint else ""))

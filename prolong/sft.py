@@ -242,6 +242,9 @@ def apply_chat_template_path(model, tokenizer, args):
     else:
         from trl.chat_template_utils import clone_chat_template
 
+        require_path_or_hub_id(args.chat_template_path, "chat_template_path",
+                               hint="Give a .jinja file or a tokenizer (directory or Hub id) whose template to copy.")
+
         model, tokenizer, _ = clone_chat_template(model, tokenizer, args.chat_template_path)
     args.chat_template_path = None  # applied; SFTTrainer must not apply it again
     return model, tokenizer

@@ -91,7 +91,34 @@ CPT_CASES = [
     ("cpt-sequence-parallel-not-dividing", cpt(sequence_parallel_size=2), "sequence_parallel_size"),
     ("cpt-max-steps-missing", cpt(drop=("max_steps",)), "max_steps"),
     ("cpt-model-missing", cpt(drop=("model_name_or_path",)), "model_name_or_path"),
-    ("cpt-max-length-above-packed", cpt(max_length=512), "packed"),
+    ("cpt-max-length-above-packed", cpt(max_length=512), "packed at 128 tokens"),
+    ("cpt-long-domain-shorter", cpt(dataset_mixture='{"{long}": 1.0}', max_length=512, allow_packed_shorter="{long}"),
+     "--mode long --length 512"),
+    ("cpt-allow-shorter-unknown-path", cpt(allow_packed_shorter="{tmp}/elsewhere"), "allow_packed_shorter"),
+    ("cpt-yaml-syntax", ["run_cpt", "{tmp}/bad.yaml"], "is not valid YAML"),
+    ("cpt-yaml-list", ["run_cpt", "{tmp}/list.yaml"], "must be a mapping"),
+    ("cpt-yaml-unknown-key", ["run_cpt", "{tmp}/typo.yaml"], "Did you mean 'rope_theta'"),
+    ("cpt-dtype", cpt(dtype="fp16"), "dtype"),
+    ("cpt-attn-implementation", cpt(attn_implementation="flash"), "attn_implementation"),
+    ("cpt-rope-type-unknown", cpt(rope_scaling='{"rope_type": "ntk", "factor": 2}'), "rope_type"),
+    ("cpt-lr-scheduler-kwargs-not-json", cpt(lr_scheduler_kwargs="min_lr_rate=0.1"), "lr_scheduler_kwargs"),
+    ("cpt-global-batch-0", cpt(global_batch_size=0), "global_batch_size"),
+    ("cpt-max-length-0", cpt(max_length=0), "max_length"),
+    ("cpt-sequence-parallel-0", cpt(sequence_parallel_size=0), "sequence_parallel_size"),
+    ("cpt-tiled-mlp-negative", cpt(tiled_mlp_tokens=-1), "tiled_mlp_tokens"),
+    ("cpt-loss-kernel", cpt(loss_kernel="fast"), "loss_kernel"),
+    ("cpt-per-device-averaging", cpt(average_tokens_across_devices="false"), "average_tokens_across_devices"),
+    ("cpt-optimizer-state-without-init", cpt(load_optimizer_state="true"), "needs init_from"),
+    ("cpt-recall-eval-with-sp", cpt(eval_recall_lengths=512, sequence_parallel_size=2), "eval_recall_lengths"),
+    ("cpt-mixture-share-string", cpt(dataset_mixture='{"{short}": "half"}'), "must be a number"),
+    ("cpt-mixture-empty", cpt(dataset_mixture="{}"), "dataset_mixture"),
+    ("cpt-mixture-not-a-dataset", cpt(dataset_mixture='{"{tmp}/cwd/demo_data": 1.0}'), "demo_data"),
+    ("cpt-grad-accumulation-0", cpt(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
+    ("cpt-warmup-negative", cpt(warmup_steps=-1), "warmup_steps"),
+    ("cpt-weight-decay-negative", cpt(weight_decay=-0.1), "weight_decay"),
+    ("cpt-flag-without-value", cpt("--learning_rate"), "learning_rate"),
+    ("cpt-bool-not-a-bool", cpt(balance_attention_cost="maybe"), "balance_attention_cost"),
+    ("cpt-save-strategy", cpt(save_strategy="sometimes"), "save_strategy"),
 ]
 
 SFT_CASES = [
@@ -108,6 +135,19 @@ SFT_CASES = [
     ("sft-dataset-local-typo", sft(dataset_name="demo_data/chatterbott"), "not found: demo_data/chatterbott"),
     ("sft-output-dir-is-a-file", sft(output_dir="{file}"), "output_dir"),
     ("sft-packing-wrapped", sft(packing_strategy="wrapped"), "use bfd"),
+    ("sft-yaml-syntax", ["run_sft", "{tmp}/bad.yaml"], "is not valid YAML"),
+    ("sft-max-length-0", sft(max_length=0), "max_length"),
+    ("sft-assistant-only-loss", sft(assistant_only_loss="true"), "already masks"),
+    ("sft-lora-rank-0", sft(use_peft="true", lora_r=0), "lora_r"),
+    ("sft-per-device-averaging", sft(average_tokens_across_devices="false"), "average_tokens_across_devices"),
+    ("sft-global-batch-not-divisible", sft(global_batch_size=3, per_device_train_batch_size=2), "global_batch_size=3"),
+    ("sft-grad-accumulation-0", sft(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
+    ("sft-dataset-missing", sft(drop=("dataset_name",)), "dataset_name"),
+    ("sft-dataset-wrong-columns", sft(dataset_name="{tmp}/text.jsonl"), "needs `messages`"),
+    ("sft-dataset-unknown-role", sft(dataset_name="{tmp}/roles.jsonl"), "unknown role 'human'"),
+    ("sft-dataset-unreadable-suffix", sft(dataset_name="{file}"), "dataset_name"),
+    ("sft-chat-template-path-missing", sft(chat_template_path="./nope.jinja"), "not found: ./nope.jinja"),
+    ("sft-rope-scaling-not-json", sft(rope_scaling="{factor: 8"), "rope_scaling"),
 ]
 
 # prolong-data (engineer D); tests/test_data_errors.py holds 40 more, on bad files it makes
@@ -174,6 +214,12 @@ def places(tmp_path_factory, tiny_model_dir, packed_mixture) -> dict[str, str]:
         for i in range(8):
             f.write(json.dumps({"messages": [{"role": "user", "content": "the of and to " * (i + 1)},
                                              {"role": "assistant", "content": "in is that"}]}) + "\n")
+    (tmp / "bad.yaml").write_text("model_name_or_path: [unclosed\nmax_length: 128\n")
+    (tmp / "list.yaml").write_text("- model_name_or_path\n- max_length\n")
+    (tmp / "typo.yaml").write_text("model_name_or_path: demo_data/base-model\nrope_thetta: 1.0e6\n")
+    (tmp / "text.jsonl").write_text('{"text": "the of and"}\n{"text": "to in is"}\n')
+    (tmp / "roles.jsonl").write_text(json.dumps({"messages": [{"role": "human", "content": "the"},
+                                                              {"role": "gpt", "content": "of"}]}) + "\n")
     long_dir = write_packed_dataset(str(tmp / "long"), random_documents(8, 300, 130, 200, 3), 128, "long")
     with open(os.path.join(long_dir, "prolong_data.json")) as f:
         meta = json.load(f)

@@ -57,6 +57,13 @@ def hub_dataset_ids(mixture: dict[str, float] | None) -> list[str]:
     return sorted(set(ids))
 
 
+def _tokens(length) -> int:
+    """A length key of scores.json ("8192"; "8k" as the evaluation configs write it) in tokens."""
+    text = str(length).strip().lower()
+    scale = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
+    return int(float(text.rstrip("km")) * scale)
+
+
 def _category_name(category: str) -> str:
     return _CATEGORY_NAMES.get(category, category)
 
@@ -73,9 +80,9 @@ def _eval_result(category: str, length: int | str, score: float, mode: str):
         dataset_config=category,
         dataset_split="test",
         dataset_args={"mode": mode},
-        metric_type=f"helmet_{category}_{int(length)}",
-        metric_name=f"{_category_name(category)} @ {int(length):,} tokens",
-        metric_args={"input_length": int(length)},
+        metric_type=f"helmet_{category}_{_tokens(length)}",
+        metric_name=f"{_category_name(category)} @ {_tokens(length):,} tokens",
+        metric_args={"input_length": _tokens(length)},
         metric_value=round(float(score), 2),
     )
 
@@ -85,7 +92,7 @@ def eval_results_from_scores(scores: dict) -> list:
     mode = scores.get("mode", "helmet")
     results = []
     for category, by_length in (scores.get("categories") or {}).items():
-        for length, value in sorted(by_length.items(), key=lambda item: int(item[0])):
+        for length, value in sorted(by_length.items(), key=lambda item: _tokens(item[0])):
             if value is not None:
                 results.append(_eval_result(category, length, value, mode))
     return results

@@ -188,11 +188,16 @@ def build_dataset_card(parts: list[DatasetPart], *, repo_id: str | None = None, 
         how_section = f"## How it was made\n\n```bash\n{commands.get(parts[0].config) or '(not recorded)'}\n```"
     else:
         how_section = f"## How it was made\n\n{how}"
+    kind_text = ("Packed with ProLong recipes' `prolong-data`: each row is `input_ids` plus `indices`, the "
+                 "`[start, end)` spans of the documents it holds; the trainer restarts positions and blocks "
+                 "attention at every span, so keep `indices` when you use the data.") if "packed" in kinds else ""
+    if "tokenized" in kinds:
+        kind_text += (" " if kind_text else "") + ("Tokenized with ProLong recipes' `prolong-data`: in a tokenized "
+                                                   "config each row is one document (`input_ids`, `domain`), "
+                                                   "ready for `prolong-data pack`.")
     body = f"""# {card_data.pretty_name}
 
-Tokenized / packed data made with [ProLong recipes](https://github.com/princeton-nlp/ProLong) `prolong-data`.
-Each row is `input_ids` plus `indices`, the `[start, end)` spans of the documents it holds: the
-trainer restarts positions and blocks attention at every span, so keep `indices` when you use it.
+{kind_text}
 
 {_part_table(parts)}
 
@@ -211,6 +216,10 @@ def write_local_card(directory: str | Path, command: list[str] | str | None = No
     directory = Path(directory)
     if isinstance(command, list):
         command = shlex.join(command)
+    if command:
+        from prolong.redaction import redact
+
+        command = redact(command)
     try:
         parts = find_parts([directory])
     except HubPushError as error:

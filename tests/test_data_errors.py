@@ -205,7 +205,7 @@ DATA_CASES = [
     ("pack-output-exists", pack("{d}/tok", extra=("--out", "{d}/packed")), "--overwrite"),
     ("pack-output-is-a-file", pack("{d}/tok", extra=("--out", "{d}/a-file")), "already exists"),
     ("inspect-truncated-arrow", ["inspect", "{d}/truncated"], "{d}/truncated/data-00000-of-00001.arrow"),
-    ("inspect-folder-of-domains", ["inspect", "{d}/domains"], "holds one dataset per domain (books, fineweb-edu"),
+    ("inspect-folder-of-domains", ["inspect", "{d}/domains"], "but holds datasets (books, fineweb-edu, thestackv1_concat_by_repo-65536; e.g. one per domain)"),
     ("inspect-missing", ["inspect", "{d}/nope"], "not found: {d}/nope"),
     ("import-mds-missing", ["import-mds", "{d}/nope"], "not found: {d}/nope"),
     ("import-mds-no-index", ["import-mds", "{d}/plain_dir"], "no index.json in {d}/plain_dir"),

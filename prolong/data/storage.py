@@ -132,8 +132,9 @@ def load_dataset_dir(directory: str | os.PathLike, flag: str = "input") -> datas
     if not (path / "state.json").exists() and any(path.glob("*/state.json")):
         parts = sorted(p.parent.name for p in path.glob("*/state.json"))
         raise FileNotFoundError(
-            f"{flag} directory {path} holds one dataset per domain ({', '.join(parts[:8])}"
-            f"{', ...' if len(parts) > 8 else ''}), not one dataset: give one of them, e.g. {path / parts[0]}")
+            f"{flag} directory {path} is not a dataset saved with save_to_disk (no state.json) but holds "
+            f"datasets ({', '.join(parts[:8])}{', ...' if len(parts) > 8 else ''}; e.g. one per domain): "
+            f"give one of them, e.g. {path / parts[0]}")
     if not (path / "state.json").exists():
         mds = (path / "index.json").exists() or any(path.glob("*/index.json"))
         raise FileNotFoundError(

@@ -224,6 +224,7 @@ def recover_final_save(output_dir: str) -> None:
     marker = os.path.join(output_dir, PUBLISH_MARKER)
     if os.path.exists(marker):
         os.remove(marker)
+    shutil.rmtree(os.path.join(output_dir, ".final-tmp"), ignore_errors=True)  # earlier versions staged there
 
 
 def close_process_group(trainer) -> None:

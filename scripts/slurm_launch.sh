@@ -5,7 +5,11 @@
 #   sbatch --nodes 4 scripts/slurm_launch.sh recipes/prolong-8b/stage1.yaml --activation_checkpointing false
 #   ACCELERATE_CONFIG=accelerate_configs/deepspeed_zero3.yaml sbatch --nodes 2 scripts/slurm_launch.sh RECIPE
 #
-# Extra arguments after the recipe override recipe fields. Environment knobs:
+# Extra arguments after the recipe override recipe fields. A requeued (preempted) job runs this
+# same command again and continues from the newest complete checkpoint in output_dir
+# (--resume_from_checkpoint auto, passed below; add --overwrite_output_dir true to start over).
+# Environment knobs:
+#   ENTRY_POINT        (default prolong/run_cpt.py; prolong/run_sft.py for SFT)
 #   ACCELERATE_CONFIG  (default accelerate_configs/multi_node_fsdp2.yaml)
 #   GPUS_PER_NODE      (default: SLURM_GPUS_ON_NODE, else 8)
 #   MASTER_PORT        (default 29500)
@@ -18,11 +22,12 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=logs/%x-%j.out
-#SBATCH --requeue                    # preempted jobs resume from the last checkpoint (resume_from_checkpoint: auto)
+#SBATCH --requeue                    # a preempted job starts again and resumes (resume_from_checkpoint: auto)
 set -euo pipefail
 
 RECIPE=${1:?usage: sbatch [--nodes N] scripts/slurm_launch.sh RECIPE [--field value ...]}
 shift
+ENTRY_POINT=${ENTRY_POINT:-prolong/run_cpt.py}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_node_fsdp2.yaml}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 MASTER_PORT=${MASTER_PORT:-29500}
@@ -31,7 +36,7 @@ mkdir -p logs
 if [ -f "$PYTHON_ENV/bin/activate" ]; then source "$PYTHON_ENV/bin/activate"; fi
 
 # the first node of the allocation hosts the rendezvous
-MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
@@ -52,5 +57,5 @@ srun --kill-on-bad-exit=1 bash -c '
     --main_process_ip "'"$MAIN_PROCESS_IP"'" \
     --main_process_port "'"$MASTER_PORT"'" \
     --rdzv_backend static \
-    prolong/run_cpt.py "$@"
-' prolong-launch "$RECIPE" "$@"
+    "'"$ENTRY_POINT"'" "$@"
+' prolong-launch "$RECIPE" --resume_from_checkpoint auto "$@"

@@ -94,15 +94,19 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(uninterrupted, t
     assert any("checkpoint-4" in r.message and expected in r.message for r in caplog.records), caplog.text
 
 
-def test_resume_after_a_power_loss_gives_the_uninterrupted_curve(tiny_model_dir, packed_mixture, uninterrupted, tmp_path):
-    """End to end: checkpoint-4's optimizer.pt truncated to 0 bytes; the default resume
-    (auto) continues from checkpoint-2. With save_total_limit 2 the rotation, which runs once
-    a checkpoint is complete, keeps the two newest complete checkpoints."""
+def test_resume_after_a_power_loss_gives_the_uninterrupted_curve(
+    tiny_model_dir, packed_mixture, uninterrupted, tmp_path, caplog
+):
+    """End to end: checkpoint-4's optimizer.pt truncated to 0 bytes; `--resume_from_checkpoint
+    true` continues from checkpoint-2. With save_total_limit 2 the rotation, which runs once a
+    checkpoint is complete, keeps the two newest complete checkpoints."""
     out = tmp_path / "run"
     for step in (2, 4):
         shutil.copytree(uninterrupted / f"checkpoint-{step}", out / f"checkpoint-{step}")
     (out / "checkpoint-4" / "optimizer.pt").write_bytes(b"")
-    main(_argv(tiny_model_dir, packed_mixture, out, save_total_limit=2, **RUN))
+    with caplog.at_level("INFO", logger="prolong.checkpoints"):
+        main(_argv(tiny_model_dir, packed_mixture, out, save_total_limit=2, resume_from_checkpoint="true", **RUN))
+    assert f"Resuming from {out / 'checkpoint-2'}" in caplog.text
     _assert_same_curve(_losses(out), _losses(uninterrupted))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     assert last_checkpoint(str(out)) == str(out / "checkpoint-6")
@@ -220,3 +224,46 @@ def test_a_kill_at_any_point_of_the_final_save_leaves_the_old_or_the_new_model(
         loaded = _weights(out)
         assert all(torch.equal(loaded[k], new[k]) for k in new), kill_at
         assert sorted(os.listdir(os.path.dirname(out))) == sorted(["out", "template"]), kill_at
+
+
+def test_a_requeued_slurm_job_resumes(tmp_path):
+    """scripts/slurm_launch.sh under stand-in `srun` / `scontrol` / `accelerate` commands: the
+    training command every node runs asks for the newest complete checkpoint (a requeued job runs
+    the same command), and flags given after the recipe still override it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\necho node2\n")
+    (bin_dir / "srun").write_text('#!/bin/bash\nshift\nSLURM_PROCID=0 "$@"\n')  # drop --kill-on-bad-exit
+    (bin_dir / "accelerate").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/launched\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="node[1-2]",
+               SLURM_NNODES="2", SLURM_JOB_ID="7", PYTHON_ENV=str(tmp_path / "none"))
+    script = os.path.join(REPO, "scripts", "slurm_launch.sh")
+    result = subprocess.run(["bash", script, "recipes/prolong-8b/stage1.yaml", "--max_steps", "9"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    launched = (tmp_path / "launched").read_text().split("\n")
+    script_at = launched.index("prolong/run_cpt.py")
+    assert launched[script_at + 1:script_at + 6] == [
+        "recipes/prolong-8b/stage1.yaml", "--resume_from_checkpoint", "auto", "--max_steps", "9"]
+    from prolong.config import CPTConfig, DataConfig, ModelConfig, parse_recipe
+
+    *_, args = parse_recipe((ModelConfig, DataConfig, CPTConfig), [os.path.join(REPO, "recipes/prolong-8b/stage1.yaml")])
+    assert args.resume_from_checkpoint == "auto"  # the recipe says the same, for launches without the script
+
+
+def test_sft_refuses_to_resume_with_another_global_batch_size(tiny_model_dir, tmp_path):
+    """TRL's SFT data order is a seeded shuffle that the Trainer's resume skips by steps of the
+    new batch size: with another global_batch_size it would repeat or skip conversations, so it
+    is refused, naming the field and the checkpoint's value. The same batch size continues."""
+    from prolong.run_sft import main as sft_main
+    from test_sft import _conversations, _run_args, _write_chat_jsonl
+
+    data = _write_chat_jsonl(tmp_path / "chat.jsonl", _conversations(24, seed=1))
+    out = str(tmp_path / "sft")
+    steps = ("--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1")
+    sft_main(_run_args(tiny_model_dir, data, out, *steps))  # 2 steps x 2 rows: checkpoint-2
+    assert os.path.exists(os.path.join(out, "checkpoint-2", MARKER))
+    with pytest.raises(RecipeError, match=r"global_batch_size: .*\(2 per step\), this run takes 4 per step.*global_batch_size: 2"):
+        sft_main(_run_args(tiny_model_dir, data, out, *steps, "--max_steps", "3", "--global_batch_size", "4"))

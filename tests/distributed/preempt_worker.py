@@ -1,4 +1,4 @@
-"""run_cpt under torchrun where only rank 0 receives the preemption signal (at step 2).
+"""run_cpt under torchrun where only rank 0 receives the preemption signal (SIGTERM, as SLURM sends it, at step 2).
 
 Usage: torchrun --nproc_per_node 2 tests/distributed/preempt_worker.py ARGV... (run_cpt's flags)
 """
@@ -16,7 +16,7 @@ from prolong.run_cpt import main
 class SignalRankZero(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if int(os.environ["RANK"]) == 0 and state.global_step == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

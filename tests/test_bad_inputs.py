@@ -36,13 +36,21 @@ from cli_driver import REPO, command_line
 TEST_NAME = "test_bad_input_is_refused_clearly"
 
 
+VALID_CPT = {  # a valid tiny run_cpt command line; each case changes one thing
+    "model_name_or_path": "{model}", "dataset_mixture": "{mixture}", "max_length": "128",
+    "per_device_train_batch_size": "1", "max_steps": "1", "output_dir": "{tmp}/out-cpt",
+    "report_to": "none", "disable_tqdm": "true",
+}
+VALID_SFT = {
+    "model_name_or_path": "{model}", "dataset_name": "{chat}", "max_length": "128",
+    "per_device_train_batch_size": "1", "max_steps": "1", "output_dir": "{tmp}/out-sft",
+    "report_to": "none", "disable_tqdm": "true", "activation_checkpointing": "false",
+}
+
+
 def cpt(*extra: str, drop: tuple[str, ...] = (), **values) -> list[str]:
     """run_cpt argv: a valid tiny run, with ``values`` overridden, ``drop`` keys removed, ``extra`` appended."""
-    base = {
-        "model_name_or_path": "{model}", "dataset_mixture": "{mixture}", "max_length": "128",
-        "per_device_train_batch_size": "1", "max_steps": "1", "output_dir": "{tmp}/out-cpt",
-        "report_to": "none", "disable_tqdm": "true",
-    }
+    base = dict(VALID_CPT)
     base.update(values)
     argv = ["run_cpt"]
     for key, value in base.items():
@@ -52,11 +60,7 @@ def cpt(*extra: str, drop: tuple[str, ...] = (), **values) -> list[str]:
 
 
 def sft(*extra: str, drop: tuple[str, ...] = (), **values) -> list[str]:
-    base = {
-        "model_name_or_path": "{model}", "dataset_name": "{chat}", "max_length": "128",
-        "per_device_train_batch_size": "1", "max_steps": "1", "output_dir": "{tmp}/out-sft",
-        "report_to": "none", "disable_tqdm": "true", "activation_checkpointing": "false",
-    }
+    base = dict(VALID_SFT)
     base.update(values)
     argv = ["run_sft"]
     for key, value in base.items():
@@ -186,6 +190,21 @@ DATA_CASES: list[tuple[str, list[str], str]] = [
      "hf://datasets/my-org is not a Hub dataset address: use hf://datasets/ORG/NAME/CONFIG"),
 ]
 EVAL_CASES: list[tuple[str, list[str], str]] = [  # evaluation.run (engineer EB)
+    ("eval-no-model", ["evaluation.run", "--tasks", "json_kv"], "no model given (--model PATH"),
+    ("eval-unknown-task", ["evaluation.run", "--model", "{model}", "--tasks", "json_kvv"],
+     "Unknown task 'json_kvv'. Known tasks: alce_asqa"),
+    ("eval-bad-length", ["evaluation.run", "--model", "{model}", "--lengths", "8k,8q"],
+     "lengths: '8q' is not a length; use token counts such as 8192 or 8k"),
+    ("eval-bad-mode", ["evaluation.run", "--model", "{model}", "--mode", "fast"], "'mode' must be one of helmet, fixed"),
+    ("eval-unknown-option", ["evaluation.run", "--model", "{model}", "--max_sample", "3"],
+     "unknown option(s) --max_sample"),
+    ("eval-config-missing", ["evaluation.run", "--config", "{tmp}/nope.yaml", "--model", "{model}"],
+     "not found: {tmp}/nope.yaml"),
+    ("eval-model-not-found", ["evaluation.run", "--model", "{tmp}/no-model", "--output_dir", "{tmp}/eval-out"],
+     "model/tokenizer '{tmp}/no-model' not found: neither a local folder nor a Hub model id"),
+    ("eval-data-missing", ["evaluation.run", "--model", "{model}", "--tasks", "json_kv,kilt_nq,icl_banking77",
+                           "--lengths", "1k", "--data_dir", "{tmp}/no-data", "--output_dir", "{tmp}/eval-out"],
+     "data missing for 2 task(s); nothing was run"),
     ("eval-update-card-missing", ["evaluation.run", "--model", "{model}", "--update-card", "{tmp}/nope"],
      "not found: {tmp}/nope/README.md"),
 ]
@@ -264,6 +283,55 @@ def results(request, places) -> dict[str, dict]:
                                  text=True, timeout=300)
             out[case["id"]] = {"code": run.returncode, "stdout": run.stdout, "stderr": run.stderr}
     return out
+
+
+def _message(stderr: str, places: dict[str, str]) -> str:
+    """The error line a user sees, with this run's temporary paths written back as placeholders."""
+    lines = [line for line in stderr.splitlines() if "error:" in line] or stderr.strip().splitlines()[-1:]
+    message = lines[-1] if lines else ""
+    for key, value in sorted(places.items(), key=lambda kv: -len(kv[1])):
+        if key not in ("mixture",) and value:
+            message = message.replace(value, "{" + key + "}")
+    return message
+
+
+def _shown(argv: list[str]) -> str:
+    """A case as typed, with the valid tiny run's unchanged flags shown as `...`."""
+    valid = {"run_cpt": VALID_CPT, "run_sft": VALID_SFT}.get(argv[0])
+    if valid is None or len(argv) < 3 or not argv[1].startswith("--"):
+        return " ".join(argv)
+    kept, i = [], 1
+    while i < len(argv):
+        key = argv[i][2:] if argv[i].startswith("--") else None
+        if key in valid and i + 1 < len(argv) and argv[i + 1] == valid[key]:
+            i += 2
+            continue
+        kept.append(argv[i])
+        i += 1
+    missing = [key for key in valid if f"--{key}" not in argv]
+    return " ".join([argv[0], "..."] + kept) + (f"  (without --{', --'.join(missing)})" if missing else "")
+
+
+def write_table(path: str, results: dict[str, dict], places: dict[str, str]) -> None:
+    """docs/bad-inputs.md: every case, as typed, and the message it gives (regenerate with
+    ``BAD_INPUTS_TABLE=docs/bad-inputs.md pytest tests/test_bad_inputs.py``)."""
+    rows = ["| case | command line | exit | message |", "| --- | --- | --- | --- |"]
+    for case_id, argv, _ in ALL_CASES:
+        if case_id in results:
+            cell = lambda text: text.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            rows.append(f"| {case_id} | `{cell(_shown(argv))}` | {results[case_id]['code']} | "
+                        f"{cell(_message(results[case_id]['stderr'], places))} |")
+    with open(path) as f:
+        head = f.read().split("<!-- table -->")[0]
+    with open(path, "w") as f:
+        f.write(head + "<!-- table -->\n\n" + "\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _table(results, places):
+    yield
+    if os.environ.get("BAD_INPUTS_TABLE"):
+        write_table(os.environ["BAD_INPUTS_TABLE"], results, places)
 
 
 @pytest.mark.parametrize("argv, fragment", [pytest.param(argv, fragment, id=case_id)

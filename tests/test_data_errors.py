@@ -180,6 +180,7 @@ DATA_CASES = [
      "no conversation of field 'messages' has an assistant turn"),
     ("tokenize-wrong-text-field", tok("{d}/good.jsonl", extra=("--text_field", "body")), "no field 'body'"),
     ("tokenize-saved-dataset-null-text", tok("{d}/saved_nulls"), "{d}/saved_nulls row 3: field 'text' is missing"),
+    ("tokenize-saved-dataset-empty", tok("{d}/saved_empty"), "no document to tokenize: all 0 input item(s)"),
     ("tokenize-only-binary-txt", tok("{d}/binary.txt"), "not UTF-8 text: {d}/binary.txt"),
     ("tokenize-only-empty-txt", tok("{d}/empty.txt"), "no document to tokenize"),
     ("tokenize-directory-not-a-dataset", tok("{d}/plain_dir"), "is a directory but not a saved dataset"),
@@ -242,6 +243,7 @@ def bad_inputs(tmp_path_factory):
     (d / "plain_dir" / "notes.txt").write_text("hello\n")
     (d / "a-file").write_text("not a directory\n")
     datasets.Dataset.from_dict({"text": ["a", "b", None, "c"]}).save_to_disk(str(d / "saved_nulls"))
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(str(d / "saved_empty"))
     datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 4}).save_to_disk(str(d / "raw_saved"))
     tokenize_to_disk(datasets.Dataset.from_dict({"text": TEXTS}), tiny_tokenizer(), d / "tok", domain="d")
     pack_dataset(d / "tok", d / "packed", mode="short", length=16)

@@ -174,6 +174,8 @@ def check_text_column(part: datasets.Dataset, text_field: str, name: str, nulls_
     """Every row's `text_field` must be a string (or a chat `messages` list): a missing or
     non-text field is an error naming the row, not a document silently skipped as empty.
     (`nulls_allowed`: null marks an unreadable text file, counted and logged by tokenize.)"""
+    if not len(part):  # nothing to check (and an empty column has no type)
+        return
     feature = part.features[text_field]
     is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
     is_chat = isinstance(feature, datasets.List) and isinstance(feature.feature, dict)

@@ -36,6 +36,7 @@ from transformers import Trainer, TrainerCallback
 from prolong.checkpoints import CompleteCheckpointsMixin, last_checkpoint
 from prolong.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
 from prolong.config import RecipeError
+from prolong.data.hub import hub_error_message, hub_errors
 from prolong.model_card import write_trainer_model_card
 from prolong.loss import chunked_cross_entropy_sum, logit_scale_of, logit_softcap_of, trl_linear_cross_entropy_sum
 from prolong.parallel import activation_offload, enable_tiled_mlp, sequence_parallel_dataloader
@@ -95,6 +96,10 @@ class ThroughputLogMixin:
         super().log(logs, start_time)
 
 
+class HubPushFailed(OSError):
+    """A push to the Hub failed; the message says what was kept (the CLIs print it and exit 2)."""
+
+
 class KeepModelCardMixin:
     """Our model card on every push to the Hub, and no token in what is pushed.
 
@@ -109,8 +114,23 @@ class KeepModelCardMixin:
     model_card_info: dict | None = None
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)  # creates the Hub repo (push_to_hub) with the token still there
+        try:
+            super().__init__(*args, **kwargs)  # creates the Hub repo (push_to_hub) with the token still there
+        except hub_errors() as error:
+            training_args = kwargs.get("args")
+            repo = getattr(training_args, "hub_model_id", None) or "the output_dir's name"
+            raise HubPushFailed(f"push_to_hub: cannot create the model repository: {hub_error_message(error, repo)}") \
+                from error
         move_hub_token_to_environment(self.args)
+
+    def push_to_hub(self, *args, **kwargs):
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except hub_errors() as error:
+            output_dir = self.args.output_dir
+            raise HubPushFailed(
+                f"push_to_hub: {hub_error_message(error, self.hub_model_id)}. The trained model is complete in "
+                f"{output_dir}: push it later with `hf upload {self.hub_model_id} {output_dir}`") from error
 
     def create_model_card(self, *args, **kwargs):
         if os.path.exists(os.path.join(self.args.output_dir, "README.md")):

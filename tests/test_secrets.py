@@ -113,3 +113,36 @@ def test_sft_writes_no_secret_anywhere(tiny_model_dir, tmp_path, monkeypatch, ca
         _scan(out, hub, "me/tiny-sft", captured.out + captured.err)
         assert "README.md" in hub.files("me/tiny-sft") and (out / "checkpoint-2").is_dir()
         assert [c["summary"] for c in hub.commits] == ["Training in progress, step 2", "ProLong sft"]
+
+
+@pytest.mark.parametrize("case", ["401-at-create", "403-at-final-commit"])
+def test_a_refused_push_exits_2_with_one_message_and_keeps_the_trained_model(
+        case, tiny_model_dir, packed_mixture, tmp_path, monkeypatch, capsys):
+    import transformers.utils.hub
+    from huggingface_hub import constants
+
+    from prolong.errors import cli_errors
+    from prolong.run_cpt import main
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    out = tmp_path / "cpt"
+    token = "hf_wrong_token_123456" if case == "401-at-create" else HUB_TOKEN
+    args = _cpt_args(tiny_model_dir, packed_mixture, out, "--hub_strategy", "end", "--max_steps", "1",
+                     "--hub_token", token)
+    with FakeHub(token=HUB_TOKEN, fail={"commit": 403}) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_errors("run_cpt")(main)(args)
+        assert hub.commits == []
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    if case == "401-at-create":
+        assert "cannot create the model repository: the Hub rejected the token (401) for me/tiny-cpt" in last
+        assert not (out / "config.json").exists()  # refused before training
+    else:
+        assert "no write access to me/tiny-cpt (403)" in last and f"hf upload me/tiny-cpt {out}" in last
+        assert (out / "config.json").exists() and (out / "model.safetensors").exists()  # the model is kept
+    assert HUB_TOKEN not in err and token not in err

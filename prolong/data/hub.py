@@ -242,21 +242,33 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
-def _hub_error(error: Exception, repo_id: str) -> HubPushError:
+def hub_error_message(error: Exception, repo_id: str) -> str:
+    """One line for a failed Hub call (huggingface_hub's HfHubHTTPError or a transport error)."""
     from huggingface_hub.errors import HfHubHTTPError
 
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         status = error.response.status_code
         if status == 401:
-            return HubPushError(f"the Hub rejected the token (401) for {repo_id}: set a valid write token in "
-                                "HF_TOKEN or run `hf auth login`")
+            return (f"the Hub rejected the token (401) for {repo_id}: set a valid write token in "
+                    "HF_TOKEN (or --hub_token) or run `hf auth login`")
         if status == 403:
-            return HubPushError(f"the token has no write access to {repo_id} (403): use a token with write "
-                                "permission for that namespace, or push to your own ORG/NAME")
-        return HubPushError(f"the Hub answered {status} while pushing {repo_id}: nothing was committed; "
-                            f"try again later ({str(error).splitlines()[0]})")
-    return HubPushError(f"cannot reach the Hub to push {repo_id} ({type(error).__name__}: {error}); "
-                        "nothing was committed. Check the network or HF_ENDPOINT")
+            return (f"the token has no write access to {repo_id} (403): use a token with write "
+                    "permission for that namespace, or push to your own ORG/NAME")
+        return (f"the Hub answered {status} while pushing {repo_id}: nothing was committed; "
+                f"try again later ({str(error).splitlines()[0]})")
+    return (f"cannot reach the Hub to push {repo_id} ({type(error).__name__}: {error}); "
+            "nothing was committed. Check the network or HF_ENDPOINT")
+
+
+def hub_errors() -> tuple[type[Exception], ...]:
+    """What a failed Hub call raises."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return HfHubHTTPError, _transport_errors()
+
+
+def _hub_error(error: Exception, repo_id: str) -> HubPushError:
+    return HubPushError(hub_error_message(error, repo_id))
 
 
 def _transport_errors() -> type[Exception]:

@@ -51,7 +51,14 @@ def parse_length(value) -> int:
         return value
     text = str(value).strip().lower()
     multiplier = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
-    return int(float(text.rstrip("km")) * multiplier)
+    try:
+        tokens = int(float(text[:-1] if multiplier > 1 else text) * multiplier)
+    except ValueError:
+        tokens = 0
+    if tokens <= 0:
+        raise ValueError(f"lengths: {value!r} is not a length; use token counts such as 8192 or 8k, 128k, 1m "
+                         "(k = 1024), comma-separated")
+    return tokens
 
 
 def normalise(key: str, value):

@@ -180,7 +180,7 @@ DATA_CASES = [
      "no conversation of field 'messages' has an assistant turn"),
     ("tokenize-wrong-text-field", tok("{d}/good.jsonl", extra=("--text_field", "body")), "no field 'body'"),
     ("tokenize-saved-dataset-null-text", tok("{d}/saved_nulls"), "{d}/saved_nulls row 3: field 'text' is missing"),
-    ("tokenize-saved-dataset-empty", tok("{d}/saved_empty"), "no document to tokenize: all 0 input item(s)"),
+    ("tokenize-saved-dataset-empty", tok("{d}/saved_empty"), "input directory {d}/saved_empty holds an empty dataset (no rows)"),
     ("tokenize-only-binary-txt", tok("{d}/binary.txt"), "not UTF-8 text: {d}/binary.txt"),
     ("tokenize-only-empty-txt", tok("{d}/empty.txt"), "no document to tokenize"),
     ("tokenize-directory-not-a-dataset", tok("{d}/plain_dir"), "is a directory but not a saved dataset"),

@@ -16,6 +16,8 @@ from typing import Iterator
 import datasets
 import pyarrow as pa
 
+from .storage import load_dataset_dir
+
 logger = logging.getLogger("prolong.data")
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
@@ -119,7 +121,7 @@ def load_raw_inputs(inputs: list[str], *, text_field: str = "text", lines: bool 
     for name in inputs:
         path = Path(name)
         if path.is_dir() and (path / "state.json").exists():
-            parts.append(datasets.load_from_disk(str(path)))
+            parts.append(load_dataset_dir(path, flag="input"))
             labels.append(name)
         elif path.is_dir():
             raise ValueError(f"input {path} is a directory but not a saved dataset; pass its files, or "

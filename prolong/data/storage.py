@@ -142,6 +142,12 @@ def load_dataset_dir(directory: str | os.PathLike, flag: str = "input") -> datas
             + ("it holds MDS shards (index.json): convert them with `prolong-data import-mds`" if mds else
                "create it with `prolong-data tokenize` (or `pack`)"))
     try:
+        data_files = json.loads((path / "state.json").read_text(encoding="utf-8")).get("_data_files")
+    except (OSError, ValueError):
+        data_files = None  # unreadable: reported below
+    if data_files == []:  # save_to_disk of an empty dataset writes no Arrow file; load_from_disk then fails
+        raise ValueError(f"{flag} directory {path} holds an empty dataset (no rows)")
+    try:
         dataset = datasets.load_from_disk(str(path))
     except (OSError, ValueError, KeyError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise ValueError(f"{flag} directory {path} cannot be read: {_unreadable_file(path) or error}; "

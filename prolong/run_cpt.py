@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         callbacks=callbacks,
         parallel_layout=layout,
     )
+    for callback in callbacks:  # RecallEvalCallback logs through trainer.log, so its scores reach report_to
+        if hasattr(callback, "attach"):
+            callback.attach(trainer)
     trainer.model_card_info = dict(  # the card of every push to the Hub and of the final model
         base_model=args.init_from or model_cfg.model_name_or_path,
         stage="continued-pretraining",

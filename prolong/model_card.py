@@ -41,19 +41,16 @@ def dataset_tokens(path: str) -> int:
 
 
 def hub_dataset_ids(mixture: dict[str, float] | None) -> list[str]:
-    """Hub ids of the mixture's domains: a key that is a Hub id (`hf://datasets/ORG/NAME/...` or
-    `ORG/NAME` that is not a local path), or a local directory `prolong-data push` has pushed."""
+    """Hub ids of the mixture's domains: a `hf://datasets/ORG/NAME/...` key, or a local directory
+    `prolong-data push` has pushed (it records where, in prolong_hub.json)."""
     from prolong.data.hub import pushed_repo_id
 
     ids = []
     for path in mixture or {}:
         if match := re.fullmatch(r"hf://datasets/([^/]+/[^/@]+).*", path):
             ids.append(match.group(1))
-        elif os.path.isdir(path):
-            if repo_id := pushed_repo_id(path):
-                ids.append(repo_id)
-        elif re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-            ids.append(path)
+        elif repo_id := pushed_repo_id(path):
+            ids.append(repo_id)
     return sorted(set(ids))
 
 
@@ -129,13 +126,19 @@ def _evaluation_section(eval_results: list, log_history: list[dict] | None, sour
     return text
 
 
-def _card_data(*, name: str, base_model: str, stage: str, mixture: dict | None, eval_results: list):
+def _card_data(*, name: str, base_model: str, stage: str, mixture: dict | None, eval_results: list,
+               recipe: dict | None = None):
     from huggingface_hub import ModelCardData
+
+    dataset_ids = hub_dataset_ids(mixture)
+    sft_dataset = str((recipe or {}).get("dataset_name") or "")  # SFT trains on one dataset, maybe a Hub id
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", sft_dataset) and not os.path.exists(sft_dataset):
+        dataset_ids.append(sft_dataset)
 
     return ModelCardData(
         model_name=name,
         base_model=base_model if not os.path.isdir(base_model) else None,  # a local path is no Hub id
-        datasets=hub_dataset_ids(mixture) or None,
+        datasets=sorted(set(dataset_ids)) or None,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["prolong", "long-context", stage],
@@ -177,7 +180,8 @@ def write_model_card(
     else:
         recall = [e for e in (log_history or []) if any(k.startswith("eval_recall/") for k in e)]
         source = f"RecallEvalCallback at step {recall[-1].get('step')}" if recall else ""
-    card_data = _card_data(name=name, base_model=base_model, stage=stage, mixture=mixture, eval_results=eval_results)
+    card_data = _card_data(name=name, base_model=base_model, stage=stage, mixture=mixture, eval_results=eval_results,
+                           recipe=recipe)
     safe_recipe = redact(json.loads(json.dumps(recipe, default=str)))
     text = f"""---
 {card_data.to_yaml()}

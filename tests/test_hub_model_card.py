@@ -40,6 +40,12 @@ def test_card_yaml_names_base_model_hub_datasets_and_the_callbacks_recall_scores
     assert "Recall evaluation at the last checkpoint" in card.text and "hf_x" not in card.content
 
 
+def test_an_sft_card_names_its_hub_dataset(tmp_path):
+    write_model_card(str(tmp_path), name="sft", load_path=str(tmp_path), base_model="org/base", stage="sft",
+                     recipe={"dataset_name": "HuggingFaceH4/ultrachat_200k"}, rope_parameters=None, max_length=64)
+    assert ModelCard.load(tmp_path / "README.md").data.datasets == ["HuggingFaceH4/ultrachat_200k"]
+
+
 def test_update_card_from_an_evaluation_run_puts_every_category_and_length_in_the_model_index(
         tiny_model_dir, tmp_path, capsys):
     model_dir = tmp_path / "model"

@@ -178,6 +178,9 @@ DATA_CASES = [
     ("tokenize-chat-without-assistant", tok("{d}/chat_no_assistant.jsonl", tokenizer="{d}/tokenizer_chat",
                                             extra=("--text_field", "messages")),
      "no conversation of field 'messages' has an assistant turn"),
+    ("tokenize-chat-template-raises", tok("{d}/chat_two_users.jsonl", tokenizer="{d}/tokenizer_strict_chat",
+                                          extra=("--text_field", "messages")),
+     "the chat template of tokenizer {d}/tokenizer_strict_chat failed on a conversation"),
     ("tokenize-wrong-text-field", tok("{d}/good.jsonl", extra=("--text_field", "body")), "no field 'body'"),
     ("tokenize-saved-dataset-null-text", tok("{d}/saved_nulls"), "{d}/saved_nulls row 3: field 'text' is missing"),
     ("tokenize-saved-dataset-empty", tok("{d}/saved_empty"), "input directory {d}/saved_empty holds an empty dataset (no rows)"),
@@ -223,6 +226,10 @@ def bad_inputs(tmp_path_factory):
     chat_tokenizer = tiny_tokenizer()
     chat_tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
     chat_tokenizer.save_pretrained(d / "tokenizer_chat")
+    chat_tokenizer.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                                    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                                    "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")  # as Llama-2's does
+    chat_tokenizer.save_pretrained(d / "tokenizer_strict_chat")
     (d / "demo_data").mkdir()
     (d / "good.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:20]))
     (d / "latin1.jsonl").write_bytes(json.dumps({"text": "caf\u00e9"}).encode("latin-1").replace(b"\\u00e9", b"\xe9") + b"\n")
@@ -235,6 +242,7 @@ def bad_inputs(tmp_path_factory):
     chat = [{"role": "user", "content": "lorem ipsum"}, {"role": "assistant", "content": "dolor"}]
     (d / "chat_no_role.jsonl").write_text(json.dumps({"messages": chat}) + "\n"
                                           + json.dumps({"messages": [{"content": "x"}] + chat[1:]}) + "\n")
+    (d / "chat_two_users.jsonl").write_text(json.dumps({"messages": chat[:1] + chat}) + "\n")
     (d / "chat_no_assistant.jsonl").write_text(json.dumps({"messages": chat[:1]}) + "\n")
     (d / "table.csv").write_text("id,body\n1,hello world\n")
     (d / "binary.txt").write_bytes(b"\x00\x01\x02binary" * 100)

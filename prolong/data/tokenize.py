@@ -107,7 +107,14 @@ def _domains(batch, keep, domain):
 
 
 def _render(tokenizer, messages, **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as error:  # e.g. a template that raises on a role order it does not accept
+        raise ValueError(f"the chat template of tokenizer {tokenizer_name(tokenizer)} failed on a conversation "
+                         f"({type(error).__name__}: {error}); first roles: "
+                         f"{[m.get('role') for m in messages[:4]]}") from error
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], eos_id: int) -> tuple[list[int], list[int]]:

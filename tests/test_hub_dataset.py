@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,14 @@ def test_push_private_to_a_branch(mixture_root, tmp_path, monkeypatch):
         assert "web/data-00000-of-00001.arrow" in repo["branches"]["v1"]
         card = DatasetCard(repo["branches"]["v1"]["README.md"].decode())
         assert [c["config_name"] for c in card.data.configs] == ["web"] and card.data.configs[0]["default"]
+        # pushing again replaces the config folder: a file of the earlier push does not stay behind
+        stale_copy = tmp_path / "again" / "web"
+        shutil.copytree(mixture_root / "mix" / "web", stale_copy)
+        (stale_copy / "data-00001-of-00002.arrow").write_bytes(b"an earlier push's extra shard")
+        assert cli.main(["push", str(stale_copy), "--repo-id", "me/web2"]) == 0
+        assert cli.main(["push", str(mixture_root / "mix" / "web"), "--repo-id", "me/web2"]) == 0
+        assert "web/data-00001-of-00002.arrow" not in hub.files("me/web2", "dataset")
+        assert "web/data-00000-of-00001.arrow" in hub.files("me/web2", "dataset")
         # a tokenized (not yet packed) directory pushes too, and its card says so
         assert cli.main(["push", str(mixture_root / "tok" / "books"), "--repo-id", "me/tok"]) == 0
         card = DatasetCard(hub.files("me/tok", "dataset")["README.md"].decode())

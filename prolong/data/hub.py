@@ -283,7 +283,7 @@ def _transport_errors() -> type[Exception]:
 def push_dataset(directories: list[str | Path], repo_id: str, *, private: bool = False, revision: str | None = None,
                  license: str = "other", token: str | None = None, commit_message: str | None = None) -> str:
     """Push the directories as one dataset repo in one commit; returns the commit URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
     check_repo_id(repo_id)
@@ -304,6 +304,12 @@ def push_dataset(directories: list[str | Path], repo_id: str, *, private: bool =
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         if revision and revision != "main":
             api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
+        # a config folder holds exactly this push's files: a stale shard of an earlier push would
+        # match the card's `CONFIG/data-*.arrow` and be read as data
+        uploaded = {op.path_in_repo for op in operations}
+        stale = [path for path in api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
+                 if path.split("/")[0] in {p.config for p in parts} and path not in uploaded]
+        operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
         commit = api.create_commit(
             repo_id, repo_type="dataset", revision=revision, operations=operations,
             commit_message=commit_message or f"prolong-data push: {', '.join(p.config for p in parts)}",

@@ -18,8 +18,8 @@ def load_run(run_dir: str) -> dict:
 def comparison_table(run_dirs: list[str]) -> str:
     runs = [(d, load_run(d)) for d in run_dirs]
     categories = [c for c in CATEGORIES if any(c in s["categories"] for _, s in runs)]
-    lines = ["| run | length | " + " | ".join(CATEGORIES[c] for c in categories) + " | avg |",
-             "|---" * (len(categories) + 3) + "|"]
+    lines = ["| run | mode | length | " + " | ".join(CATEGORIES[c] for c in categories) + " | avg |",
+             "|---" * (len(categories) + 4) + "|"]
     for run_dir, scores in runs:
         lengths = sorted({int(n) for by_len in scores["categories"].values() for n in by_len})
         for length in lengths:
@@ -27,7 +27,12 @@ def comparison_table(run_dirs: list[str]) -> str:
             present = [v for v in values if v is not None]
             cells = ["-" if v is None else f"{v:.1f}" for v in values]
             avg = f"{sum(present) / len(present):.1f}" if present else "-"
-            lines.append(f"| {os.path.basename(os.path.normpath(run_dir))} | {length} | " + " | ".join(cells) + f" | {avg} |")
+            lines.append(f"| {os.path.basename(os.path.normpath(run_dir))} | {scores.get('mode', 'helmet')} | {length} | "
+                         + " | ".join(cells) + f" | {avg} |")
+    modes = {scores.get("mode", "helmet") for _, scores in runs}
+    if len(modes) > 1:  # helmet-mode numbers compare with published HELMET tables, fixed-mode ones do not
+        lines += ["", f"Note: these runs used different modes ({', '.join(sorted(modes))}); their scores are not "
+                      "directly comparable (docs/evaluation.md lists the differences)."]
     return "\n".join(lines) + "\n"
 
 

@@ -377,7 +377,10 @@ def evaluate(model_or_path, tokenizer=None, tasks=None, lengths=None, output_dir
                 try:
                     current.append(run_task_length(task, length, cfg, generator, builder, scorers, window, run))
                 except Exception as error:  # noqa: BLE001 - one task's failure must not lose the others' report
-                    logger.exception("%s at %d failed", task.name, length)
+                    if isinstance(error, EvaluationError):  # a refusal: its message says it all
+                        logger.error("%s at %d not run: %s", task.name, length, error)
+                    else:
+                        logger.exception("%s at %d failed", task.name, length)
                     current.append({"task": task.name, "category": task.category, "length": length, "status": "failed",
                                     "message": f"failed: {type(error).__name__}: {error}", "score": None, "n": 0})
     results, left_out = collect_results(cfg, run, current)

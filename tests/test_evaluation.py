@@ -232,7 +232,7 @@ def test_cli_and_compare(model_dir, tmp_path):
         assert run.returncode == 0, run.stderr[-2000:]
     table = subprocess.run([sys.executable, "-m", "evaluation.compare", str(tmp_path / "a"), str(tmp_path / "b")],
                            cwd=REPO, capture_output=True, text=True).stdout
-    assert "| a | 512 |" in table and "| b | 512 |" in table and "Recall" in table
+    assert "| a | helmet | 512 |" in table and "| b | helmet | 512 |" in table and "Recall" in table
 
 
 def test_callback_evaluates_on_save_and_restores_train_mode(tokenizer, tmp_path):

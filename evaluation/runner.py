@@ -133,10 +133,30 @@ def run_identity(model_or_path, tokenizer, cfg: dict) -> dict:
             "attn_implementation": cfg["attn_implementation"]}
 
 
+# config keys that change neither a prompt nor a score (or enter the identity another way: the run
+# fields, the resolved per-task settings, data_dir, the scorers named per record); every other key,
+# including keys added later, is part of a predictions file's identity
+_KEYS_OUTSIDE_IDENTITY = {"tasks", "lengths", "model", "tokenizer", "output_dir", "resume", "plots", "progress",
+                          "save_prompts", "prefill_chunk_size", "allow_beyond_window", "judge_base_url", "judge_model",
+                          "judge_api_key_env", "nli_model", "data_dir", "mode", "backend", "attn_implementation",
+                          "max_samples", "shots", "use_chat_template", "stop_newline", "generation_max_length"}
+
+
+def _json_safe(value):
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "get_vocab"):  # a tokenizer object (e.g. length_tokenizer through the Python API)
+        return "tokenizer:" + identity.tokenizer_fingerprint(value)
+    return type(value).__name__
+
+
 def task_identity(run: dict, task, length: int, cfg: dict, settings: dict) -> dict:
     """Everything that changes a prompt or a score of (task, length). Model-scored metrics (judge,
     citation NLI) are not in it: each record names its scorer and is scored again when it changes."""
-    return {**run, "task": task.name, "length": length, "seed": cfg["seed"], "num_depths": cfg["num_depths"],
+    others = {k: _json_safe(v) for k, v in sorted(cfg.items()) if k not in _KEYS_OUTSIDE_IDENTITY}
+    return {**run, "task": task.name, "length": length, **others,
             "data_dir": os.path.abspath(cfg["data_dir"]) if not task.extra.get("builder") else None, **settings}
 
 

@@ -231,6 +231,12 @@ class CompleteCheckpointsMixin:
                 raise RecipeError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}.")
         if resume_from_checkpoint:
             record = checkpoint_record(resume_from_checkpoint)
+            if 0 < self.args.max_steps <= record["global_step"]:
+                logger.warning(
+                    "%s is at step %d, max_steps is %d: nothing left to train (the final model is saved "
+                    "again). Raise max_steps to train further, or start over with overwrite_output_dir: true.",
+                    resume_from_checkpoint, record["global_step"], self.args.max_steps,
+                )
             self._continue_data_at(record)
             self._position_at_start, self._step_at_start = record["sequences_consumed"], record["global_step"]
         return super().train(resume_from_checkpoint, *args, **kwargs)

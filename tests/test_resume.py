@@ -102,17 +102,30 @@ def test_resume_after_a_power_loss_gives_the_uninterrupted_curve(
 ):
     """End to end: checkpoint-4's optimizer.pt truncated to 0 bytes; `--resume_from_checkpoint
     true` continues from checkpoint-2. With save_total_limit 2 the rotation, which runs once a
-    checkpoint is complete, keeps the two newest complete checkpoints."""
+    checkpoint is complete, keeps the two newest complete checkpoints (an incomplete
+    checkpoint-8 takes no place among them)."""
     out = tmp_path / "run"
     for step in (2, 4):
         shutil.copytree(uninterrupted / f"checkpoint-{step}", out / f"checkpoint-{step}")
     (out / "checkpoint-4" / "optimizer.pt").write_bytes(b"")
+    shutil.copytree(uninterrupted / "checkpoint-6", out / "checkpoint-8")  # a save cut short before its marker
+    (out / "checkpoint-8" / MARKER).unlink()
+    kept = _CheckpointsAfterEachSave()
     with caplog.at_level("INFO", logger="prolong.checkpoints"):
-        main(_argv(tiny_model_dir, packed_mixture, out, save_total_limit=2, resume_from_checkpoint="true", **RUN))
+        main(_argv(tiny_model_dir, packed_mixture, out, save_total_limit=2, resume_from_checkpoint="true", **RUN),
+             callbacks=[kept])
     assert f"Resuming from {out / 'checkpoint-2'}" in caplog.text
     _assert_same_curve(_losses(out), _losses(uninterrupted))
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert kept.listings == {4: ["checkpoint-2", "checkpoint-4"], 6: ["checkpoint-4", "checkpoint-6"]}
     assert last_checkpoint(str(out)) == str(out / "checkpoint-6")
+
+
+class _CheckpointsAfterEachSave(TrainerCallback):
+    def __init__(self):
+        self.listings = {}
+
+    def on_save(self, args, state, control, **kwargs):
+        self.listings[state.global_step] = sorted(p for p in os.listdir(args.output_dir) if p.startswith("checkpoint-"))
 
 
 class _RecordModelInputs(TrainerCallback):

@@ -115,3 +115,28 @@ def test_beyond_128k_fixed_mode_keeps_only_books_that_fill_the_context(smollm2_t
     at_2k = our_samples({**case, "length": 2048}, smollm2_tokenizer, mode="fixed")[2]
     assert [s["context"] for s in at_2k] == [s["context"] for s in our_samples({**case, "length": 2048},
                                                                                  smollm2_tokenizer)[2]]
+
+
+def test_evaluate_in_helmet_mode_feeds_the_model_exactly_helmets_token_ids(smollm2_tokenizer, tmp_path):
+    """The whole runner (loaders, length tokenizer, prompt cut, records), not only the builder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evaluation import evaluate
+    from evaluation.identity import ids_hash
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=4096, eos_token_id=0, pad_token_id=0))
+    torch.nn.init.zeros_(model.lm_head.weight)  # every logit equal: greedy emits id 0 = EOS, one step per sample
+    for name in ("kilt_popqa_3_1024_n4", "narrativeqa_2048_n2"):
+        with open(os.path.join(FIXTURES, "expected", f"{name}.json"), encoding="utf-8") as f:
+            case = json.load(f)
+        out = tmp_path / name
+        scores = evaluate(model, tokenizer=smollm2_tokenizer, tasks=[case["task"]], lengths=[case["length"]],
+                          max_samples=case["max_samples"], shots=case["shots"], data_dir=DATA, output_dir=str(out),
+                          plots=False)
+        assert scores["mode"] == "helmet" and scores["results"][0]["stop_newline"] is False
+        lines = (out / "predictions" / f"{case['task']}_{case['length']}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["prompt_sha256"] for line in lines] == [ids_hash(s["input_ids"]) for s in case["samples"]]

@@ -57,8 +57,8 @@ def check_packed_lengths(mixture: MixtureDataset, data: DataConfig) -> int:
     """
     allowed = set(data.allow_packed_shorter or [])
     trained = 0
-    for path, dataset in zip(mixture.paths, mixture.datasets):
-        metadata = read_metadata(path) or {}
+    for path, local_path, dataset in zip(mixture.paths, mixture.local_paths, mixture.datasets):
+        metadata = read_metadata(local_path) or {}
         mode = metadata.get("mode")
         # no metadata (a dataset not written by prolong-data): its longest row, from the Arrow offsets
         length = int(metadata.get("length") or 0) or int(pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py())

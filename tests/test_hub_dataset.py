@@ -150,7 +150,7 @@ def test_push_bad_input_and_hub_refusals_exit_2_and_commit_nothing(case, mixture
         assert hub.lfs_objects  # the files went up, but no commit names them: the repo is unchanged
 
 
-def test_a_pushed_mixture_trains_and_inspects_from_its_hub_id(mixture_root, tmp_path, monkeypatch, capsys):
+def test_a_pushed_mixture_trains_and_inspects_from_its_hub_id(mixture_root, tmp_path, monkeypatch, capsys, caplog):
     from prolong.data.hub import HubDatasetError, resolve_dataset_dir
     from prolong.data.mixture import MixtureDataset
 
@@ -168,6 +168,16 @@ def test_a_pushed_mixture_trains_and_inspects_from_its_hub_id(mixture_root, tmp_
             return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in mixture[i].items()} for i in range(12)]
 
         assert rows(from_hub) == rows(from_disk)  # the same items, document spans included
+        # run_cpt's length check reads the downloaded domain's metadata (mode, packed length)
+        import logging
+
+        from prolong.config import DataConfig
+        from prolong.run_cpt import check_packed_lengths
+
+        with caplog.at_level(logging.INFO, logger="prolong.run_cpt"):
+            data = DataConfig(dataset_mixture=remote, max_length=128, allow_packed_shorter=list(remote))
+            assert check_packed_lengths(from_hub, data) == 64
+        assert "hf://datasets/my-org/mix/web: packed at 64 tokens (short mode)" in caplog.text
         capsys.readouterr()
         assert cli.main(["inspect", "hf://datasets/my-org/mix/web", "--json"]) == 0
         summary = json.loads(capsys.readouterr().out)[0]

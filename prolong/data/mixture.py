@@ -93,8 +93,10 @@ class MixtureDataset(Dataset):
         # per domain: rows longer than max_length are cut into pieces; `piece_ends` (cumulative
         # pieces per row) maps an item to its (row, piece), None when every row is one item
         self.datasets, self.piece_ends, self.num_items, item_tokens = [], [], [], []
+        self.local_paths = []  # where each domain is on disk (a hf://datasets entry: the download)
         for path in self.paths:
             path = resolve_dataset_dir(path)  # hf://datasets/ORG/NAME/CONFIG: downloaded (cached)
+            self.local_paths.append(path)
             if not os.path.isdir(path):
                 raise RecipeError(
                     f"dataset_mixture: '{path}' does not exist. Build it with `prolong-data pack` "

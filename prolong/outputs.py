@@ -122,8 +122,8 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 
 def _final_save_siblings(output_dir: str) -> tuple[str, str]:
     """Where the new model is written and where the old directory goes: beside output_dir (same
-    file system, so renames are atomic), never inside it."""
-    parent, name = os.path.split(os.path.abspath(output_dir))
+    file system, so renames are atomic; beside its target if output_dir is a symlink), never inside it."""
+    parent, name = os.path.split(os.path.realpath(output_dir))
     return os.path.join(parent, f".{name}.final-new"), os.path.join(parent, f".{name}.final-old")
 
 
@@ -175,7 +175,8 @@ def publish_directory(staging: str, output_dir: str) -> None:
     """
     from prolong.checkpoints import fsync_dir, fsync_tree
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
+    output_dir = os.path.realpath(output_dir)  # a symlinked output_dir keeps pointing at the new model
+    parent = os.path.dirname(output_dir)
     if os.path.isdir(output_dir):
         _carry_over(output_dir, staging)
     fsync_tree(staging)
@@ -205,6 +206,7 @@ def recover_final_save(output_dir: str) -> None:
     - the leftover directory (an unfinished new model, or the previous one after the swap): removed.
     """
     new, old = _final_save_siblings(output_dir)
+    output_dir = os.path.realpath(output_dir)
     if not os.path.exists(output_dir):
         if os.path.isfile(os.path.join(new, PUBLISH_MARKER)):
             os.rename(new, output_dir)

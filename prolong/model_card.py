@@ -34,6 +34,12 @@ def _mixture_table(mixture: dict[str, float], tokens_by_path: dict[str, int]) ->
 
 def dataset_tokens(path: str) -> int:
     meta = os.path.join(path, "prolong_data.json")
+    if match := re.fullmatch(r"hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?/([^/]+)/?", path):
+        from huggingface_hub import try_to_load_from_cache  # the mixture downloaded it: no network here
+
+        cached = try_to_load_from_cache(match[1], f"{match[3]}/prolong_data.json", repo_type="dataset",
+                                        revision=match[2])
+        meta = cached if isinstance(cached, str) else ""
     if os.path.exists(meta):
         with open(meta) as f:
             return int(json.load(f).get("num_tokens", 0))

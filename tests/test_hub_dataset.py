@@ -178,6 +178,10 @@ def test_a_pushed_mixture_trains_and_inspects_from_its_hub_id(mixture_root, tmp_
             data = DataConfig(dataset_mixture=remote, max_length=128, allow_packed_shorter=list(remote))
             assert check_packed_lengths(from_hub, data) == 64
         assert "hf://datasets/my-org/mix/web: packed at 64 tokens (short mode)" in caplog.text
+        from prolong.model_card import dataset_tokens  # the model card's mixture table, from the cache
+
+        assert dataset_tokens("hf://datasets/my-org/mix/web") == json.loads(
+            (mixture_root / "mix" / "web" / "prolong_data.json").read_text())["num_tokens"] > 0
         capsys.readouterr()
         assert cli.main(["inspect", "hf://datasets/my-org/mix/web", "--json"]) == 0
         summary = json.loads(capsys.readouterr().out)[0]

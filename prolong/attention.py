@@ -128,7 +128,10 @@ def guard_document_masking(model, args, collator=None, train_dataset=None, packe
         return
     with args.main_process_first(local=False, desc="document-masking probe"):
         if args.process_index == 0:
-            sample = train_dataset[0] if train_dataset is not None and len(train_dataset) else None
+            try:  # a map-style dataset; an iterable one gives no sample and the probe keeps our layout
+                sample = train_dataset[0] if train_dataset is not None else None
+            except (TypeError, IndexError, KeyError, NotImplementedError):
+                sample = None
             check_document_masking(model, device=args.device, collator=collator, sample=sample, packed=packed)
 
 

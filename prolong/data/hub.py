@@ -39,7 +39,7 @@ FORMATS = ("prolong-packed", "prolong-tokenized")
 _COMMAND_BLOCK = re.compile(r"## How it was made\n\n```bash\n(.*?)\n```", re.S)
 
 
-class HubPushError(Exception):
+class HubPushError(ValueError):
     """An expected failure of `prolong-data push` (bad input or the Hub refusing): one line, exit 2."""
 
 
@@ -133,7 +133,7 @@ def recorded_command(directory: Path) -> str | None:
 
 
 def _part_table(parts: list[DatasetPart]) -> str:
-    rows = ["| config | kind | mode | sequence length | rows | tokens | documents | domains (tokens) | tokenizer | source |",
+    rows = ["| config | kind | mode | sequence length | rows | tokens | document spans | domains (tokens) | tokenizer | source |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for part in parts:
         meta = part.metadata

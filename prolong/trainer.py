@@ -151,6 +151,10 @@ class KeepModelCardMixin:
 class SFTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixin, trl.SFTTrainer):
     """TRL's SFTTrainer with our throughput logging (the SFT stage, prolong/run_sft.py)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(_PreemptionCallback())  # as CPT: a requeued SLURM job continues from that checkpoint
+
 
 class CPTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixin, Trainer):
     # our compute_loss divides by the whole step's token count itself

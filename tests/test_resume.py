@@ -269,17 +269,22 @@ def test_a_requeued_slurm_job_resumes(tmp_path):
     assert args.resume_from_checkpoint == "auto"  # the recipe says the same, for launches without the script
 
 
-def test_sft_refuses_to_resume_with_another_global_batch_size(tiny_model_dir, tmp_path):
-    """TRL's SFT data order is a seeded shuffle that the Trainer's resume skips by steps of the
-    new batch size: with another global_batch_size it would repeat or skip conversations, so it
-    is refused, naming the field and the checkpoint's value. The same batch size continues."""
+def test_preempted_sft_resumes_with_its_curve_and_refuses_another_global_batch_size(tiny_model_dir, tmp_path):
+    """run_sft stopped by SIGUSR1 at step 2 saves checkpoint-2 and no final model; the same command
+    again continues it with the uninterrupted loss curve. TRL's data order is a seeded shuffle
+    that the Trainer's resume skips by steps of the new batch size, so another global_batch_size
+    would repeat or skip conversations: it is refused, naming the field and the checkpoint's value."""
     from prolong.run_sft import main as sft_main
+    from test_cpt import _PreemptAt
     from test_sft import _conversations, _run_args, _write_chat_jsonl
 
     data = _write_chat_jsonl(tmp_path / "chat.jsonl", _conversations(24, seed=1))
+    steps = ("--save_strategy", "steps", "--save_steps", "100", "--logging_steps", "1", "--max_steps", "4")
+    reference = _losses(sft_main(_run_args(tiny_model_dir, data, str(tmp_path / "full"), *steps)))
     out = str(tmp_path / "sft")
-    steps = ("--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1")
-    sft_main(_run_args(tiny_model_dir, data, out, *steps))  # 2 steps x 2 rows: checkpoint-2
-    assert os.path.exists(os.path.join(out, "checkpoint-2", MARKER))
+    sft_main(_run_args(tiny_model_dir, data, out, *steps), callbacks=[_PreemptAt(2)])
+    assert os.path.exists(os.path.join(out, "checkpoint-2", MARKER)) and not os.path.exists(os.path.join(out, "config.json"))
     with pytest.raises(RecipeError, match=r"global_batch_size: .*\(2 per step\), this run takes 4 per step.*global_batch_size: 2"):
-        sft_main(_run_args(tiny_model_dir, data, out, *steps, "--max_steps", "3", "--global_batch_size", "4"))
+        sft_main(_run_args(tiny_model_dir, data, out, *steps, "--global_batch_size", "4"))
+    sft_main(_run_args(tiny_model_dir, data, out, *steps))
+    _assert_same_curve(_losses(out), reference, steps=range(1, 5))

@@ -79,7 +79,8 @@ def _eval_result(category: str, length: int | str, score: float, mode: str):
         task_name="Long-context evaluation",
         dataset_type=HELMET_DATASET,
         # the Hub groups results by dataset (task, type, config, split): one per category, one metric per length
-        dataset_name=f"HELMET {_category_name(category)}",
+        dataset_name=f"HELMET {_category_name(category)}"
+        + ("" if mode == "helmet" else f" ({mode} mode, not comparable with HELMET)"),
         dataset_config=category,
         dataset_split="test",
         dataset_args={"mode": mode},

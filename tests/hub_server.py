@@ -156,7 +156,8 @@ class _Handler(BaseHTTPRequestHandler):
             repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
             with self.hub.lock:
                 if (repo_type, repo_id) in self.hub.repos:
-                    return self._reply(409, {"error": "You already created this repo", "url": self._url(repo_type, repo_id)})
+                    return self._reply(409, {"error": "You already created this repo",
+                                             "url": self._url(repo_type, repo_id)})
                 self.hub.repos[(repo_type, repo_id)] = {
                     "private": payload.get("visibility") == "private" or bool(payload.get("private")),
                     "branches": {"main": {}},

@@ -34,8 +34,8 @@ def mixture_root(tmp_path_factory) -> Path:
     rng = random.Random(0)
     for domain, count in (("books", 12), ("web", 30)):
         source = root / f"{domain}.jsonl"
-        source.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 80)))}) + "\n"
-                                  for _ in range(count)))
+        texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 80))) for _ in range(count)]
+        source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
         assert cli.main(["tokenize", str(source), "--tokenizer", str(tokenizer_dir), "--domain", domain,
                          "--out", str(root / "tok" / domain)]) == 0
         assert cli.main(["pack", str(root / "tok" / domain), "--mode", "short", "--length", "64",
@@ -159,7 +159,8 @@ def test_a_pushed_mixture_trains_and_inspects_from_its_hub_id(mixture_root, tmp_
     local = {str(mixture_root / "mix" / "books"): 0.5, str(mixture_root / "mix" / "web"): 0.5}
     with FakeHub() as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)  # what HF_ENDPOINT sets at import
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setenv("HF_TOKEN", hub.token)
         assert cli.main(["push", str(mixture_root / "mix"), "--repo-id", "my-org/mix"]) == 0
         remote = {"hf://datasets/my-org/mix/books": 0.5, "hf://datasets/my-org/mix/web": 0.5}
@@ -186,7 +187,8 @@ def test_a_pushed_mixture_trains_and_inspects_from_its_hub_id(mixture_root, tmp_
         assert cli.main(["inspect", "hf://datasets/my-org/mix/web", "--json"]) == 0
         summary = json.loads(capsys.readouterr().out)[0]
         assert summary["num_rows"] == len(datasets.load_from_disk(str(mixture_root / "mix" / "web")))
-        with pytest.raises(HubDatasetError, match=r"holds the configs \['books', 'web'\].*hf://datasets/my-org/mix/CONFIG"):
+        with pytest.raises(HubDatasetError,
+                           match=r"holds the configs \['books', 'web'\].*hf://datasets/my-org/mix/CONFIG"):
             resolve_dataset_dir("hf://datasets/my-org/mix")
         with pytest.raises(HubDatasetError, match="cannot download the Hub dataset my-org/nothing"):
             resolve_dataset_dir("hf://datasets/my-org/nothing/web")

@@ -133,7 +133,8 @@ def recorded_command(directory: Path) -> str | None:
 
 
 def _part_table(parts: list[DatasetPart]) -> str:
-    rows = ["| config | kind | mode | sequence length | rows | tokens | document spans | domains (tokens) | tokenizer | source |",
+    rows = ["| config | kind | mode | sequence length | rows | tokens | document spans | domains (tokens) | "
+            "tokenizer | source |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for part in parts:
         meta = part.metadata
@@ -182,7 +183,8 @@ def build_dataset_card(parts: list[DatasetPart], *, repo_id: str | None = None, 
     load = f'load_dataset("{repo_id}"{", " + repr(parts[0].config) if len(parts) > 1 else ""})' if repo_id \
         else f'load_from_disk("{parts[0].directory}")'
     how = "\n\n".join(
-        (f"`{part.config}`:\n\n" if len(parts) > 1 else "") + f"```bash\n{commands.get(part.config) or '(not recorded)'}\n```"
+        (f"`{part.config}`:\n\n" if len(parts) > 1 else "")
+        + f"```bash\n{commands.get(part.config) or '(not recorded)'}\n```"
         for part in parts)
     if len(parts) == 1:
         how_section = f"## How it was made\n\n```bash\n{commands.get(parts[0].config) or '(not recorded)'}\n```"

@@ -336,4 +336,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from prolong.errors import cli_errors
+
+    cli_errors("prolong.sft")(main)()  # expected errors: one message, no traceback, exit 2

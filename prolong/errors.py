@@ -1,8 +1,9 @@
 """Expected errors and how every command line reports them: one message, no traceback, exit 2.
 
 Kept free of heavy imports (torch, transformers) so that any CLI can use it, including the ones
-that must fail fast (``prolong-data``, ``evaluation.run``). Every entry point's ``main`` is
-wrapped with :func:`cli_errors`; set ``PROLONG_TRACEBACK=1`` to get the full traceback instead.
+that must fail fast (``evaluation.run``). The ``__main__`` of run_cpt, run_sft, evaluation.run,
+prolong.demo and prolong.sft runs ``main`` through :func:`cli_errors` (``prolong-data`` does the
+same in prolong/data/cli.py); set ``PROLONG_TRACEBACK=1`` to get the full traceback instead.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ Options apply to every method alike and are set explicitly for each (TRL's ``SFT
 ``gradient_checkpointing=True``; here ``activation_checkpointing`` is always given, True or False):
 ``--activation-checkpointing`` (every ``--checkpoint-every``-th decoder layer), ``--offload`` (the
 checkpointed layers' saved tensors to pinned host memory through ``save_on_cpu``, transformers'
-``activation_checkpointing_kwargs={"offload": True}``), ``--liger-kernels`` (``use_liger_kernel``:
+``activation_checkpointing_kwargs={"offload": True}``; a no-op on CPU), ``--liger-kernels`` (``use_liger_kernel``:
 Liger's layer kernels, CUDA). ``--tiled-mlp TOKENS`` (our ``tiled_mlp_tokens``) exists for
 ``prolong`` only.
 
@@ -207,7 +207,9 @@ def trainer_arguments(ns, cuda: bool) -> dict:
     if ns.activation_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {
             "use_reentrant": False,
-            "offload": ns.offload,
+            # on CPU the activations already live in host memory, and transformers 5.24's offload
+            # asks save_on_cpu for pinned memory, which a CPU-only torch refuses: a no-op there
+            "offload": ns.offload and cuda,
             "every_n_layers": ns.checkpoint_every,  # 1 = every layer; 2 = every other layer, ...
         }
     return kwargs

@@ -4,6 +4,7 @@ themselves are for benchmarks/RESULTS.md, not for tests)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,31 +18,40 @@ import bench_train  # noqa: E402
 import max_context  # noqa: E402
 
 
-def test_bench_train_cpu_mode_interleaves_repeats_and_reports_medians(tmp_path):
-    out = tmp_path / "bench.json"
-    methods = ["prolong", "trl-padding-free"]
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--cpu", "--lengths", "256",
-         "--warmup", "0", "--steps", "2", "--repeats", "2", "--methods", *methods, "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
+def test_gpu_check_script_parses_and_its_cpu_dry_run_runs_every_step(tmp_path):
+    """benchmarks/gpu_check.sh end to end on the tiny shape: the GPU tests (skipped on CPU), the
+    interleaved ours-vs-TRL benchmark and the three max_context checks, each JSON with its device."""
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    completed = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "RESULTS_DIR": str(tmp_path), "PYTHON": sys.executable})
     assert completed.returncode == 0, completed.stderr[-3000:]
-    order = [line.split(": ")[1] for line in completed.stderr.splitlines() if line.startswith("repeat ")]
+    for name in ("test_gpu", "bench_1b", "max_context_1b_512k", "max_context_8b_128", "max_context_8b_256"):
+        assert f"OK {name}" in completed.stderr
+    assert "torch" in next(tmp_path.glob("dry-device-*.txt")).read_text()
+    checks = sorted(tmp_path.glob("dry-*check*.json"))
+    assert len(checks) == 3
+    for path in checks:
+        check = json.loads(path.read_text())
+        assert check["meta"]["device"].startswith("CPU") and check["results"][0]["longest"] > 0, path.name
+
+    report = json.loads(next(tmp_path.glob("dry-1b-bench-*.json")).read_text())
+    methods = ["prolong", "trl-padding-free"]
+    assert report["meta"]["order"] == "interleaved: prolong trl-padding-free per repeat"
+    log = next(tmp_path.glob("dry-check-*.log")).read_text()
+    order = [line.split(": ")[1] for line in log.splitlines() if line.startswith("repeat ")]
     assert order == methods * 2  # A B A B, not A A B B
-    report = json.loads(out.read_text())
-    rows = {r["method"]: r for r in report["results"]}
-    assert set(rows) == set(methods)
-    for method, row in rows.items():
-        assert row["status"] == "ok", row
-        assert row["length"] == 256 and row["tokens"] == 2 * 256  # two timed rows of 256 real tokens
+    rows = {(r["method"], r["length"]): r for r in report["results"]}
+    assert set(rows) == {(m, n) for m in methods for n in (128, 256)}
+    for (method, length), row in rows.items():
+        assert row["status"] == "ok" and row["tokens"] == length, row  # one timed row of `length` real tokens
         assert row["repeats"] == 2 and len(row["tokens_per_s_runs"]) == 2
         assert row["tokens_per_s"] == pytest.approx(sum(row["tokens_per_s_runs"]) / 2)  # median of two
         assert row["tflops_per_s"] > 0 and row["peak_memory_gib"] > 0
-        assert f"| 256 | {method} | sdpa |" in completed.stdout
     meta = report["meta"]
+    assert meta["activation_checkpointing"] and meta["prolong_loss_kernel"] == "chunked"  # CPU: chunked fp32 loss
     assert meta["device"].startswith("CPU") and meta["versions"]["transformers"] and meta["date"]
-    assert meta["repeats"] == 2 and meta["prolong_loss_kernel"] == "chunked"  # CPU: the chunked fp32 loss
-    assert "bench_train.py --cpu" in meta["command"] and "sum(doc_len^2)" in meta["flops_formula"]
+    assert "sum(doc_len^2)" in meta["flops_formula"]
 
 
 @pytest.mark.parametrize(

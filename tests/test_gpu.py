@@ -115,3 +115,46 @@ def test_run_cpt_fast_path_on_gpu_follows_the_cpu_reference_curve(tiny_model_dir
     assert sorted(fast) == sorted(reference) == [1, 2, 3]
     for step, loss in reference.items():
         assert fast[step] == pytest.approx(loss, rel=2e-2), step  # bf16 vs fp32
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "trl"])
+def test_the_loss_forward_never_syncs_with_the_host(kernel):
+    """16 syncs per 64K micro-step before (`.any()` per 4,096-token chunk); the GPU queue must stay full."""
+    from prolong.loss import trl_linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 9000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(500, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 500, (1, 9000), device="cuda")
+    labels[0, :4096] = -100  # a whole chunk without targets: the old code skipped it after a sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if kernel == "chunked":
+            loss = chunked_cross_entropy_sum(hidden, weight, labels, chunk_size=4096)
+        else:
+            loss = trl_linear_cross_entropy_sum(hidden, weight, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    reference = F.cross_entropy((hidden.float() @ weight.float().T)[0], labels[0], ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(loss.float(), reference, rtol=2e-2, atol=1.0)
+
+
+def test_the_installed_varlen_kernel_runs_with_the_shimmed_arguments():
+    """The real CUDA kernel with the arguments prolong.parallel.compat builds for this torch."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from prolong.parallel.compat import varlen_causal_call
+
+    q = torch.randn(20, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(20, 2, 64, device="cuda", dtype=torch.bfloat16)
+    kwargs, repeat_kv = varlen_causal_call(varlen_attn, 64**-0.5, 64, 4, 2)
+    if repeat_kv:
+        k = k.repeat_interleave(2, dim=1)
+    cu = torch.tensor([0, 7, 20], device="cuda", dtype=torch.int32)
+    out = varlen_attn(q, k, k, cu, cu, 13, 13, **kwargs)
+    kv = k if repeat_kv else k.repeat_interleave(2, dim=1)  # the reference has one K/V head per query head
+    for start, end in ((0, 7), (7, 20)):
+        q_doc, kv_doc = (t[start:end].transpose(0, 1)[None] for t in (q, kv))
+        expected = F.scaled_dot_product_attention(q_doc, kv_doc, kv_doc, is_causal=True)[0].transpose(0, 1)
+        torch.testing.assert_close(out[start:end].float(), expected.float(), atol=2e-2, rtol=2e-2)

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def _check_model_path(path: str, field: str = "model_name_or_path") -> None:
-    require_path_or_hub_id(path, field, hint="Fix the path, or run `make demo-model` for the tiny demo model."
+    require_path_or_hub_id(path, field, hint="Fix the path (the demo's models: `make demo`)."
                            if field != "init_from" else "init_from is the output_dir of the previous stage.")
 
 

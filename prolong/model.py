@@ -118,9 +118,22 @@ def load_model(cfg: ModelConfig, max_length: int | None = None, path: str | None
 
 def check_model_paths(cfg: ModelConfig, init_from: str | None = None) -> None:
     """Refuse at once (before any data or weights are read) a model, tokenizer or init_from path
-    that does not exist."""
+    that does not exist, or a local model directory that holds no saved model."""
     _check_model_path(cfg.model_name_or_path)
     if cfg.tokenizer_name_or_path:
         _check_model_path(cfg.tokenizer_name_or_path, "tokenizer_name_or_path")
     if init_from:
         _check_model_path(init_from, "init_from")
+    models = [("init_from", init_from)] if init_from else []
+    if not cfg.gguf_file:
+        models.append(("model_name_or_path", cfg.model_name_or_path))
+    for field, path in models:
+        saved = any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "adapter_config.json"))
+        if os.path.isdir(path) and not saved:
+            checkpoints = sorted(name for name in os.listdir(path) if name.startswith("checkpoint-"))
+            raise RecipeError(
+                f"{field}: {path} holds no saved model (no config.json)"
+                + (f"; it has {checkpoints[-1]}: the run there did not finish. Resume it, or point {field} at "
+                   f"{os.path.join(path, checkpoints[-1])}." if checkpoints else
+                   "; give the directory a model was saved to (save_pretrained, or a run's output_dir).")
+            )

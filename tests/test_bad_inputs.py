@@ -84,6 +84,8 @@ CPT_CASES = [
     ("cpt-rope-scaling-not-json", cpt(rope_scaling="yarn factor 8"), "rope_scaling"),
     ("cpt-init-from-missing", cpt(init_from="{tmp}/no-stage1"), "init_from: not found"),
     ("cpt-output-dir-is-a-file", cpt(output_dir="{file}"), "output_dir"),
+    ("cpt-init-from-unfinished-run", cpt(init_from="{tmp}/cwd/unfinished"), "did not finish"),
+    ("cpt-model-dir-without-model", cpt(model_name_or_path="{tmp}/cwd/demo_data"), "holds no saved model"),
     ("cpt-model-typo-local", cpt(model_name_or_path="demo_data/base-modle"), "not found: demo_data/base-modle"),
     ("cpt-model-outputs-before-demo", cpt(model_name_or_path="outputs/tiny-cpt"), "not found: outputs/tiny-cpt"),
     ("cpt-model-dot-path", cpt(model_name_or_path="./nope"), "not found: ./nope"),
@@ -230,6 +232,7 @@ def places(tmp_path_factory, tiny_model_dir, packed_mixture) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("bad-inputs")
     cwd = tmp / "cwd"
     (cwd / "demo_data").mkdir(parents=True)
+    (cwd / "unfinished" / "checkpoint-10").mkdir(parents=True)  # a stage stopped before its final save
     shutil.copytree(tiny_model_dir, cwd / "demo_data" / "base-model")
     (tmp / "a-file").write_text("not a directory\n")
     with open(tmp / "chat.jsonl", "w") as f:

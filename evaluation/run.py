@@ -16,7 +16,8 @@ from .runner import evaluate
 
 
 def parse_args(argv=None) -> tuple[str | None, dict]:
-    parser = argparse.ArgumentParser(prog="evaluation.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(prog="evaluation.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)  # --max_sample must not pass for --max_samples
     parser.add_argument("--config", help="YAML file with config keys")
     parser.add_argument("--update-card", "--update_card", dest="update_card", metavar="MODEL_DIR",

@@ -288,3 +288,16 @@ def test_preempted_sft_resumes_with_its_curve_and_refuses_another_global_batch_s
         sft_main(_run_args(tiny_model_dir, data, out, *steps, "--global_batch_size", "4"))
     sft_main(_run_args(tiny_model_dir, data, out, *steps))
     _assert_same_curve(_losses(out), reference, steps=range(1, 5))
+
+
+def test_balanced_order_resumed_at_any_position_balances_exactly_the_unseen_sequences(packed_mixture):
+    """balance_attention_cost reorders each step's sequences; resumed at sequence 6 with steps of
+    4, the first two steps hold exactly sequences 6-13 of the stream (in balanced order)."""
+    from prolong.data.mixture import BalancedOrder
+
+    stream = MixtureDataset(packed_mixture, 128, num_sequences=40, seed=42)
+    balanced = BalancedOrder(MixtureDataset(packed_mixture, 128, num_sequences=40, seed=42), 2, 1, 2)
+    balanced.start_at(6)
+    for step in range(2):
+        seen = sorted(tuple(balanced[step * 4 + i]["input_ids"]) for i in range(4))
+        assert seen == sorted(tuple(stream[6 + step * 4 + i]["input_ids"]) for i in range(4)), step

@@ -293,12 +293,13 @@ def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuil
     samples = task.load(task, request)
 
     done = _read_done(jsonl) if cfg["resume"] else {}
-    prompts = []
-    for sample in samples:
-        input_ids, cut = builder.truncated_ids(task, sample, use_chat, request.input_budget, mode=request.mode)
-        prompts.append((input_ids, cut))
+
+    def prompt_ids(sample):
+        return builder.truncated_ids(task, sample, use_chat, request.input_budget, mode=request.mode)
+
+    for sample in samples:  # kept outputs must come from the prompt this run builds (ids not kept: 100 x 128K)
         old = done.get(sample["id"])
-        if old is not None and old.get("prompt_sha256") != identity.ids_hash(input_ids):
+        if old is not None and old.get("prompt_sha256") != identity.ids_hash(prompt_ids(sample)[0]):
             raise EvaluationError(f"{jsonl}: sample {sample['id']} was made from another prompt than this run builds "
                                   "(data, tokenizer or prompt settings changed). Use another output_dir or resume=false.")
     identity.write_json_atomic(meta, {"identity": this_identity, "summary": None})  # claims the file
@@ -308,16 +309,18 @@ def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuil
                 _rescore(task, done[sample["id"]], sample, scorers)
     _rewrite(jsonl, done)  # also drops a torn last line, and starts the file afresh without resume
 
-    todo = [(s, p) for s, p in zip(samples, prompts) if s["id"] not in done]
+    todo = [s for s in samples if s["id"] not in done]
     tokens, seconds = 0, 0.0
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"{task.name} @ {length}", unit="sample",
                disable=not cfg.get("progress", True), dynamic_ncols=True)
     with open(jsonl, "a", encoding="utf-8") as out, bar:
-        for sample, (input_ids, cut) in todo:
+        for sample in todo:
+            input_ids, cut = prompt_ids(sample)
             start = time.time()
             output = generator.generate(input_ids, gen_len, stop_newline)
             elapsed = time.time() - start
-            scored = task.score_output(output, sample, use_chat, request.mode) if hasattr(task, "score_output") else task.score(output, sample)
+            scored = (task.score_output(output, sample, use_chat, request.mode) if hasattr(task, "score_output")
+                      else task.score(output, sample))
             metrics = {**scored, **_model_scores(task, output, sample, scorers)}
             record = {"id": sample["id"], "task": task.name, "length": length, "input_tokens": len(input_ids),
                       "truncated_tokens": cut, "depth": sample.get("depth"), "output": output,

@@ -174,3 +174,15 @@ def test_callback_scores_reach_tensorboard_through_trainer_log(tokenizer, tmp_pa
     assert tags, events.Tags()["scalars"]
     assert [e.step for e in events.Scalars(tags[0])] == [1]
     assert any("eval_recall/json_kv_256" in entry for entry in trainer.state.log_history)
+
+
+def test_an_in_memory_model_is_known_by_its_weights(tokenizer, tmp_path):
+    import torch
+    model = make_model(len(tokenizer))
+    kwargs = dict(tokenizer=tokenizer, output_dir=str(tmp_path), **FAST)
+    evaluate(model, **kwargs)
+    evaluate(model, **kwargs)  # the same weights resume
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.add_(0.01)  # one more "training step"
+    with pytest.raises(EvaluationError, match="model_fingerprint"):
+        evaluate(model, **kwargs)

@@ -199,7 +199,7 @@ def _liger_stand_in(calls):
     return apply_liger_kernel
 
 
-def test_the_mlps_are_tiled_after_the_trainers_liger_kernels(monkeypatch, tmp_path):
+def test_the_mlps_are_tiled_after_the_trainers_liger_kernels(monkeypatch, tmp_path, caplog):
     """transformers 5.24 applies Liger inside train(), after the Trainer's __init__: tiling in
     __init__ had Liger's forward replace the tiled one (the tiles silently off)."""
     import transformers.trainer
@@ -214,7 +214,9 @@ def test_the_mlps_are_tiled_after_the_trainers_liger_kernels(monkeypatch, tmp_pa
     args = CPTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", save_strategy="no", use_cpu=True,
                      check_document_masking=False, tiled_mlp_tokens=16, warmup_steps=0)
     rows = [{"input_ids": list(range(3, 67)), "indices": [[0, 30], [30, 64]]}]
-    trainer = CPTTrainer(model=model, args=args, train_dataset=rows, data_collator=PackedCollator())
+    with caplog.at_level("INFO", logger="prolong.trainer"):
+        trainer = CPTTrainer(model=model, args=args, train_dataset=rows, data_collator=PackedCollator())
+    assert "Loss: chunked fp32 cross-entropy" in caplog.text  # the log says which loss runs (CPU: chunked)
     trainer.args.use_liger_kernel = True  # the config turns it off without CUDA; the stand-in runs on CPU
     trainer.train()
     assert all(layer.mlp.tiled_mlp_tokens == 16 for layer in model.model.layers)

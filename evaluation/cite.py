@@ -184,7 +184,12 @@ class T5NLI:
     """HELMET's _run_nli_autoais: greedy generate on "premise: P hypothesis: H"; "1" means entailed."""
 
     def __init__(self, path: str):
+        import os
+
         import torch
+        if (os.path.isabs(path) or path.startswith(".")) and not os.path.exists(path):
+            raise ValueError(f"nli_model: not found: {path}. Pass a folder or Hub id of an NLI model such as "
+                             "google/t5_xxl_true_nli_mixture (HELMET's)")
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
         cuda = torch.cuda.is_available()
         try:

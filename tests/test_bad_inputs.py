@@ -210,6 +210,9 @@ EVAL_CASES: list[tuple[str, list[str], str]] = [  # evaluation.run (engineer EB)
     ("eval-data-missing", ["evaluation.run", "--model", "{model}", "--tasks", "json_kv,kilt_nq,icl_banking77",
                            "--lengths", "1k", "--data_dir", "{tmp}/no-data", "--output_dir", "{tmp}/eval-out"],
      "data missing for 2 task(s); nothing was run"),
+    ("eval-nli-model-not-found", ["evaluation.run", "--model", "{model}", "--tasks", "alce_asqa", "--lengths", "1k",
+                                  "--data_dir", "{repo}/tests/fixtures/alce", "--nli_model", "{tmp}/no-nli",
+                                  "--output_dir", "{tmp}/eval-out"], "nli_model: not found: {tmp}/no-nli"),
     ("eval-update-card-missing", ["evaluation.run", "--model", "{model}", "--update-card", "{tmp}/nope"],
      "not found: {tmp}/nope/README.md"),
 ]

@@ -145,6 +145,10 @@ def apply_machine_defaults(args) -> None:
     cuda = torch.cuda.is_available()
     if args.bf16 is None:
         args.bf16 = cuda
+    elif args.bf16 and not cuda:
+        # a GPU recipe run on CPU: transformers would refuse it ("doesn't support bf16/gpu")
+        logger.warning("bf16 needs CUDA: turned off on this machine (the model trains in the dtype it is loaded in).")
+        args.bf16 = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cuda:
         # without this, TrainingArguments runs each torchrun process alone on CPU (no gloo group)
         args.use_cpu = True

@@ -48,6 +48,31 @@ def build_train_dataset(data: DataConfig, args: CPTConfig):
     return dataset
 
 
+def log_mixture_summary(mixture: MixtureDataset, shares: dict) -> None:
+    """One block at start: what each domain holds and how often the run will see it."""
+    lines = [f"Data mixture: {mixture.num_sequences} sequences of <= {mixture.max_length} tokens"]
+    for path, items, count in zip(mixture.paths, mixture.num_items, mixture.block_counts):
+        drawn = mixture.num_sequences * int(count) / mixture.block_size
+        lines.append(f"  {shares[path]:>6.1%} of tokens  {path}: {items} sequences, ~{drawn:.0f} drawn "
+                     f"({drawn / items:.2f} epochs)")
+    logger.info("\n".join(lines))
+
+
+def log_probe_passed(model, args) -> None:
+    """guard_document_masking raises when documents see each other; reaching here means it passed."""
+    if args.check_document_masking and args.process_index == 0:
+        logger.info("Document-masking probe passed with attn_implementation=%s: packed documents do not see "
+                    "each other.", model.config._attn_implementation)
+
+
+def quiet_config_dumps() -> None:
+    """transformers logs the whole config at INFO on every load (model, generation config, tokenizer):
+    keep its warnings, drop the dumps, so the run's own log stays readable."""
+    for name in ("transformers.configuration_utils", "transformers.generation.configuration_utils",
+                 "transformers.modeling_utils", "transformers.tokenization_utils_base"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def check_packed_lengths(mixture: MixtureDataset, data: DataConfig) -> int:
     """Compare ``max_length`` with the length each domain was packed at; return the length trained.
 
@@ -89,6 +114,7 @@ def check_packed_lengths(mixture: MixtureDataset, data: DataConfig) -> int:
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     model_cfg, data_cfg, args, recipe = parse_recipe((ModelConfig, DataConfig, CPTConfig), argv, return_recipe=True)
     setup_logging(args)
+    quiet_config_dumps()
     resolve_gradient_accumulation(data_cfg, args)
     resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
     set_seed(args.seed)
@@ -96,11 +122,13 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     check_model_paths(model_cfg, args.init_from)
     train_dataset = build_train_dataset(data_cfg, args)  # before the model: bad data fails at once
     trained_length = check_packed_lengths(getattr(train_dataset, "dataset", train_dataset), data_cfg)
+    log_mixture_summary(getattr(train_dataset, "dataset", train_dataset), data_cfg.dataset_mixture)
 
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, trained_length, path=args.init_from)
     collator, layout = PackedCollator(), None
     guard_document_masking(model, args, collator, train_dataset)  # the collator the trainer gets (SP only splits its row)
+    log_probe_passed(model, args)
     if args.sequence_parallel_size > 1:  # after the probe, which runs a whole row without SP
         layout = init_parallel_layout(args.sequence_parallel_size)
         enable_sequence_parallel(model, layout.sp_group)

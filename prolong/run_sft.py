@@ -24,6 +24,7 @@ from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe, resolve_g
 from prolong.model import check_model_paths, load_model, load_tokenizer
 from prolong.outputs import close_process_group, exit_without_teardown, save_final_model, setup_logging
 from prolong.checkpoints import resolve_resume
+from prolong.run_cpt import log_probe_passed, quiet_config_dumps
 from prolong.trainer import SFTTrainer
 from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, longest_row, lora_config,
                          prepare_sft_dataset, use_prepacked_rows)
@@ -34,6 +35,7 @@ logger = logging.getLogger("prolong.run_sft")
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     model_cfg, args, recipe = parse_recipe((ModelConfig, SFTRecipeConfig), argv, return_recipe=True)
     setup_logging(args)
+    quiet_config_dumps()
     args.trust_remote_code = model_cfg.trust_remote_code
     resolve_gradient_accumulation(args, args)  # SFTRecipeConfig carries global_batch_size itself
     resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     # on TRL's own collator and its packed rows, as training will see them
     guard_document_masking(trainer.model, args, trainer.data_collator, trainer.train_dataset,
                            packed=bool(args.packing))
+    log_probe_passed(trainer.model, args)
     trained_length = longest_row(trainer.train_dataset)  # bins or pre-packed rows may stay below max_length
     logger.info("Training sequence length: %d tokens (longest packed row; max_length=%s)", trained_length, max_length)
     # the card of every push to the Hub and of the final model

@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_ARGS ?=
 DEMO := demo_data
 
-.PHONY: setup demo demo-model demo-data test bench clean
+.PHONY: setup demo demo-model demo-data demo-base demo-micro ablations test bench clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): requirements.txt setup.cfg
 	touch $(STAMP)
 
 $(DEMO)/base-model/config.json: $(STAMP)
-	$(PY) -m prolong.demo model --out $(DEMO)/base-model
+	$(PY) -m prolong.demo model --out $(DEMO)/base-model --overwrite
 
 $(DEMO)/packed/short/prolong_data.json: $(DEMO)/base-model/config.json
 	$(PY) -m prolong.data demo --tokenizer $(DEMO)/base-model --out $(DEMO)/packed --length 1024 --overwrite
@@ -39,6 +39,31 @@ demo-data: $(DEMO)/packed/short/prolong_data.json $(DEMO)/chatterbot/state.json
 demo: demo-data
 	$(PY) prolong/run_cpt.py recipes/tiny/cpt.yaml
 	$(PY) prolong/run_sft.py recipes/tiny/sft.yaml
+
+# Micro-ProLong (issue 12, in progress): a 1M-parameter base trained by `make demo-base` (recall inside
+# its 256-token window) -> CPT at 1K (theta raised, 60/40 long/short, document masking) -> SFT ->
+# before/after table (recall from the evaluation package, held-out short-text loss) printed and
+# written into outputs/micro-sft's model card with a PNG.
+MICRO := $(DEMO)/micro
+BASE := recipes/tiny/base-model
+
+$(BASE)/SHA256SUMS: $(STAMP)
+	$(PY) -m prolong.demo train-base --out $(BASE)
+
+demo-base: $(BASE)/SHA256SUMS
+
+$(MICRO)/recall-long-1024/prolong_data.json: $(BASE)/SHA256SUMS
+	$(PY) -m prolong.demo data --tokenizer $(BASE) --out $(MICRO) --overwrite
+
+demo-micro: $(MICRO)/recall-long-1024/prolong_data.json $(DEMO)/chatterbot/state.json
+	$(PY) prolong/run_cpt.py recipes/tiny/micro-cpt.yaml --overwrite_output_dir true
+	$(PY) prolong/run_sft.py recipes/tiny/micro-sft.yaml --overwrite_output_dir true
+	$(PY) -m prolong.demo report --data $(MICRO) --out outputs/micro-prolong \
+		--stage base=$(BASE) --stage cpt=outputs/micro-cpt --stage sft=outputs/micro-sft --card outputs/micro-sft
+
+# ProLong's ablations in miniature (RoPE base, document masking, long/short mix): table + PNG.
+ablations: $(MICRO)/recall-long-1024/prolong_data.json $(DEMO)/chatterbot/state.json
+	$(PY) benchmarks/ablations.py --data $(MICRO) --out benchmarks/results/ablations
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -199,3 +199,45 @@ def build_demo_corpus(tokenizer, out_dir: str | os.PathLike, *, length: int = 10
                      overwrite=overwrite, tokenizer_name=tokenizer_name(tokenizer))
         outputs[domain] = out_dir / domain
     return outputs
+
+
+# ------------------------------------------------------------------------------------------------
+# Micro-ProLong (`make demo`): lookup documents in the evaluation task's own format, and man pages
+# split into training and held-out documents.
+
+RECALL_TASK = "ruler_mk_needle"  # evaluation/tasks.py: word keys, 7-digit values, many distractor needles
+
+
+def short_texts(split: str, max_bytes: int) -> list[str]:
+    """Man pages (standard-library docstrings without them): every 10th page is held out ("heldout"),
+    the others are "train", so short-text loss is measured on documents never trained on."""
+    pages = man_pages() if any(MAN_ROOT.glob("man[1-8]/*")) else stdlib_docstrings()
+    keep = (lambda i: i % 10 == 0) if split == "heldout" else (lambda i: i % 10 != 0)
+    return _capped((text for i, text in enumerate(pages) if keep(i)), max_bytes)
+
+
+def recall_documents(tokenizer, count: int, min_tokens: int, max_tokens: int, seed: str) -> list[str]:
+    """`count` documents laid out exactly like the evaluation's RULER multi-key needle prompt (no chat
+    template) followed by the answer, each sized to a random token count in [min_tokens, max_tokens]
+    with the needle at a random depth. The item streams are seeded by `seed` and the document index,
+    never by the evaluation's (task, length, index, seed), so training and test samples differ."""
+    import random
+
+    from evaluation.generation import PromptBuilder
+    from evaluation.synthetic import BUILDERS, fit_items_to_length, stable_seed
+    from evaluation.tasks import get_task
+
+    task = get_task(RECALL_TASK)
+    build = BUILDERS[task.extra["builder"]]
+    builder = PromptBuilder(tokenizer)
+    rng = random.Random(stable_seed("micro-prolong", seed))
+    answer_tokens = 12  # " 1234567." plus EOS, with room to spare
+    documents = []
+    for index in range(count):
+        target = rng.randint(min_tokens, max_tokens) - answer_tokens
+        depth = rng.random()
+        sample_seed = stable_seed("micro-prolong", seed, index)
+        _, fields = fit_items_to_length(lambda n: build(sample_seed, n, depth), builder.count(task, False), target)
+        prompt, _ = builder.text(task, fields, use_chat_template=False)
+        documents.append(f"{prompt} {fields['answer'][0]}.")
+    return documents

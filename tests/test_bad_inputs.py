@@ -218,7 +218,21 @@ EVAL_CASES: list[tuple[str, list[str], str]] = [  # evaluation.run (engineer EB)
 ]
 DEMO_CASES: list[tuple[str, list[str], str]] = []  # prolong.demo (engineer M)
 
-ALL_CASES = CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES
+# resume_from_checkpoint / overwrite_output_dir (engineer R); {tmp}/cwd/unfinished holds an
+# incomplete checkpoint-10 (a save that never finished: no checkpoint_complete.json)
+RESUME_CASES: list[tuple[str, list[str], str]] = [
+    ("cpt-output-dir-with-checkpoints-no-resume", cpt(output_dir="{tmp}/cwd/unfinished", resume_from_checkpoint="none"),
+     "already holds checkpoint-10"),
+    ("cpt-resume-incomplete-checkpoint", cpt(resume_from_checkpoint="{tmp}/cwd/unfinished/checkpoint-10"),
+     "not a complete checkpoint: no checkpoint_complete.json"),
+    ("cpt-resume-not-found", cpt(resume_from_checkpoint="{tmp}/no-checkpoint"), "resume_from_checkpoint: not found"),
+    ("cpt-overwrite-and-resume-path", cpt(overwrite_output_dir="true", resume_from_checkpoint="{tmp}/cwd/unfinished/checkpoint-10"),
+     "overwrite_output_dir: true starts over"),
+    ("sft-output-dir-with-checkpoints-no-resume", sft(output_dir="{tmp}/cwd/unfinished", resume_from_checkpoint="false"),
+     "already holds checkpoint-10"),
+]
+
+ALL_CASES = CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES + RESUME_CASES
 
 
 def _fill(argv: list[str], places: dict[str, str]) -> list[str]:

@@ -52,6 +52,7 @@ def make_demo_model(out_dir: str, hidden_size: int = 128, layers: int = 4, windo
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    _refuse_non_empty(out_dir, overwrite)  # before the tokenizer's GGUF read
     tokenizer = load_smollm2_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -245,8 +246,8 @@ def verify_checksums(directory: str) -> None:
                             "`git checkout` or regenerate it with `python -m prolong.demo train-base`.")
 
 
-def short_text_loss(model_dir: str, packed_dir: str, max_rows: int = 64) -> float:
-    """Mean token cross-entropy of a model on packed held-out short documents (document-masked rows,
+def packed_loss(model_dir: str, packed_dir: str, max_rows: int = 64) -> float:
+    """Mean token cross-entropy of a model on packed documents, e.g. held-out short ones (document-masked rows,
     the first token of each document not scored, as in training)."""
     import datasets as hf_datasets
     import torch
@@ -290,7 +291,7 @@ def micro_report(models: dict[str, str], data_dir: str, out_dir: str, *, window:
     rows = []
     for stage, path in models.items():
         recall = recall_scores(path, str(Path(out_dir) / "eval" / stage), window, factor, samples)
-        loss = short_text_loss(path, str(Path(data_dir) / f"heldout-short-{window}"))
+        loss = packed_loss(path, str(Path(data_dir) / f"heldout-short-{window}"))
         rows.append({"stage": stage, "model": path, f"recall@{window}": recall[window],
                      f"recall@{window * factor}": recall[window * factor], "short_loss": loss})
     base_loss = rows[0]["short_loss"]

@@ -216,7 +216,14 @@ EVAL_CASES: list[tuple[str, list[str], str]] = [  # evaluation.run (engineer EB)
     ("eval-update-card-missing", ["evaluation.run", "--model", "{model}", "--update-card", "{tmp}/nope"],
      "not found: {tmp}/nope/README.md"),
 ]
-DEMO_CASES: list[tuple[str, list[str], str]] = []  # prolong.demo (engineer M)
+DEMO_CASES: list[tuple[str, list[str], str]] = [  # prolong.demo (engineer M)
+    ("demo-export-out-not-empty", ["prolong.demo", "export-smollm2", "--out", "{tmp}/cwd"],
+     "is not empty; pass --overwrite"),
+    ("demo-export-out-is-a-file", ["prolong.demo", "export-smollm2", "--out", "{file}"], "is a file, not a directory"),
+    ("demo-model-out-not-empty", ["prolong.demo", "model", "--out", "{tmp}/cwd"], "is not empty; pass --overwrite"),
+    ("demo-report-stage-without-model", ["prolong.demo", "report", "--stage", "base={tmp}", "--data", "{tmp}",
+                                         "--out", "{tmp}/report"], "expected NAME=MODEL_DIR"),
+]
 
 # resume_from_checkpoint / overwrite_output_dir (engineer R); {tmp}/cwd/unfinished holds an
 # incomplete checkpoint-10 (a save that never finished: no checkpoint_complete.json)

@@ -4,9 +4,34 @@ import math
 import re
 import string
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 
 _PUNCTUATION = set(string.punctuation)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a per-sample metric is reported: a `fraction` (0-1, the default) is shown x100, `points`
+    (already 0-100) and a `count` as they are."""
+    name: str
+    scale: str = "fraction"
+
+    @property
+    def report_factor(self) -> int:
+        return 100 if self.scale == "fraction" else 1
+
+
+# the metrics that are not 0-1 fractions; every other metric a scorer returns is one
+METRICS = {m.name: m for m in [
+    Metric("judge_score", "points"),  # judge.py: fluency x correctness / 3, x100
+    Metric("judge_f1", "points"),     # judge.py: fluency x F1(key-point recall, precision), x100
+    Metric("num_preds", "count"),     # Re-rank's ranked ids, QAMPARI's answers
+]}
+
+
+def metric(name: str) -> Metric:
+    return METRICS.get(name) or Metric(name)
 
 
 def normalize_answer(text: str) -> str:

@@ -3,6 +3,7 @@ import json
 import os
 from collections import defaultdict
 
+from .metrics import metric as metric_info
 from .tasks import CATEGORIES
 
 
@@ -12,16 +13,17 @@ def _mean(values):
 
 
 def summarise(task, records: list) -> dict:
-    """Mean of each numeric metric (x100 for 0-1 metrics) and the task's primary score."""
+    """Mean of each numeric metric on its report scale (x100 for 0-1 metrics, metrics.Metric) and the task's
+    primary score."""
     numeric = defaultdict(list)
     for record in records:
         for name, value in record["metrics"].items():
             if isinstance(value, (int, float, bool)):
                 numeric[name].append(value)
     means = {name: _mean(values) for name, values in numeric.items()}
-    means = {name: (v if name in ("judge_score", "judge_f1", "num_preds") else 100 * v) for name, v in means.items()}
+    means = {name: metric_info(name).report_factor * v for name, v in means.items()}
     metric, note = task.primary_metric, None
-    components = task.extra.get("score_components")
+    components = task.score_components
     if components:  # Cite: HELMET averages correctness, citation recall and citation precision
         if "citation_scored" in means:  # citations were scored; a metric no sample has counts 0, as HELMET
             means[metric] = _mean([means.get(c) or 0 for c in components])
@@ -34,7 +36,7 @@ def summarise(task, records: list) -> dict:
         if record.get("depth") is not None:
             by_depth[round(record["depth"], 4)].append(record["metrics"].get(metric, 0))
     return {"score": means.get(metric), "metric": metric, "note": note, "n": len(records), "metrics": means,
-            "by_depth": {str(d): 100 * _mean(v) for d, v in sorted(by_depth.items())},
+            "by_depth": {str(d): metric_info(metric).report_factor * _mean(v) for d, v in sorted(by_depth.items())},
             "mean_input_tokens": _mean([r["input_tokens"] for r in records]),
             "truncated_samples": sum(1 for r in records if r.get("truncated_tokens"))}
 

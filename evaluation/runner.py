@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import identity, report
 from .config import load_config
 from .generation import HFGenerator, PromptBuilder, VLLMGenerator
-from .cite import CitationScorer
+from .tasks.cite import CitationScorer
 from .judge import Judge
 from .tasks import DataFileMissing, LoadRequest, get_task
 
@@ -371,7 +371,7 @@ def evaluate(model_or_path, tokenizer=None, tasks=None, lengths=None, output_dir
     """Run the evaluation and write predictions, scores.json, report.md and plots into output_dir.
 
     `model_or_path`: a model path (loaded in bf16 on GPU, fp32 on CPU) or an in-memory causal LM
-    (then pass its tokenizer). Any config key (see config.DEFAULTS) can be passed as a keyword."""
+    (then pass its tokenizer). Any config key (see config.EvalSettings) can be passed as a keyword."""
     given = {k: v for k, v in dict(tasks=tasks, lengths=lengths, output_dir=output_dir, **overrides).items() if v is not None}
     cfg = load_config(config, given)
     try:

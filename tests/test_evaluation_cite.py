@@ -8,7 +8,7 @@ import pytest
 from test_evaluation import make_model, make_tokenizer
 
 from evaluation import evaluate
-from evaluation.cite import citation_scores, score_alce
+from evaluation.tasks.cite import citation_scores, score_alce
 from evaluation.tasks import LoadRequest, get_task
 
 # our own small files in the layout of HELMET's prompts/asqa_revised.json and data/alce/*.json

@@ -6,13 +6,14 @@ The server runs on 127.0.0.1 in a thread and answers /chat/completions with repl
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from evaluation import report
 from evaluation.judge import (FLUENCY_PROMPT, FLUENCY_PROMPT_BOOK, PRECISION_PROMPT, RECALL_PROMPT_BOOK, Judge,
                               parse_json)
-from evaluation.tasks import get_task
+from evaluation.tasks import TASKS, get_task
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -188,3 +189,16 @@ def test_loaders_attach_helmet_key_points_and_expert_summary(tmp_path):
     assert lexsum["c2"]["keypoints"] is None  # no key points: the judge skips this sample
     book = get_task("infbench_sum_eng").load(get_task("infbench_sum_eng"), request)
     assert book[0]["keypoints"] == ["p1"] and book[0]["answer"] == ["gold"]
+
+
+def test_judge_prompt_files_are_helmets_text_byte_for_byte():
+    """The prompts live in evaluation/judge_prompts/*.txt; the pinned digests are those of the Python
+    strings they replaced (HELMET's prompts, verbatim), so an edit or a newline change shows here."""
+    import hashlib
+
+    from evaluation.judge import load_prompt
+    pins = json.loads((Path(__file__).parent / "fixtures" / "judge_prompts_sha256.json").read_text())
+    assert {name: hashlib.sha256(load_prompt(name).encode("utf-8")).hexdigest() for name in pins} == pins
+    assert {t.name: t.judge_prompts for t in TASKS.values() if t.judge_prompts} == {
+        "narrativeqa": ("longqa",), "infbench_sum_eng": ("fluency_book", "recall_book", "precision_book"),
+        "multi_lexsum": ("fluency_legal", "recall_legal", "precision_legal")}

@@ -16,35 +16,33 @@ Without one, citations are not scored and the task reports its correctness metri
 import logging
 import re
 
-from . import metrics as M
+import json
+import os
+import random
+from functools import partial
+
+from .. import metrics as M
+from .common import HELMET_DOWNLOAD, DataFileMissing, Task, helmet_shuffle, pick_by_length, read_jsonl
 
 logger = logging.getLogger(__name__)
 
 ALCE_DOCS = {4096: 8, 8192: 30, 16384: 75, 32768: 165, 65536: 345, 131072: 700}  # HELMET's alce_*_N
-ALCE_FILES = {"alce_asqa": ("asqa_eval_gtr_top2000.json", "asqa_revised.json"),
-              "alce_qampari": ("qampari_eval_gtr_top2000.json", "qampari_revised.json")}
 CITE_USER = "{demo_text}{instruction}\n\nQuestion: {question}\n\n{context}"
 AT_MOST_CITATIONS = 3  # eval_alce.py's default --at_most_citations
 HELMET_REPO = "https://github.com/princeton-nlp/HELMET"
 
 
 def _how_to_get(folder: str, prompt_file: str) -> str:
-    from .tasks import HELMET_DOWNLOAD
     return (f"{HELMET_DOWNLOAD} (the ALCE files are in its alce/ folder); the prompt file {prompt_file} is "
             f"{HELMET_REPO}/blob/main/prompts/{prompt_file}: copy it into {folder}")
 
 
-def load_alce(task, req) -> list:
+def load_alce(task, req, *, test_file: str, prompt_file: str, answer_list: bool = False) -> list:
     """HELMET data.py load_alce + load_data: every row's demonstrations drawn in file order from one
     RNG seeded with the run's seed (HELMET: `random.seed(seed)`, then `random.sample` per row), the
     first `num_docs` retrieved documents as the context, then a seeded shuffle and the first
-    max_samples rows."""
-    import json
-    import os
-    import random
-
-    from .tasks import DataFileMissing, helmet_shuffle, pick_by_length, read_jsonl
-    test_name, prompt_name = ALCE_FILES[task.name]
+    max_samples rows. `answer_list`: the gold is a list of answers (QAMPARI), not sub-questions (ASQA)."""
+    test_name, prompt_name = test_file, prompt_file
     folder = os.path.join(req.data_dir, "alce")
     prompt_path = os.path.join(folder, prompt_name)
     if not os.path.exists(prompt_path):
@@ -70,7 +68,7 @@ def load_alce(task, req) -> list:
         cited_docs = row["docs"] if getattr(req, "mode", "helmet") == "helmet" else row["docs"][:num_docs]
         samples.append({"id": str(row.get("sample_id", row.get("id", index))), "question": row["question"],
                         "instruction": instruction, "demo_text": demo_text, "context": documents(row["docs"][:num_docs]),
-                        "answer": row.get("answers") if "qampari" in task.name else row.get("answer"),
+                        "answer": row.get("answers") if answer_list else row.get("answer"),
                         "qa_pairs": row.get("qa_pairs"), "docs": cited_docs})
     return helmet_shuffle(samples, req.seed)[:req.max_samples]
 
@@ -184,8 +182,6 @@ class T5NLI:
     """HELMET's _run_nli_autoais: greedy generate on "premise: P hypothesis: H"; "1" means entailed."""
 
     def __init__(self, path: str):
-        import os
-
         import torch
         if (os.path.isabs(path) or path.startswith(".")) and not os.path.exists(path):
             raise ValueError(f"nli_model: not found: {path}. Pass a folder or Hub id of an NLI model such as "
@@ -226,15 +222,21 @@ class CitationScorer:
         return cls(T5NLI(spec) if isinstance(spec, str) else spec)
 
     def score(self, task, output: str, sample: dict) -> dict:
-        scores = citation_scores(output, sample, self.nli.entails, qampari="qampari" in task.name)
+        scores = citation_scores(output, sample, self.nli.entails, qampari=task.extra.get("answer_list", False))
         return {**scores, "citation": "ok" if scores else "no sentence in the output", "citation_scored": 1,
                 "nli_model": self.name}
 
 
-def tasks(make_task) -> list:
-    """The Cite tasks, built with tasks.py's task factory (HELMET: chat template on, no newline stop,
-    2 shots, 300 new tokens, 100 samples)."""
-    return [make_task(name, "cite", CITE_USER, "Answer:", 300, True, False, 2, "cite_score", load_alce, score_alce,
-                      separator="\n\n", fallback_metric=fallback,
-                      extra={"score_components": [fallback, "citation_rec", "citation_prec"]})
-            for name, fallback in (("alce_asqa", "str_em"), ("alce_qampari", "qampari_rec_top5"))]
+_CITE = dict(category="cite", user_template=CITE_USER, system_template="Answer:", generation_max_length=300,
+             use_chat_template=True, stop_newline=False, shots=2, primary_metric="cite_score", score=score_alce,
+             separator="\n\n")
+
+# HELMET: chat template on, no newline stop, 2 shots, 300 new tokens, 100 samples
+TASKS = [
+    Task(name="alce_asqa", load=partial(load_alce, test_file="asqa_eval_gtr_top2000.json", prompt_file="asqa_revised.json"),
+         fallback_metric="str_em", score_components=("str_em", "citation_rec", "citation_prec"), **_CITE),
+    Task(name="alce_qampari", load=partial(load_alce, test_file="qampari_eval_gtr_top2000.json",
+                                           prompt_file="qampari_revised.json", answer_list=True),
+         fallback_metric="qampari_rec_top5", score_components=("qampari_rec_top5", "citation_rec", "citation_prec"),
+         extra={"answer_list": True}, **_CITE),
+]

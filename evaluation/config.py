@@ -3,46 +3,70 @@
 A key set to null means "the task's own (HELMET) default" for per-task settings such as
 `use_chat_template`, `stop_newline`, `shots`, `max_samples` and `generation_max_length`.
 """
+from dataclasses import asdict, dataclass, field, fields
+
 import yaml
 
 MODES = ("helmet", "fixed")
 
-DEFAULTS = {
-    # helmet: reproduce HELMET's prompts, filters and scoring exactly (its known bugs included where
-    # they change scores) so numbers sit next to published tables; fixed: our documented fixes.
-    # Every difference is listed in docs/evaluation.md.
-    "mode": "helmet",
-    "tasks": ["json_kv", "ruler_mk_needle", "ruler_mk_uuid", "ruler_mv"],
-    "lengths": [8192, 16384, 32768, 65536, 131072],  # total budget: input + generation, as HELMET
-    "model": None,
-    "tokenizer": None,
-    "output_dir": "eval_results",
-    "data_dir": "data",               # HELMET's extracted data/ folder (plus icl/, narrativeqa/, ...)
-    "max_samples": None,              # per task and length; null = HELMET's 100 (ICL 500)
-    "seed": 42,
-    # tokenizer measuring LongQA/Summ documents for HELMET's length filters and context cut; null =
-    # the model's. HELMET uses meta-llama/Llama-2-7b-hf for every model (set it to match exactly)
-    "length_tokenizer": None,
-    "shots": None,
-    "use_chat_template": None,
-    "stop_newline": None,
-    "generation_max_length": None,
-    "num_depths": 11,                 # needle depths 0%, 10%, ..., 100%, spread evenly over recall samples
-    "backend": "hf",                  # hf | vllm
-    "prefill_chunk_size": 8192,       # longer prompts are prefilled into the KV cache in chunks
-    "attn_implementation": None,
-    "allow_beyond_window": False,     # run lengths above max_position_embeddings (e.g. RoPE-scaled)
-    "resume": True,                   # skip samples already in the per-sample jsonl (same model and settings only)
-    "plots": True,
-    "progress": True,                 # a progress bar per task and length (samples, tokens/s, ETA)
-    "save_prompts": False,            # the exact prompt text in each record (else its head, tail and ids hash)
-    "nli_model": None,                # Cite: NLI model for citation recall/precision (HELMET: google/t5_xxl_true_nli_mixture)
-    "judge_base_url": None,           # OpenAI-compatible judge for NarrativeQA and summarisation (else "skipped")
-    "judge_model": None,
-    "judge_api_key_env": "OPENAI_API_KEY",
-}
 
-LIST_KEYS = {"tasks", "lengths"}
+def _setting(default, doc: str, *, default_factory=None, as_text: bool = False, comma_list: bool = False):
+    """One run setting: its help text (argparse's --help), and how a `--key VALUE` string is read:
+    `as_text` keeps it a string (paths, names), else it is a YAML scalar ("true", "3", "null");
+    `comma_list` also splits a string into a list (YAML lists stay lists)."""
+    metadata = {"help": doc, "as_text": as_text or comma_list, "comma_list": comma_list}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class EvalSettings:
+    """Every run setting: the YAML keys, the `evaluate(...)` keywords and `evaluation.run`'s --flags."""
+    mode: str = _setting(
+        "helmet", "helmet: reproduce HELMET's prompts, filters and scoring exactly (its known bugs included where "
+        "they change scores) so numbers sit next to published tables; fixed: our documented fixes "
+        "(every difference is listed in docs/evaluation.md)")
+    tasks: list = _setting(None, "task names, comma-separated",
+                           default_factory=lambda: ["json_kv", "ruler_mk_needle", "ruler_mk_uuid", "ruler_mv"],
+                           comma_list=True)
+    lengths: list = _setting(None, "total budgets (input + generation, as HELMET), e.g. 8k,16k (k = 1024)",
+                             default_factory=lambda: [8192, 16384, 32768, 65536, 131072], comma_list=True)
+    model: str | None = _setting(None, "model folder or Hub id", as_text=True)
+    tokenizer: str | None = _setting(None, "tokenizer folder or Hub id (default: the model's)", as_text=True)
+    output_dir: str = _setting("eval_results", "where the per-sample records, report.md and scores.json go",
+                               as_text=True)
+    data_dir: str = _setting("data", "HELMET's extracted data/ folder (plus icl/, narrativeqa/, ...)", as_text=True)
+    max_samples: int | None = _setting(None, "per task and length; null = HELMET's 100 (ICL 500)")
+    seed: int = _setting(42, "seed of sampling and demonstrations")
+    length_tokenizer: str | None = _setting(
+        None, "tokenizer measuring LongQA/Summ documents for HELMET's length filters and context cut; null = the "
+        "model's. HELMET uses meta-llama/Llama-2-7b-hf for every model (set it to match exactly)")
+    shots: int | None = _setting(None, "demonstrations per sample; null = the task's (HELMET) default")
+    use_chat_template: bool | None = _setting(None, "null = the task's (HELMET) default")
+    stop_newline: bool | None = _setting(None, "stop generating at a newline; null = the task's default")
+    generation_max_length: int | None = _setting(None, "new tokens at most; null = the task's (HELMET) default")
+    num_depths: int = _setting(11, "needle depths 0%, 10%, ..., 100%, spread evenly over recall samples")
+    backend: str = _setting("hf", "hf | vllm")
+    prefill_chunk_size: int = _setting(8192, "longer prompts are prefilled into the KV cache in chunks")
+    attn_implementation: str | None = _setting(None, "transformers' attn_implementation (default: the model's)")
+    allow_beyond_window: bool = _setting(False, "run lengths above max_position_embeddings (e.g. RoPE-scaled)")
+    resume: bool = _setting(True, "skip samples already in the per-sample jsonl (same model and settings only)")
+    plots: bool = _setting(True, "write plots/score_vs_length.png and the recall depth heatmap")
+    progress: bool = _setting(True, "a progress bar per task and length (samples, tokens/s, ETA)")
+    save_prompts: bool = _setting(False, "the exact prompt text in each record (else its head, tail and ids hash)")
+    nli_model: str | None = _setting(None, "Cite: NLI model for citation recall/precision (HELMET: "
+                                     "google/t5_xxl_true_nli_mixture)")
+    judge_base_url: str | None = _setting(None, "OpenAI-compatible judge for NarrativeQA and summarisation "
+                                          "(else \"skipped\")")
+    judge_model: str | None = _setting(None, "the judge's model name (default gpt-4o-2024-05-13)")
+    judge_api_key_env: str = _setting("OPENAI_API_KEY", "env var holding the judge's API key")
+
+
+SETTINGS = {f.name: f for f in fields(EvalSettings)}
+DEFAULTS = asdict(EvalSettings())  # a fresh dict (and lists) per import; load_config copies it again
+LIST_KEYS = {name for name, f in SETTINGS.items() if f.metadata["comma_list"]}
+TEXT_KEYS = {name for name, f in SETTINGS.items() if f.metadata["as_text"]}
 
 
 def parse_length(value) -> int:
@@ -80,7 +104,7 @@ def check_keys(keys, where: str):
 
 
 def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
-    cfg = dict(DEFAULTS)
+    cfg = asdict(EvalSettings())
     if path:
         with open(path) as f:
             from_file = yaml.safe_load(f) or {}

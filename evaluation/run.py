@@ -1,6 +1,6 @@
 """python -m evaluation.run --config evaluation/configs/recall.yaml --model PATH [--key value ...]
 
-Every config key (evaluation/config.py DEFAULTS) is accepted as --key VALUE; values are read as
+Every config key (evaluation/config.py EvalSettings) is accepted as --key VALUE; values are read as
 YAML scalars ("true", "3", "null"), lists as comma-separated text (--lengths 8k,16k).
 """
 import argparse
@@ -11,7 +11,7 @@ import yaml
 
 from prolong.errors import cli_errors
 
-from .config import DEFAULTS
+from .config import DEFAULTS, SETTINGS, TEXT_KEYS
 from .runner import evaluate
 
 
@@ -22,8 +22,9 @@ def parse_args(argv=None) -> tuple[str | None, dict]:
     parser.add_argument("--config", help="YAML file with config keys")
     parser.add_argument("--update-card", "--update_card", dest="update_card", metavar="MODEL_DIR",
                         help="put the category scores into MODEL_DIR/README.md (model-index + Evaluation section)")
-    for key in DEFAULTS:
-        parser.add_argument(f"--{key}", dest=key, default=None, help=f"default: {DEFAULTS[key]!r}")
+    for key, setting in SETTINGS.items():
+        parser.add_argument(f"--{key}", dest=key, default=None,
+                            help=f"{setting.metadata['help']} (default: {DEFAULTS[key]!r})".replace("%", "%%"))
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unknown option(s) {' '.join(unknown)}; config keys are: {', '.join(sorted(DEFAULTS))}")
@@ -31,8 +32,7 @@ def parse_args(argv=None) -> tuple[str | None, dict]:
     for key in DEFAULTS:
         value = getattr(args, key)
         if value is not None:
-            overrides[key] = value if key in ("tasks", "lengths", "model", "tokenizer", "output_dir", "data_dir") \
-                else yaml.safe_load(value)
+            overrides[key] = value if key in TEXT_KEYS else yaml.safe_load(value)
     if args.update_card:  # not an evaluation setting: main() takes it out again
         overrides["update_card"] = args.update_card
     return args.config, overrides

@@ -287,3 +287,26 @@ def test_longqa_and_summary_demonstrations_are_deterministic_and_never_the_sampl
     for sample in samples:
         shown = re.findall(r"Summary: (short \d)", sample["demo"])
         assert len(shown) == 2 and f"short {sample['id'][1:]}" not in shown
+
+
+def test_every_setting_is_one_yaml_key_and_one_flag_with_its_help(tmp_path):
+    """EvalSettings is the one list of settings: `evaluation.run --help` shows each field's help text,
+    a YAML file and a --flag set it, and a flag's string is read as the field declares (text kept,
+    comma lists split, other values parsed as YAML scalars)."""
+    import dataclasses
+
+    from evaluation.config import EvalSettings, load_config
+    from evaluation.run import parse_args
+    help_text = " ".join(subprocess.run([sys.executable, "-m", "evaluation.run", "--help"], cwd=REPO, check=True,
+                                        capture_output=True, text=True,
+                                        env={**os.environ, "COLUMNS": "100000"}).stdout.split())  # no wrapping
+    for setting in dataclasses.fields(EvalSettings):
+        assert f"--{setting.name} " in help_text and " ".join(setting.metadata["help"].split()) in help_text
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 7\ndata_dir: '001'\n")
+    path, overrides = parse_args(["--config", str(config), "--tokenizer", "true", "--shots", "3", "--resume", "false",
+                                  "--lengths", "1k,2k", "--tasks", "json_kv,ruler_mv"])
+    cfg = load_config(path, overrides)
+    assert (cfg["seed"], cfg["data_dir"], cfg["tokenizer"], cfg["shots"], cfg["resume"]) == (7, "001", "true", 3, False)
+    assert (cfg["lengths"], cfg["tasks"]) == ([1024, 2048], ["json_kv", "ruler_mv"])
+    assert set(cfg) == {f.name for f in dataclasses.fields(EvalSettings)}

@@ -9,6 +9,7 @@ stderr (case-insensitive). Each case's argv may use these placeholders, filled i
     {mixture}    JSON mixture of two domains packed at 128    {short}  one of them (mode short, 128)
     {chat}       a chat .jsonl (messages)                      {file}   an existing regular file
     {repo}       the repository root                           {long}   a domain packed --mode long at 128
+    {packed}     the folder of {mixture}'s two domains (long, short)
 
 Every case runs with the scratch directory ``{tmp}/cwd`` as working directory, which holds
 ``demo_data/base-model`` (a copy of {model}) and no ``outputs/``. Cases run in one Python process
@@ -278,7 +279,7 @@ def places(tmp_path_factory, tiny_model_dir, packed_mixture) -> dict[str, str]:
     short = next(p for p in packed_mixture if p.endswith("short"))
     return {"model": tiny_model_dir, "mixture": json.dumps(packed_mixture), "short": short, "long": long_dir,
             "chat": str(tmp / "chat.jsonl"), "file": str(tmp / "a-file"), "tmp": str(tmp), "repo": REPO,
-            "cwd": str(cwd)}
+            "cwd": str(cwd), "packed": os.path.dirname(short)}
 
 
 def _env() -> dict[str, str]:

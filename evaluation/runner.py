@@ -273,6 +273,25 @@ def _prompt_fields(tokenizer, input_ids: list[int], save_prompts: bool) -> dict:
     return fields
 
 
+def _beyond_window(task_name: str, length: int, window: int, summary: dict, meta: str, this_identity: dict) -> dict:
+    message = (f"length {length} exceeds the model window (max_position_embeddings={window}); not run. "
+               "Set allow_beyond_window=true to run it anyway (e.g. RoPE-scaled models).")
+    logger.warning("%s: %s", task_name, message)
+    result = {**summary, "status": "beyond_window", "message": message, "score": None, "n": 0}
+    identity.write_json_atomic(meta, {"identity": this_identity, "summary": result})
+    return result
+
+
+def _check_kept_prompts(jsonl: str, samples: list, done: dict, prompt_ids) -> None:
+    """Kept outputs must come from the prompt this run builds (compared by hash: the ids of 100 x 128K
+    prompts are not kept)."""
+    for sample in samples:
+        old = done.get(sample["id"])
+        if old is not None and old.get("prompt_sha256") != identity.ids_hash(prompt_ids(sample)[0]):
+            raise EvaluationError(f"{jsonl}: sample {sample['id']} was made from another prompt than this run builds "
+                                  "(data, tokenizer or prompt settings changed). Use another output_dir or resume=false.")
+
+
 def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuilder, scorers: dict, window,
                     run: dict) -> dict:
     """Evaluate one task at one length; returns its summary (also when skipped)."""
@@ -283,12 +302,7 @@ def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuil
     os.makedirs(os.path.dirname(jsonl), exist_ok=True)
     this_identity = task_identity(run, task, length, cfg, settings)
     if window is not None and length > window and not cfg["allow_beyond_window"]:
-        message = (f"length {length} exceeds the model window (max_position_embeddings={window}); not run. "
-                   "Set allow_beyond_window=true to run it anyway (e.g. RoPE-scaled models).")
-        logger.warning("%s: %s", task.name, message)
-        result = {**summary, "status": "beyond_window", "message": message, "score": None, "n": 0}
-        identity.write_json_atomic(meta, {"identity": this_identity, "summary": result})
-        return result
+        return _beyond_window(task.name, length, window, summary, meta, this_identity)
     request = _load_request(task, length, cfg, settings, builder.count(task, use_chat), tokenizer=builder.tokenizer)
     samples = task.load(task, request)
 
@@ -297,11 +311,7 @@ def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuil
     def prompt_ids(sample):
         return builder.truncated_ids(task, sample, use_chat, request.input_budget, mode=request.mode)
 
-    for sample in samples:  # kept outputs must come from the prompt this run builds (ids not kept: 100 x 128K)
-        old = done.get(sample["id"])
-        if old is not None and old.get("prompt_sha256") != identity.ids_hash(prompt_ids(sample)[0]):
-            raise EvaluationError(f"{jsonl}: sample {sample['id']} was made from another prompt than this run builds "
-                                  "(data, tokenizer or prompt settings changed). Use another output_dir or resume=false.")
+    _check_kept_prompts(jsonl, samples, done, prompt_ids)
     identity.write_json_atomic(meta, {"identity": this_identity, "summary": None})  # claims the file
     if done:
         for sample in samples:

@@ -96,3 +96,14 @@ def test_icl_labels_are_mapped_to_integers_as_helmet():
     assert score_icl(f"label: {sample['answer']}\nmore", sample)["exact_match"] == 1.0
     assert score_icl(f"{sample['answer']}", sample)["exact_match"] == 1.0
     assert score_icl(f"label: {sample['answer']}7", sample)["exact_match"] == 0.0
+
+
+def test_report_scales_each_metric_as_it_declares(monkeypatch):
+    """report.summarise reads each metric's scale from metrics.METRICS: a 0-1 fraction is shown x100,
+    a metric declared on `points` or as a `count` as it is."""
+    from evaluation import report
+    records = [{"metrics": {"exact_match": 1.0, "judge_score": 50.0, "num_preds": 3, "my_points": 40}, "input_tokens": 1},
+               {"metrics": {"exact_match": 0.0, "judge_score": 100.0, "num_preds": 5, "my_points": 60}, "input_tokens": 1}]
+    monkeypatch.setitem(M.METRICS, "my_points", M.Metric("my_points", "points"))
+    means = report.summarise(get_task("icl_trec_coarse"), records)["metrics"]
+    assert means == {"exact_match": 50.0, "judge_score": 75.0, "num_preds": 4.0, "my_points": 50.0}

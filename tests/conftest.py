@@ -9,6 +9,11 @@ import json
 import os
 import random
 
+# The tests never reach the real Hub: point huggingface_hub at a closed loopback port, so a path
+# that merely looks like a Hub id fails at once and no test sends traffic off this machine.
+# Tests of the Hub client set HF_ENDPOINT to their own local server (tests/hub_server.py).
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+
 import numpy as np
 import pytest
 import torch

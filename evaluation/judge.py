@@ -111,8 +111,9 @@ class Judge:
             return self.score_summary(task, output, sample)
         if task.category != "longqa" or len(task.judge_prompts) != 1:
             return {"judge": f"skipped: no judge prompt for {task.name}"}
-        prompt = load_prompt(task.judge_prompts[0]).format(question=sample["question"], correct_answers=sample["answer"],
-                                                           parsed_output=parse_output(output.replace("\n", " ")))
+        prompt = load_prompt(task.judge_prompts[0]).format(
+            question=sample["question"], correct_answers=sample["answer"],
+            parsed_output=parse_output(output.replace("\n", " ")))
         try:
             reply = self.chat(prompt)
         except (OSError, ValueError, KeyError, IndexError, TypeError) as error:  # URLError, timeouts, bad JSON

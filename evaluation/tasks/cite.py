@@ -13,12 +13,11 @@ google/t5_xxl_true_nli_mixture, about 11B parameters); any seq2seq model that an
 entailment to "premise: ... hypothesis: ..." fits, or a Python object with `entails(premise, hypothesis)`.
 Without one, citations are not scored and the task reports its correctness metric alone, with a note.
 """
-import logging
-import re
-
 import json
+import logging
 import os
 import random
+import re
 from functools import partial
 
 from .. import metrics as M
@@ -37,12 +36,13 @@ def _how_to_get(folder: str, prompt_file: str) -> str:
             f"{HELMET_REPO}/blob/main/prompts/{prompt_file}: copy it into {folder}")
 
 
-def load_alce(task, req, *, test_file: str, prompt_file: str, answer_list: bool = False) -> list:
+def load_alce(task, req, *, test_file: str, prompt_file: str) -> list:
     """HELMET data.py load_alce + load_data: every row's demonstrations drawn in file order from one
     RNG seeded with the run's seed (HELMET: `random.seed(seed)`, then `random.sample` per row), the
     first `num_docs` retrieved documents as the context, then a seeded shuffle and the first
-    max_samples rows. `answer_list`: the gold is a list of answers (QAMPARI), not sub-questions (ASQA)."""
+    max_samples rows."""
     test_name, prompt_name = test_file, prompt_file
+    answer_list = task.extra.get("answer_list", False)  # QAMPARI: the gold is a list of answers, not sub-questions
     folder = os.path.join(req.data_dir, "alce")
     prompt_path = os.path.join(folder, prompt_name)
     if not os.path.exists(prompt_path):
@@ -233,10 +233,12 @@ _CITE = dict(category="cite", user_template=CITE_USER, system_template="Answer:"
 
 # HELMET: chat template on, no newline stop, 2 shots, 300 new tokens, 100 samples
 TASKS = [
-    Task(name="alce_asqa", load=partial(load_alce, test_file="asqa_eval_gtr_top2000.json", prompt_file="asqa_revised.json"),
+    Task(name="alce_asqa",
+         load=partial(load_alce, test_file="asqa_eval_gtr_top2000.json", prompt_file="asqa_revised.json"),
          fallback_metric="str_em", score_components=("str_em", "citation_rec", "citation_prec"), **_CITE),
-    Task(name="alce_qampari", load=partial(load_alce, test_file="qampari_eval_gtr_top2000.json",
-                                           prompt_file="qampari_revised.json", answer_list=True),
+    Task(name="alce_qampari",
+         load=partial(load_alce, test_file="qampari_eval_gtr_top2000.json", prompt_file="qampari_revised.json"),
          fallback_metric="qampari_rec_top5", score_components=("qampari_rec_top5", "citation_rec", "citation_prec"),
-         extra={"answer_list": True}, **_CITE),
+         extra={"answer_list": True},  # the output is a comma-separated list, each answer a claim to cite
+         **_CITE),
 ]

@@ -59,7 +59,7 @@ class Task:
     fallback_metric: str | None = None  # reported when the judge (or Cite's NLI model) is not configured
     helmet_score: Callable[[str, dict], dict] | None = None  # HELMET's scorer where `score` fixes it
     score_components: tuple = ()     # Cite: the score is the mean of these metrics (HELMET's collect_results)
-    extra: dict = field(default_factory=dict)  # category data read outside the loader (recall: `builder`)
+    extra: dict = field(default_factory=dict)  # category data (recall: `builder`; Cite: `answer_list`)
 
     def fields(self, sample: dict) -> dict:
         """Template fields with the system template formatted too (RULER's mentions the query)."""

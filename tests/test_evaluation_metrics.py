@@ -107,3 +107,21 @@ def test_report_scales_each_metric_as_it_declares(monkeypatch):
     monkeypatch.setitem(M.METRICS, "my_points", M.Metric("my_points", "points"))
     means = report.summarise(get_task("icl_trec_coarse"), records)["metrics"]
     assert means == {"exact_match": 50.0, "judge_score": 75.0, "num_preds": 4.0, "my_points": 50.0}
+
+
+def test_task_loaders_and_scorers_never_branch_on_a_task_name():
+    """Per-task differences are Task fields or loader keywords: no code in evaluation/ compares
+    `task.name` with a string or looks for a substring in it (registration tables may name tasks)."""
+    import ast
+    import pathlib
+    offenders = []
+    for path in sorted((pathlib.Path(__file__).parents[1] / "evaluation").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                names = [s for s in sides if isinstance(s, ast.Attribute) and s.attr == "name"
+                         and isinstance(s.value, ast.Name) and s.value.id == "task"]
+                strings = [s for s in sides if isinstance(s, ast.Constant) and isinstance(s.value, str)]
+                if names and strings:
+                    offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []

@@ -11,7 +11,9 @@
 # step that times out or fails is reported and the next one runs.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
-#   bash benchmarks/gpu_check.sh --dry-run       # CPU: every step end to end on the tiny shape (seconds)
+#   bash benchmarks/gpu_check.sh --dry-run       # CPU: every step end to end on the tiny shape (~1-3 min)
+#   bash benchmarks/gpu_check.sh --plan          # print the GPU run's steps (commands, time caps); runs nothing
+#   ONLY="bench_1b max_context_1b_512k" bash benchmarks/gpu_check.sh --dry-run   # only these steps
 #   bash benchmarks/gpu_check.sh --fetch-wheels  # on a machine WITH a registry: fill .whl/ to carry along
 #
 # Budget (GPU, seconds): the whole run TOTAL_S=480; per-step caps below. Estimates for one
@@ -23,8 +25,9 @@ MODE=gpu
 case "${1:-}" in
   --dry-run) MODE=dry ;;
   --fetch-wheels) MODE=fetch ;;
+  --plan) MODE=plan ;;
   "") ;;
-  *) echo "usage: $0 [--dry-run | --fetch-wheels]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--dry-run | --plan | --fetch-wheels]" >&2; exit 2 ;;
 esac
 
 # The GPU machine has CUDA torch (and triton) installed; these are the rest, pinned as in
@@ -45,15 +48,16 @@ if [ "$MODE" = dry ]; then
   # one 8B-shape check instead of two: the loop is the same, and each check is two Python start-ups
   SHAPE_1B=tiny SHAPE_8B=tiny LEN_A=128 LEN_B=256 CHECK_1B=256 CHECK_8B_A=128 CHECK_8B_B= TILE=64
   CPU=--cpu BENCH_STEPS="--warmup 0 --steps 1 --repeats 2"
-else
-  RESULTS=benchmarks/results
+else  # gpu, plan
+  RESULTS=benchmarks/results PY=.venv-gpu/bin/python
   SHAPE_1B=llama-3.2-1b SHAPE_8B=llama-3-8b LEN_A=16384 LEN_B=65536 CHECK_1B=524288
   CHECK_8B_A=131072 CHECK_8B_B=262144 TILE=8192 CPU= BENCH_STEPS="--warmup 1 --steps 3 --repeats 2"
 fi
-mkdir -p "$RESULTS"
+[ "$MODE" = plan ] || mkdir -p "$RESULTS"
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 TAG=$([ "$MODE" = dry ] && echo dry || echo gpu)
 LOG="$RESULTS/$TAG-check-$STAMP.log"
+if [ "$MODE" = plan ]; then LOG=/dev/null; fi  # --plan writes nothing
 FAILED=0
 
 log() { echo "[gpu_check $(($(date +%s) - START))s] $*" | tee -a "$LOG" >&2; }
@@ -61,6 +65,8 @@ log() { echo "[gpu_check $(($(date +%s) - START))s] $*" | tee -a "$LOG" >&2; }
 # step NAME CAP_SECONDS COMMAND...: run under `timeout`, capped by the budget that is left
 step() {
   local name=$1 cap=$2; shift 2
+  case " ${ONLY:-$name} " in *" $name "*) ;; *) return ;; esac  # ONLY: a subset of the steps
+  if [ "$MODE" = plan ]; then log "PLAN $name (cap ${cap}s): $*"; return; fi
   local left=$((TOTAL_S - ($(date +%s) - START)))
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -le 5 ]; then
@@ -82,12 +88,11 @@ setup() {
   fi
   .venv-gpu/bin/python -c "import torch, transformers, trl, accelerate, datasets; assert torch.cuda.is_available(), 'no CUDA'"
 }
-if [ "$MODE" = gpu ]; then
+if [ "$MODE" != dry ]; then
   step setup 120 bash -c "$(declare -f setup); setup"  # `timeout` runs programs, not shell functions
-  PY=.venv-gpu/bin/python
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
-{
+[ "$MODE" = plan ] || {
   echo "mode: $MODE   date: $(date -u -Iseconds)   commit: $(git rev-parse --short HEAD 2>/dev/null || echo -)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c "import torch, transformers, trl; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
@@ -118,6 +123,7 @@ for length in $CHECK_8B_A $CHECK_8B_B; do
     --json "$RESULTS/$TAG-8b-check$length-$STAMP.json"
 done
 
+[ "$MODE" = plan ] && exit 0
 log "done in $(($(date +%s) - START))s; results in $RESULTS"
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then cp "$RESULTS"/$TAG-*"$STAMP"* "$OUT"/ 2>/dev/null; fi
 exit $FAILED

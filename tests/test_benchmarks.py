@@ -18,38 +18,85 @@ import bench_train  # noqa: E402
 import max_context  # noqa: E402
 
 
-def test_gpu_check_script_parses_and_its_cpu_dry_run_runs_every_step(tmp_path):
-    """benchmarks/gpu_check.sh end to end on the tiny shape: the GPU tests (skipped on CPU), the
-    interleaved ours-vs-TRL benchmark and the three max_context checks, each JSON with its device."""
-    script = ROOT / "benchmarks" / "gpu_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    completed = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=600,
-                               env={**os.environ, "RESULTS_DIR": str(tmp_path), "PYTHON": sys.executable})
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    for name in ("test_gpu", "bench_1b", "max_context_1b_512k", "max_context_8b_128"):  # dry: one 8B check
-        assert f"OK {name}" in completed.stderr
-    assert "torch" in next(tmp_path.glob("dry-device-*.txt")).read_text()
-    checks = sorted(tmp_path.glob("dry-*check*.json"))
-    assert len(checks) == 2
-    for path in checks:
-        check = json.loads(path.read_text())
-        assert check["meta"]["device"].startswith("CPU") and check["results"][0]["longest"] > 0, path.name
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 
-    report = json.loads(next(tmp_path.glob("dry-1b-bench-*.json")).read_text())
-    methods = ["prolong", "trl-padding-free"]
-    assert report["meta"]["order"] == "interleaved: prolong trl-padding-free per repeat"
-    log = next(tmp_path.glob("dry-check-*.log")).read_text()
-    order = [line.split(": ")[1] for line in log.splitlines() if line.startswith("repeat ")]
-    assert order == methods * 2  # A B A B, not A A B B
+
+def test_gpu_check_plans_every_gpu_step_with_arguments_the_benchmarks_accept(monkeypatch):
+    """`gpu_check.sh --plan` prints the GPU run's steps without running them; each benchmark command is
+    parsed by the benchmark's own argument parser (as on the GPU machine, where CUDA is there).
+    The whole CPU dry run (`bash benchmarks/gpu_check.sh --dry-run`, ~1-3 min) is a manual check; the
+    suite runs one of its steps (below) and the benchmarks' code in process."""
+    import shlex
+
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
+    completed = subprocess.run(["bash", str(GPU_CHECK), "--plan"], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    plan = {}
+    for line in completed.stderr.splitlines():
+        if "] PLAN " in line:
+            name, rest = line.split("] PLAN ", 1)[1].split(" (cap ", 1)
+            cap, command = rest.split("s): ", 1)
+            plan[name] = (int(cap), command)
+    assert list(plan) == ["setup", "test_gpu", "bench_1b", "max_context_1b_512k", "max_context_8b_131072",
+                          "max_context_8b_262144"]
+    assert "tests/test_gpu.py" in plan["test_gpu"][1]
+    monkeypatch.setattr(bench_train, "cuda_available", lambda: True)  # the GPU machine's defaults
+    bench_argv = shlex.split(plan["bench_1b"][1])
+    assert bench_argv[1] == "benchmarks/bench_train.py"
+    bench = bench_train.parse_args(bench_argv[2:])
+    assert (bench.shape, bench.lengths, bench.methods) == ("llama-3.2-1b", [16384, 65536], ["prolong", "trl-padding-free"])
+    assert bench.activation_checkpointing and not bench.cpu and bench.repeats >= 2  # the same options for both
+    assert bench.json.startswith("benchmarks/results/")
+    for name, shape, length in [("max_context_1b_512k", "llama-3.2-1b", 524288),
+                                ("max_context_8b_131072", "llama-3-8b", 131072),
+                                ("max_context_8b_262144", "llama-3-8b", 262144)]:
+        cap, command = plan[name]
+        argv = shlex.split(command)
+        assert argv[1] == "benchmarks/max_context.py"
+        check = max_context.parse_args(argv[2:])
+        assert (check.shape, check.check, check.options) == (shape, length, ["ckpt+offload+tiled-mlp"])
+        assert check.tiled_mlp_tokens == 8192 and not check.cpu and check.probe_timeout < cap, name
+        assert check.json.startswith("benchmarks/results/")
+    for shape in ("llama-3.2-1b", "llama-3-8b"):
+        assert Path(bench_train.shape_path(shape)).is_file()
+    assert subprocess.run(["git", "status", "--porcelain", "benchmarks/results"], cwd=ROOT, capture_output=True,
+                          text=True).stdout == ""  # --plan wrote nothing
+
+
+def test_gpu_check_dry_run_runs_a_step_end_to_end(tmp_path):
+    """One step of the CPU dry run through the script (ONLY selects it): the step runs under its
+    timeout, is logged OK, and its JSON carries the device line; the other steps do not run."""
+    completed = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "RESULTS_DIR": str(tmp_path), "PYTHON": sys.executable,
+                                    "ONLY": "max_context_8b_128"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "OK max_context_8b_128" in completed.stderr and "START bench_1b" not in completed.stderr
+    assert "torch" in next(tmp_path.glob("dry-device-*.txt")).read_text()
+    (path,) = tmp_path.glob("dry-*check*.json")
+    check = json.loads(path.read_text())
+    assert check["meta"]["device"].startswith("CPU") and check["results"][0]["longest"] == 128
+    assert check["meta"]["checkpointing_on"]  # ckpt+offload+tiled-mlp: really on in the probe
+
+
+def test_bench_train_interleaves_the_methods_and_reports_medians(monkeypatch, capsys):
+    """run_all runs the methods A B A B (each run is the real worker, here in this process instead of
+    a fresh one) and summarises each (method, length) by its median over the repeats."""
+    monkeypatch.setattr(bench_train, "run_method_in_subprocess", bench_train.run_worker)
+    ns = bench_train.parse_args(["--cpu", "--shape", "tiny", "--lengths", "128", "--methods", "prolong", "hf-padded",
+                                 "--activation-checkpointing", "--warmup", "0", "--steps", "1", "--repeats", "2"])
+    report = bench_train.run_all(ns)
+    order = [line.split(": ")[1] for line in capsys.readouterr().err.splitlines() if line.startswith("repeat ")]
+    assert order == ["prolong", "hf-padded"] * 2  # A B A B, not A A B B
+    assert report["meta"]["order"] == "interleaved: prolong hf-padded per repeat"
     rows = {(r["method"], r["length"]): r for r in report["results"]}
-    assert set(rows) == {(m, n) for m in methods for n in (128, 256)}
-    for (method, length), row in rows.items():
-        assert row["status"] == "ok" and row["tokens"] == length, row  # one timed row of `length` real tokens
+    assert set(rows) == {("prolong", 128), ("hf-padded", 128)}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["tokens"] == 128, row  # one timed row of 128 real tokens
         assert row["repeats"] == 2 and len(row["tokens_per_s_runs"]) == 2
         assert row["tokens_per_s"] == pytest.approx(sum(row["tokens_per_s_runs"]) / 2)  # median of two
         assert row["tflops_per_s"] > 0 and row["peak_memory_gib"] > 0
     meta = report["meta"]
-    assert meta["activation_checkpointing"] and meta["prolong_loss_kernel"] == "chunked"  # CPU: chunked fp32 loss
+    assert meta["activation_checkpointing"] and meta["checkpointing_on"] and meta["prolong_loss_kernel"] == "chunked"
     assert meta["device"].startswith("CPU") and meta["versions"]["transformers"] and meta["date"]
     assert "sum(doc_len^2)" in meta["flops_formula"]
 

@@ -21,6 +21,7 @@ What it adds, and why each is not already in transformers:
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import logging
 import os
@@ -366,7 +367,9 @@ class _PreemptionCallback(TrainerCallback):
         self._distributed = dist.is_available() and dist.is_initialized()
         self._group = None  # the default group
         if self._distributed and "gloo" not in str(dist.get_backend()):
-            self._group = dist.new_group(backend="gloo")  # every rank calls on_train_begin
+            # every rank calls on_train_begin; the default group's timeout (ddp_timeout), not gloo's
+            # 30 min: ranks waiting here for one writing a large checkpoint must not time out first
+            self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=args.ddp_timeout))
 
     def on_step_end(self, args, state, control, **kwargs):
         requested = self.requested

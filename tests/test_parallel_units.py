@@ -184,3 +184,34 @@ def test_slurm_launcher_is_valid_bash():
     text = script.read_text()
     for flag in ("--num_machines", "--machine_rank", "--main_process_ip", "--config_file", "prolong/run_cpt.py"):
         assert flag in text
+
+
+def test_the_preemption_flag_under_an_nccl_launch_is_agreed_over_gloo_with_the_runs_timeout(monkeypatch):
+    """Under NCCL the flag (a host tensor, no device sync) is all-reduced over a gloo group made at the
+    start of training. Its timeout is the run's ddp_timeout, as the default group's: gloo's own 30 min
+    would end the run while the other ranks wait for one writing a large checkpoint. (NCCL cannot
+    run on CPU: the default group is gloo here and reports itself as nccl.)"""
+    import datetime
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainerState
+
+    from prolong.trainer import _PreemptionCallback
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(hours=2))
+    callback = _PreemptionCallback()
+    args = SimpleNamespace(ddp_timeout=7200)  # what the callback reads of TrainingArguments
+    try:
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        callback.on_train_begin(args, TrainerState(), TrainerControl())
+        assert callback._group is not None  # its own gloo group, not the (NCCL) default one
+        assert callback._group._get_backend(torch.device("cpu")).options._timeout == datetime.timedelta(hours=2)
+        assert not callback.on_step_end(args, TrainerState(), TrainerControl()).should_training_stop
+        callback.requested = True  # as the SIGTERM / SIGUSR1 handler does
+        control = callback.on_step_end(args, TrainerState(), TrainerControl())
+        assert control.should_training_stop and control.should_save
+    finally:
+        callback.on_train_end(args, TrainerState(), TrainerControl())
+        dist.destroy_process_group()

@@ -6,7 +6,10 @@ activation checkpointing) keeps only one chunk alive. Pure PyTorch, so it runs e
 the fallback. On CUDA a fused linear cross-entropy runs by default (``loss_kernel: auto``): Liger's
 kernel if liger-kernel is installed, else TRL's chunked log-prob kernel (always installed with TRL).
 No function here reads a device value on the host: a host sync per chunk would stall the GPU
-queue 16 times per 64K-token micro-step.
+queue 16 times per 64K-token micro-step. Liger's kernel (the CUDA default when liger-kernel is
+installed) does read one: its valid-token count (``.item()``), once per call, so once per
+micro-step; TRL's never does. Which of the two is faster is for the GPU benchmark to say
+(``bench_train.py --loss liger`` vs ``--loss trl``).
 
 The function returns a SUM; the trainer divides by the number of valid tokens of the whole
 optimizer step (all accumulation micro-steps, all devices), which makes the loss an exact

@@ -320,6 +320,8 @@ def parse_recipe(types: tuple, args: list[str] | None = None, return_recipe: boo
     which the model card records.
     """
     args = list(sys.argv[1:] if args is None else args)
+    if {"-h", "--help"} & set(args):  # argparse lists every field with its help and exits 0
+        _RaisingParser(types).parse_args(["--help"])
     valid = _field_names(types)
     recipe_path = next((a for a in args if a.endswith((".yaml", ".yml")) and not a.startswith("-")), None)
     recipe: dict = {}

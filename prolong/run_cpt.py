@@ -7,11 +7,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
-
-if __package__ in (None, ""):  # `python prolong/run_cpt.py` from a checkout that is not pip-installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyarrow.compute as pc
 from transformers import set_seed
@@ -165,6 +160,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     return output_dir
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `prolong-cpt` console script, and `python prolong/run_cpt.py` / `accelerate launch prolong/run_cpt.py`."""
     cli_errors("run_cpt")(main)()  # expected errors: one message, no traceback, exit 2
-    exit_without_teardown()
+    exit_without_teardown()  # gloo runs end with os._exit: torch's gloo teardown can abort or hang (see outputs.py)
+
+
+if __name__ == "__main__":
+    cli()

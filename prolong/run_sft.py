@@ -10,11 +10,6 @@ into padding-free rows with document masking, loss averaged over the tokens of t
 from __future__ import annotations
 
 import logging
-import os
-import sys
-
-if __package__ in (None, ""):  # `python prolong/run_sft.py` from a checkout that is not pip-installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transformers import set_seed
 
@@ -76,6 +71,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     return output_dir
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `prolong-sft` console script, and `python prolong/run_sft.py` / `accelerate launch prolong/run_sft.py`."""
     cli_errors("run_sft")(main)()  # expected errors: one message, no traceback, exit 2
-    exit_without_teardown()
+    exit_without_teardown()  # gloo runs end with os._exit: torch's gloo teardown can abort or hang (see outputs.py)
+
+
+if __name__ == "__main__":
+    cli()

@@ -125,7 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
         if status >= 400:
             self.send_header("X-Error-Message", (payload or {}).get("error", "error"))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD reply has no body: one would corrupt the next response
+            self.wfile.write(data)
 
     def _authorised(self, endpoint_name: str) -> bool:
         if self.headers.get("Authorization") != f"Bearer {self.hub.token}":

@@ -93,7 +93,7 @@ def test_push_mixture_round_trips_through_load_dataset(mixture_root, tmp_path):
     assert "tokenizer" in card.text and "books (" in card.text
 
 
-def test_push_private_to_a_branch(mixture_root, tmp_path, monkeypatch):
+def test_push_private_to_a_branch(mixture_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     with FakeHub() as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
@@ -117,6 +117,15 @@ def test_push_private_to_a_branch(mixture_root, tmp_path, monkeypatch):
         assert cli.main(["push", str(mixture_root / "tok" / "books"), "--repo-id", "me/tok"]) == 0
         card = DatasetCard(hub.files("me/tok", "dataset")["README.md"].decode())
         assert "tokenized" in card.data.tags and "| `books` | tokenized | - | - | 12 |" in card.text
+        # pushing one domain of a mixture repo alone would drop the others from the card's configs
+        # (load_dataset(REPO, "books") would fail while its files stay): refused, nothing committed
+        assert cli.main(["push", str(mixture_root / "mix"), "--repo-id", "me/mix"]) == 0
+        commits = len(hub.commits)
+        assert cli.main(["push", str(mixture_root / "mix" / "web"), "--repo-id", "me/mix"]) == 2
+        assert "already holds the config(s) books" in capsys.readouterr().err
+        assert len(hub.commits) == commits
+        card = DatasetCard(hub.files("me/mix", "dataset")["README.md"].decode())
+        assert sorted(c["config_name"] for c in card.data.configs) == ["books", "web"]
 
 
 @pytest.mark.parametrize("case", ["no-repo-id", "bad-repo-id", "nested-repo-id", "not-a-dataset", "no-token",

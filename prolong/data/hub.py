@@ -308,9 +308,18 @@ def push_dataset(directories: list[str | Path], repo_id: str, *, private: bool =
             api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
         # a config folder holds exactly this push's files: a stale shard of an earlier push would
         # match the card's `CONFIG/data-*.arrow` and be read as data
-        uploaded = {op.path_in_repo for op in operations}
-        stale = [path for path in api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
-                 if path.split("/")[0] in {p.config for p in parts} and path not in uploaded]
+        uploaded, configs = {op.path_in_repo for op in operations}, {p.config for p in parts}
+        existing = api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
+        # the new card lists this push's configs only: an earlier push's other configs would stay in
+        # the repository but leave the card (load_dataset could no longer read them)
+        others = sorted({path.split("/")[0] for path in existing if path.count("/") == 1
+                         and path.endswith(f"/{METADATA_FILENAME}")} - configs)
+        if others:
+            raise HubPushError(
+                f"{repo_id} already holds the config(s) {', '.join(others)} of an earlier push, which this push's "
+                "dataset card would leave out (load_dataset could no longer read them): push every config in one "
+                "command (prolong-data push DIR1 DIR2 ... or their parent folder), or push to another --repo-id")
+        stale = [path for path in existing if path.split("/")[0] in configs and path not in uploaded]
         operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
         commit = api.create_commit(
             repo_id, repo_type="dataset", revision=revision, operations=operations,

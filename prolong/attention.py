@@ -13,6 +13,7 @@ import logging
 
 import torch
 from transformers import AttentionInterface
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from prolong.collator import NOT_MODEL_INPUTS, PackedCollator
 from prolong.loss import logit_scale_of, logit_softcap_of, output_logits
@@ -20,17 +21,6 @@ from prolong.loss import logit_scale_of, logit_softcap_of, output_logits
 logger = logging.getLogger(__name__)
 
 VARLEN = "varlen"
-
-
-def _cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative document lengths of a flat packed row, from its position restarts."""
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0, as_tuple=False).reshape(-1)
-    if starts.numel() == 0 or starts[0] != 0:
-        starts = torch.cat([starts.new_zeros(1), starts])
-    ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])])
-    cu = torch.cat([starts, ends[-1:]]).to(torch.int32)
-    return cu, int((ends - starts).max())
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -49,7 +39,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
         cu, max_len = kwargs["cu_seq_lens_q"].to(torch.int32), int(kwargs["max_length_q"])  # from the collator
     else:
-        cu, max_len = _cu_seqlens(position_ids)  # a host sync, per layer
+        # documents restart at the row's smallest position (0 in PackedCollator rows); a host sync, per layer
+        (cu, _), (max_len, _) = prepare_fa_kwargs_from_position_ids(position_ids)
+        max_len = int(max_len)
     # [1, heads, T, dim] -> [T, heads, dim]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     # the causal / scale / GQA arguments differ between torch 2.10 and 2.11+ (prolong.parallel.compat)

@@ -34,6 +34,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from prolong.collator import IGNORE_INDEX
 from prolong.config import RecipeError
 from prolong.errors import require_path_or_hub_id
 from prolong.data.storage import atomic_output_dir, read_metadata
@@ -42,7 +43,6 @@ from prolong.data.tokenize import tokenize_conversation
 logger = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-IGNORE_INDEX = -100
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 

@@ -273,7 +273,7 @@ class CPTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixi
         # keeps every parameter in the graph (DDP needs it) even if no token here has a label
         loss_sum = loss_sum + 0.0 * outputs.logits.sum()
         if num_items_in_batch is None:  # evaluation: a plain token mean over this batch
-            loss = loss_sum / (shift_labels != -100).sum().clamp(min=1)
+            loss = loss_sum / (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
         else:
             # num_items_in_batch counts the valid tokens of the whole optimizer step on all
             # processes; DDP/FSDP then average gradients over processes, which the factor undoes.

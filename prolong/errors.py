@@ -66,10 +66,15 @@ def cli_errors(prog: str):
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """``org/name`` with no leading ``.``, ``/`` or ``~``: the form of a Hub repository id."""
+    """``org/name`` with no leading ``.``, ``/`` or ``~`` and no data-file ending: the form of a Hub repository id.
+
+    The one heuristic for models, SFT datasets and prolong-data inputs (a dot inside is allowed:
+    ``Qwen/Qwen2.5-7B``).
+    """
     import re
 
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not name.endswith((".json", ".jsonl", ".yaml"))
+    file_endings = (".json", ".jsonl", ".yaml", ".yml", ".parquet", ".csv", ".txt", ".arrow", ".gz", ".zst")
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not name.lower().endswith(file_endings)
 
 
 def _in_hub_cache(repo_id: str, repo_type: str) -> bool:

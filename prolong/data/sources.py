@@ -16,6 +16,8 @@ from typing import Iterator
 import datasets
 import pyarrow as pa
 
+from prolong.errors import looks_like_hub_id
+
 from .storage import load_dataset_dir
 
 logger = logging.getLogger("prolong.data")
@@ -107,11 +109,6 @@ def load_repositories(directories: list[str], each_is_repository: bool = False, 
         num_proc=min(num_proc, len(repos)) if num_proc > 1 else None, cache_dir=cache_dir)
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return (not os.path.isabs(name) and not name.startswith(".") and name.count("/") == 1
-            and not Path(name).suffix)
-
-
 def load_raw_inputs(inputs: list[str], *, text_field: str = "text", lines: bool = False,
                     split: str = "train", hub_config: str | None = None, num_proc: int = 1,
                     cache_dir: str | None = None) -> datasets.Dataset:
@@ -139,7 +136,7 @@ def load_raw_inputs(inputs: list[str], *, text_field: str = "text", lines: bool 
                 labels.append(name)
             else:
                 text_files.append(str(path))
-        elif _looks_like_hub_id(name):
+        elif looks_like_hub_id(name):
             logger.info("%s is not a local path: loading it from the Hugging Face Hub", name)
             try:
                 parts.append(datasets.load_dataset(name, hub_config, split=split, cache_dir=cache_dir))

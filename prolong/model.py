@@ -11,11 +11,12 @@ import logging
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from prolong.attention import choose_attn_implementation, dense_mask_warning
 from prolong.config import ModelConfig, RecipeError, theta_warning
+from prolong.data.tokenize import load_tokenizer as load_any_tokenizer
 from prolong.errors import require_path_or_hub_id
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,8 @@ def resolve_dtype(name: str) -> torch.dtype:
 def load_tokenizer(cfg: ModelConfig):
     path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     _check_model_path(path, "tokenizer_name_or_path" if cfg.tokenizer_name_or_path else "model_name_or_path")
-    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer_name_or_path else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    gguf_file = cfg.gguf_file if cfg.gguf_file and not cfg.tokenizer_name_or_path else None
+    tokenizer = load_any_tokenizer(path, gguf_file, trust_remote_code=cfg.trust_remote_code)  # prolong-data's loader
     if tokenizer.eos_token_id is None:
         raise RecipeError(f"The tokenizer of '{path}' has no EOS token; documents could not be separated.")
     if tokenizer.pad_token_id is None:

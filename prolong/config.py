@@ -168,22 +168,22 @@ def refuse_per_device_loss_averaging(args) -> None:
 
 
 @dataclass
-class CPTConfig(TrainingArguments):
-    """TrainingArguments with ProLong's continued pre-training defaults and our additions."""
+class ProLongTrainingDefaults:
+    """The TrainingArguments defaults CPT and SFT share (mixed in before TrainingArguments / SFTConfig).
 
-    # ProLong optimisation defaults: AdamW (0.9, 0.95), wd 0.1, clip 1.0, 10% warmup, cosine to 10% of peak.
+    ProLong's optimisation: AdamW (0.9, 0.95), wd 0.1, clip 1.0, cosine to 10% of peak; bf16 when
+    CUDA is there; checkpoints every 125 steps, resumed automatically.
+    """
+
     adam_beta2: float = 0.95
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
-    warmup_steps: float = 0.1
     lr_scheduler_type: SchedulerType | str = "cosine_with_min_lr"
     lr_scheduler_kwargs: dict | str | None = field(default_factory=lambda: {"min_lr_rate": 0.1})
     bf16: bool | None = field(default=None, metadata={"help": "Defaults to True when CUDA is available."})
     save_steps: float = 125
     logging_steps: float = 1
-    remove_unused_columns: bool = False  # the collator needs `indices` and `mask`
     report_to: None | str | list[str] = "tensorboard"
-    output_dir: str | None = "outputs/run"
     resume_from_checkpoint: str | None = field(
         default="auto",
         metadata={"help": "auto: continue from the newest complete checkpoint in output_dir if there is one "
@@ -192,6 +192,16 @@ class CPTConfig(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start at step 0 in an output_dir that holds checkpoints (removes them)."}
     )
+
+
+@dataclass
+class CPTConfig(ProLongTrainingDefaults, TrainingArguments):
+    """TrainingArguments with ProLong's continued pre-training defaults and our additions."""
+
+    # ProLong optimisation defaults (the rest in ProLongTrainingDefaults): 10% warmup.
+    warmup_steps: float = 0.1
+    remove_unused_columns: bool = False  # the collator needs `indices` and `mask`
+    output_dir: str | None = "outputs/run"
 
     # Stage hand-off and loss
     init_from: str | None = field(
@@ -251,7 +261,7 @@ class CPTConfig(TrainingArguments):
             raise RecipeError(f"loss_kernel must be auto, liger, trl or chunked, got {self.loss_kernel!r}.")
 
 
-def resolve_gradient_accumulation(data: DataConfig, args: TrainingArguments) -> None:
+def resolve_gradient_accumulation(args: TrainingArguments, global_batch_size: int | None) -> None:
     """Derive gradient_accumulation_steps from global_batch_size, refusing batches that don't divide."""
     sp = getattr(args, "sequence_parallel_size", 1)
     if args.world_size % sp:
@@ -259,16 +269,16 @@ def resolve_gradient_accumulation(data: DataConfig, args: TrainingArguments) -> 
             f"sequence_parallel_size={sp} does not divide the {args.world_size} processes; "
             "launch a multiple of it or change sequence_parallel_size."
         )
-    if data.global_batch_size is None:
+    if global_batch_size is None:
         return
     per_step = args.per_device_train_batch_size * (args.world_size // sp)
-    if data.global_batch_size % per_step:
+    if global_batch_size % per_step:
         raise RecipeError(
-            f"global_batch_size={data.global_batch_size} does not divide into per_device_train_batch_size="
+            f"global_batch_size={global_batch_size} does not divide into per_device_train_batch_size="
             f"{args.per_device_train_batch_size} x {args.world_size // sp} data-parallel processes; "
             f"use a global_batch_size that is a multiple of {per_step}, or change the device count."
         )
-    args.gradient_accumulation_steps = data.global_batch_size // per_step
+    args.gradient_accumulation_steps = global_batch_size // per_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,37 +386,20 @@ def theta_warning(theta: float, max_length: int) -> str | None:
 
 
 @dataclass
-class SFTRecipeConfig(SFTConfig):
+class SFTRecipeConfig(ProLongTrainingDefaults, SFTConfig):
     """trl.SFTConfig with ProLong's SFT defaults (UltraChat, lr 2e-5 cosine to 2e-6, 5% warmup,
     conversations packed whole into 64K padding-free rows) and our data / LoRA fields."""
 
     learning_rate: float = 2e-5
-    lr_scheduler_type: SchedulerType | str = "cosine_with_min_lr"
-    lr_scheduler_kwargs: dict | str | None = field(default_factory=lambda: {"min_lr_rate": 0.1})
     warmup_steps: float = 0.05
-    adam_beta2: float = 0.95  # the CPT stages' AdamW settings
-    weight_decay: float = 0.1
-    max_grad_norm: float = 1.0
     # TRL's default (True) under transformers' new name: the deprecated `gradient_checkpointing`
     # alias would warn on every run
     activation_checkpointing: bool | None = True
-    bf16: bool | None = field(default=None, metadata={"help": "Defaults to True when CUDA is available."})
     max_length: int | None = field(default=65536, metadata={"help": "Tokens per packed training row."})
     packing: bool = True
     packing_strategy: str = "bfd"  # whole conversations, padding-free, attention kept inside each one
     completion_only_loss: bool | None = True  # prompt/completion data: loss on the completion only
-    logging_steps: float = 1
-    save_steps: float = 125
-    report_to: None | str | list[str] = "tensorboard"
     output_dir: str | None = "outputs/sft"
-    resume_from_checkpoint: str | None = field(
-        default="auto",
-        metadata={"help": "auto: continue from the newest complete checkpoint in output_dir if there is one "
-                  "(prolong/checkpoints.py); or a checkpoint path."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start at step 0 in an output_dir that holds checkpoints (removes them)."}
-    )
     # ModelConfig.trust_remote_code is the one recipe key; this copy is filled from it by run_sft.
     trust_remote_code: bool = field(default=False, init=False)
 

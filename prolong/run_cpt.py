@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     model_cfg, data_cfg, args, recipe = parse_recipe((ModelConfig, DataConfig, CPTConfig), argv, return_recipe=True)
     setup_logging(args)
     quiet_config_dumps()
-    resolve_gradient_accumulation(data_cfg, args)
+    resolve_gradient_accumulation(args, data_cfg.global_batch_size)
     resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
     set_seed(args.seed)
 

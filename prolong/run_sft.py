@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     setup_logging(args)
     quiet_config_dumps()
     args.trust_remote_code = model_cfg.trust_remote_code
-    resolve_gradient_accumulation(args, args)  # SFTRecipeConfig carries global_batch_size itself
+    resolve_gradient_accumulation(args, args.global_batch_size)
     resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
     set_seed(args.seed)
     max_length = args.max_length

@@ -382,6 +382,8 @@ def evaluate(model_or_path, tokenizer=None, tasks=None, lengths=None, output_dir
 
     `model_or_path`: a model path (loaded in bf16 on GPU, fp32 on CPU) or an in-memory causal LM
     (then pass its tokenizer). Any config key (see config.EvalSettings) can be passed as a keyword."""
+    if isinstance(tokenizer, str):  # a tokenizer path (the `tokenizer` config key, e.g. evaluation.run --tokenizer)
+        tokenizer, overrides = None, {**overrides, "tokenizer": tokenizer}
     given = {k: v for k, v in dict(tasks=tasks, lengths=lengths, output_dir=output_dir, **overrides).items() if v is not None}
     cfg = load_config(config, given)
     try:

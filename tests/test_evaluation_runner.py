@@ -186,3 +186,12 @@ def test_an_in_memory_model_is_known_by_its_weights(tokenizer, tmp_path):
         model.model.layers[1].mlp.down_proj.weight.add_(0.01)  # one more "training step"
     with pytest.raises(EvaluationError, match="model_fingerprint"):
         evaluate(model, **kwargs)
+
+
+def test_cli_tokenizer_flag_loads_that_tokenizer(models, tmp_path):
+    """`evaluation.run --tokenizer PATH` (a string reaching evaluate's `tokenizer` keyword) loads it."""
+    from evaluation.run import main
+    main(["--model", models[0], "--tokenizer", models[1], "--tasks", "json_kv", "--lengths", "256",
+          "--max_samples", "1", "--generation_max_length", "4", "--plots", "false", "--progress", "false",
+          "--output_dir", str(tmp_path)])
+    assert json.loads((tmp_path / "scores.json").read_text())["config"]["tokenizer"] == models[1]

@@ -13,7 +13,6 @@ import os
 # files that define a model's outputs (weights, architecture, generation defaults such as eos ids)
 _MODEL_FILES = ("config.json", "generation_config.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
-_BLOCK = 64 * 1024
 
 # identity fields that belong to the whole run (model, tokenizer, decoding numerics): predictions
 # files whose run fields differ are never reported together with this run's
@@ -21,21 +20,10 @@ RUN_FIELDS = ("model", "model_fingerprint", "tokenizer_fingerprint", "mode", "ba
 
 
 def _file_digest(path: str) -> str:
-    """sha256 of a file's size, its first MiB (a safetensors header and first tensors), 16 blocks spread
-    over it and its last block: cheap on a 16 GB checkpoint, and any training step changes it."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(str(size).encode())
+    """sha256 of the whole file. Sampling parts of it would miss an edit of one tensor (a merged or
+    patched layer, new token embeddings); reading it all costs about as long as loading it once."""
     with open(path, "rb") as f:
-        if size <= 2 * 1024 * 1024:
-            digest.update(f.read())
-        else:
-            digest.update(f.read(1024 * 1024))
-            for i in range(16):
-                f.seek(size * i // 16)
-                digest.update(f.read(_BLOCK))
-            f.seek(size - _BLOCK)
-            digest.update(f.read(_BLOCK))
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def model_dir_fingerprint(path: str) -> str:

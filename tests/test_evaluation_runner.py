@@ -195,3 +195,15 @@ def test_cli_tokenizer_flag_loads_that_tokenizer(models, tmp_path):
           "--max_samples", "1", "--generation_max_length", "4", "--plots", "false", "--progress", "false",
           "--output_dir", str(tmp_path)])
     assert json.loads((tmp_path / "scores.json").read_text())["config"]["tokenizer"] == models[1]
+
+
+def test_model_fingerprint_sees_a_change_anywhere_in_a_weights_file(tmp_path):
+    """One tensor edited in place (same size) in a multi-MiB weights file is another model."""
+    from evaluation.identity import model_dir_fingerprint
+    (tmp_path / "config.json").write_text("{}")
+    weights = bytearray(os.urandom(5 * 1024 * 1024))
+    (tmp_path / "model.safetensors").write_bytes(bytes(weights))
+    before = model_dir_fingerprint(str(tmp_path))
+    weights[1536 * 1024 + 100] ^= 1  # one bit of a middle layer
+    (tmp_path / "model.safetensors").write_bytes(bytes(weights))
+    assert model_dir_fingerprint(str(tmp_path)) != before

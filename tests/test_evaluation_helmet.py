@@ -51,6 +51,9 @@ def mismatches(case: dict, tokenizer) -> list[str]:
             problems.append(f"sample {index}: token ids differ ({len(ids)} vs HELMET {len(theirs['input_ids'])})")
         for scored in theirs["scores"]:
             metrics = task.score_output(scored["output"], ours, case["chat"], mode="helmet")
+            if not set(metrics) & set(scored["metrics"]):  # else a renamed metric would compare nothing
+                problems.append(f"sample {index}: no metric in common: ours {sorted(metrics)}, "
+                                f"HELMET {sorted(scored['metrics'])}")
             for key in set(metrics) & set(scored["metrics"]):
                 if not math.isclose(float(metrics[key]), scored["metrics"][key], abs_tol=1e-9):
                     problems.append(f"sample {index}: {key} of {scored['output']!r} is {metrics[key]}, "

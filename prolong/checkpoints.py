@@ -265,11 +265,14 @@ class CompleteCheckpointsMixin:
         if self.args.should_save and os.path.isdir(path):  # a stale one (an abandoned run's): never mix files
             remove_checkpoint(path)
         self.accelerator.wait_for_everyone()
-        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate once this one is complete
+        # rotate, and push (hub_strategy), once this one is complete: the Trainer pushes from inside
+        # its _save_checkpoint, so a pushed last-checkpoint/ had no marker and no resume took it
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        push, self.args.push_to_hub = self.args.push_to_hub, False
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self.args.save_total_limit = limit
+            self.args.save_total_limit, self.args.push_to_hub = limit, push
         self.accelerator.wait_for_everyone()  # every rank's files (rng states, shards) are written
         if self.accelerator.is_local_main_process:
             fsync_tree(path)
@@ -280,6 +283,9 @@ class CompleteCheckpointsMixin:
                 "sequences_consumed": self.sequences_consumed(),
                 "sequences_per_step": self.sequences_per_step(),
             })
+        if push:
+            self._push_from_checkpoint(path)
+        if self.args.should_save:
             self._rotate_complete_checkpoints(os.path.dirname(path))
         self.accelerator.wait_for_everyone()
 

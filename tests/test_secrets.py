@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from transformers import TrainerCallback
 
 from hub_server import FakeHub
+from prolong.checkpoints import MARKER, incomplete_reason
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_TOKEN = "hf_SECRETcliHubToken0123456789"
@@ -60,7 +62,8 @@ def _cpt_args(model_dir, mixture, out, *extra):
     values = dict(model_name_or_path=model_dir, dataset_mixture=json.dumps(mixture), max_length=128,
                   per_device_train_batch_size=2, max_steps=2, save_steps=1, learning_rate=1e-3, output_dir=str(out),
                   report_to="none", disable_tqdm="true", push_to_hub="true", hub_model_id="me/tiny-cpt",
-                  hub_strategy="checkpoint", hub_token=HUB_TOKEN)
+                  hub_strategy="checkpoint", hub_token=HUB_TOKEN,
+                  hub_always_push="true")  # else a push still running under load makes the Trainer skip the next
     return [item for key, value in values.items() for item in (f"--{key}", str(value))] + list(extra)
 
 
@@ -79,10 +82,28 @@ def test_cpt_pushes_checkpoints_with_our_card_and_no_secret_anywhere(tiny_model_
     output_dir_pushes = [c for c in hub.commits if not c["summary"].endswith("checkpoint")]
     assert all("README.md" in c["paths"] for c in output_dir_pushes)  # our card on every push
     assert {"last-checkpoint/trainer_state.json", "model.safetensors", "config.json"} <= set(files)
+    # the pushed checkpoint is complete (marker included, pushed after it), so a resume from a
+    # download of last-checkpoint/ takes it
+    pushed = tmp_path / "downloaded" / "last-checkpoint"
+    for name, data in files.items():
+        if name.startswith("last-checkpoint/"):
+            (tmp_path / "downloaded" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "downloaded" / name).write_bytes(data)
+    assert incomplete_reason(str(pushed)) is None
+    assert json.loads((pushed / MARKER).read_text())["global_step"] == 2
     card = ModelCard(files["README.md"].decode())
     assert "Trained with ProLong recipes" in card.text and "<redacted>" in card.text  # the recipe's hub_token
     assert card.data.pipeline_tag == "text-generation" and "continued-pretraining" in card.data.tags
     assert (out / "README.md").read_bytes() == files["README.md"]
+
+
+class _MarkerAtPush(TrainerCallback):
+    """A checkpoint push (hub_strategy) starts only once the checkpoint is complete: a pushed
+    checkpoint without its marker is one no resume would take."""
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        assert incomplete_reason(str(checkpoint)) is None, f"{checkpoint} pushed before it was complete"
 
 
 def test_sft_writes_no_secret_anywhere(tiny_model_dir, tmp_path, monkeypatch, capfd):
@@ -108,7 +129,7 @@ def test_sft_writes_no_secret_anywhere(tiny_model_dir, tmp_path, monkeypatch, ca
     monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # transformers caches one HfApi (endpoint)
     with FakeHub(token=HUB_TOKEN) as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-        main(args)
+        main(args, callbacks=[_MarkerAtPush()])
         captured = capfd.readouterr()
         _scan(out, hub, "me/tiny-sft", captured.out + captured.err)
         assert "README.md" in hub.files("me/tiny-sft") and (out / "checkpoint-2").is_dir()

@@ -5,7 +5,6 @@ Everything is built in a temporary directory from scratch (no hub), so the tests
 
 from __future__ import annotations
 
-import json
 import os
 import random
 
@@ -17,7 +16,7 @@ os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset
 
 VOCAB_SIZE = 320  # >= the tiny tokenizer's vocabulary; random documents use ids below 300
 
@@ -82,28 +81,18 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 def write_packed_dataset(path: str, documents: list[list[int]], length: int, domain: str) -> str:
-    """Pack documents `short`-style (concatenated, carried over) into a prolong packed dataset."""
-    rows, spans, current, current_spans = [], [], [], []
-    for doc in documents:
-        doc = list(doc)
-        while doc:
-            take = doc[: length - len(current)]
-            current_spans.append([len(current), len(current) + len(take)])
-            current += take
-            doc = doc[len(take) :]
-            if len(current) == length:
-                rows.append(current)
-                spans.append(current_spans)
-                current, current_spans = [], []
-    features = Features(
-        {"input_ids": List(Value("int32")), "indices": List(List(Value("int32"))), "domain": Value("string")}
-    )
-    Dataset.from_dict(
-        {"input_ids": rows, "indices": spans, "domain": [domain] * len(rows)}, features=features
-    ).save_to_disk(path)
-    with open(os.path.join(path, "prolong_data.json"), "w") as f:
-        json.dump({"format": "prolong-packed", "version": 1, "mode": "short", "length": length,
-                   "num_sequences": len(rows), "num_tokens": len(rows) * length}, f)
+    """Pack documents with the real `prolong-data pack --mode short` code (concatenated, carried over),
+    so the fixtures cannot drift from the packed format."""
+    from prolong.data.pack import pack_dataset, packed_features
+    from prolong.data.storage import FORMAT_VERSION, write_metadata
+
+    if not documents:  # pack_dataset refuses to write no rows; an empty domain for the mixture's refusal
+        Dataset.from_dict({name: [] for name in packed_features(False)}, features=packed_features(False)).save_to_disk(path)
+        write_metadata(path, {"format": "prolong-packed", "version": FORMAT_VERSION, "mode": "short",
+                              "length": length, "num_sequences": 0, "num_tokens": 0})
+        return path
+    tokenized = Dataset.from_dict({"input_ids": [list(doc) for doc in documents], "domain": [domain] * len(documents)})
+    pack_dataset(tokenized, path, mode="short", length=length)
     return path
 
 

@@ -31,6 +31,10 @@ def summarise(task, records: list) -> dict:
             metric, note = task.fallback_metric, "citations not scored (no nli_model): score is " + task.fallback_metric
     elif task.judged and metric not in means:
         metric, note = task.fallback_metric, "judge skipped: score is " + task.fallback_metric
+    failed = sum(1 for r in records if any(k.endswith("_failed") and v == 1 for k, v in r["metrics"].items()))
+    if failed:  # the score leaves these samples out (as HELMET does); a rerun with resume scores them again
+        failure = f"model scorer failed on {failed} of {len(records)} samples (rerun with it reachable to score them)"
+        note = failure if note is None else f"{failure}; score is {metric}"
     by_depth = defaultdict(list)
     for record in records:
         if record.get("depth") is not None:

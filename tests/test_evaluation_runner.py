@@ -126,6 +126,8 @@ def test_a_judge_that_is_down_marks_the_samples_and_keeps_the_predictions(models
     assert all(r["metrics"]["judge_failed"] == 1 and r["metrics"]["judge"].startswith("failed: judge call: URLError")
                for r in records)
     assert result["metric"] == "rougeL_f1"  # no judged sample: the fallback metric, with a note
+    assert "failed on 2 of 2 samples" in result["note"] and "judge skipped" not in result["note"]
+    assert "failed on 2 of 2 samples" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_records_hold_the_prompt_and_progress_is_shown(models, tmp_path, capfd):

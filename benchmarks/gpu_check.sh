@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check, at most 8 minutes with set-up, on a fresh GPU machine without a package registry:
-#   1. set-up: a venv over the machine's CUDA torch (--system-site-packages) + the wheels in .whl/
+#   1. set-up: the wheels in .whl/ installed with --target into $GPU_SITE, put first on PYTHONPATH,
+#      for the machine's python3 that holds CUDA torch (a venv made from it would not see its torch
+#      when that python3 is itself a venv's, as on the lent H200 machines)
 #   2. pytest tests/test_gpu.py
 #   3. bench_train, Llama-3.2-1B shape, 16K and 64K: prolong vs TRL padding-free, checkpointing on for both
 #   4. max_context --check 524288 for the 1B shape (ckpt+offload+tiled-mlp, short-document rows)
@@ -31,13 +33,19 @@ case "${1:-}" in
 esac
 
 # The GPU machine has CUDA torch (and triton) installed; these are the rest, pinned as in
-# requirements.txt, with no dependencies resolved (there is no index to resolve them from).
+# requirements.txt, with no dependencies resolved (there is no index to resolve them from): dill,
+# multiprocess (datasets) and httpx2 (huggingface-hub 2.x) were missing on the lent H200 image.
 WHEELS="transformers==5.24.0 trl==1.16.0 accelerate==1.15.0 datasets==5.2.0 peft==0.21.2 huggingface-hub==2.4.0
-tokenizers==0.23.3 safetensors==0.8.0 liger-kernel==0.8.5 pyyaml==6.0.3 pytest==9.0.3"
+tokenizers==0.23.3 safetensors==0.8.0 liger-kernel==0.8.5 pyyaml==6.0.3 pytest==9.0.3 dill==0.4.1
+multiprocess==0.70.19 httpx2==2.16.2"
+GPU_PYTHON=${GPU_PYTHON:-python3} GPU_SITE=${GPU_SITE:-/tmp/prolong-gpu-site} WHEELS_DIR=${WHEELS_DIR:-.whl}
 if [ "$MODE" = fetch ]; then
-  mkdir -p .whl
+  mkdir -p "$WHEELS_DIR"
+  # for the GPU machine's Python (3.12 on the lent H200s), not this one's
   # shellcheck disable=SC2086
-  exec python3 -m pip download --no-deps --only-binary=:all: -d .whl $WHEELS
+  exec python3 -m pip download --no-deps --only-binary=:all: --python-version "${GPU_PYTHON_VERSION:-3.12}" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$WHEELS_DIR" $WHEELS
 fi
 
 TOTAL_S=${TOTAL_S:-480}
@@ -49,7 +57,7 @@ if [ "$MODE" = dry ]; then
   SHAPE_1B=tiny SHAPE_8B=tiny LEN_A=128 LEN_B=256 CHECK_1B=256 CHECK_8B_A=128 CHECK_8B_B= TILE=64
   CPU=--cpu BENCH_STEPS="--warmup 0 --steps 1 --repeats 2"
 else  # gpu, plan
-  RESULTS=benchmarks/results PY=.venv-gpu/bin/python
+  RESULTS=${RESULTS_DIR:-benchmarks/results} PY=$GPU_PYTHON
   SHAPE_1B=llama-3.2-1b SHAPE_8B=llama-3-8b LEN_A=16384 LEN_B=65536 CHECK_1B=524288
   CHECK_8B_A=131072 CHECK_8B_B=262144 TILE=8192 CPU= BENCH_STEPS="--warmup 1 --steps 3 --repeats 2"
 fi
@@ -81,13 +89,13 @@ step() {
 
 # 1. set-up: no registry, so only wheels already here (.whl/) and what the machine has
 setup() {
-  if [ -x .venv-gpu/bin/python ]; then return 0; fi
-  python3 -m venv --system-site-packages .venv-gpu || return 1
-  if compgen -G ".whl/*.whl" >/dev/null; then
-    .venv-gpu/bin/python -m pip install -q --no-index --no-deps .whl/*.whl || return 1
+  if compgen -G "$WHEELS_DIR/*.whl" >/dev/null; then
+    "$GPU_PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$GPU_SITE" "$WHEELS_DIR"/*.whl || return 1
   fi
-  .venv-gpu/bin/python -c "import torch, transformers, trl, accelerate, datasets; assert torch.cuda.is_available(), 'no CUDA'"
+  "$GPU_PYTHON" -c "import torch, transformers, trl, accelerate, datasets; assert torch.cuda.is_available(), 'no CUDA'"
 }
+[ "$MODE" = dry ] || export PYTHONPATH="$GPU_SITE${PYTHONPATH:+:$PYTHONPATH}" GPU_PYTHON GPU_SITE WHEELS_DIR
 if [ "$MODE" != dry ]; then
   step setup 120 bash -c "$(declare -f setup); setup"  # `timeout` runs programs, not shell functions
 fi

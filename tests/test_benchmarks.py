@@ -211,3 +211,19 @@ def test_compare_runs_refuses_runs_with_different_memory_options(tmp_path, capsy
     checkpointed = json.loads((ROOT / "benchmarks" / "results" / "cpu-tiny-ckpt.json").read_text())
     status, out = _compare(tmp_path, plain, checkpointed, capsys)
     assert status == 2 and "activation_checkpointing: False vs True" in out.err
+
+
+def test_gpu_check_set_up_uses_the_machines_python_with_its_torch(tmp_path):
+    """The lent GPU machines' python3 is itself a venv's (/opt/torch/.venv): a venv made from it with
+    --system-site-packages does not see its CUDA torch, so every step failed. The set-up now adds
+    the carried wheels with --target to that python3's path. Here: a venv python, no wheels, no CUDA;
+    the set-up must get as far as the CUDA check (torch and the rest import)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    completed = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "ONLY": "setup", "GPU_PYTHON": sys.executable,
+                                    "GPU_SITE": str(tmp_path / "site"), "WHEELS_DIR": str(wheels),
+                                    "RESULTS_DIR": str(tmp_path / "results")})
+    log = next((tmp_path / "results").glob("gpu-check-*.log")).read_text()
+    assert completed.returncode == 1 and "FAILED setup" in completed.stderr, completed.stderr
+    assert "AssertionError: no CUDA" in log and "No module named" not in log, log[-2000:]

@@ -100,23 +100,23 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(uninterrupted, t
 def test_resume_after_a_power_loss_gives_the_uninterrupted_curve(
     tiny_model_dir, packed_mixture, uninterrupted, tmp_path, caplog
 ):
-    """End to end: checkpoint-4's optimizer.pt truncated to 0 bytes; `--resume_from_checkpoint
-    true` continues from checkpoint-2. With save_total_limit 2 the rotation, which runs once a
-    checkpoint is complete, keeps the two newest complete checkpoints (an incomplete
-    checkpoint-8 takes no place among them)."""
+    """End to end: checkpoint-6's optimizer.pt truncated to 0 bytes; `--resume_from_checkpoint
+    true` continues from checkpoint-4 (two steps: the damaged checkpoint-6 is replaced, not mixed).
+    With save_total_limit 2 the rotation, which runs once a checkpoint is complete, keeps the two
+    newest complete checkpoints (an incomplete checkpoint-8 takes no place among them)."""
     out = tmp_path / "run"
-    for step in (2, 4):
+    for step in (2, 4, 6):
         shutil.copytree(uninterrupted / f"checkpoint-{step}", out / f"checkpoint-{step}")
-    (out / "checkpoint-4" / "optimizer.pt").write_bytes(b"")
+    (out / "checkpoint-6" / "optimizer.pt").write_bytes(b"")
     shutil.copytree(uninterrupted / "checkpoint-6", out / "checkpoint-8")  # a save cut short before its marker
     (out / "checkpoint-8" / MARKER).unlink()
     kept = _CheckpointsAfterEachSave()
     with caplog.at_level("INFO", logger="prolong.checkpoints"):
         main(_argv(tiny_model_dir, packed_mixture, out, save_total_limit=2, resume_from_checkpoint="true", **RUN),
              callbacks=[kept])
-    assert f"Resuming from {out / 'checkpoint-2'}" in caplog.text
+    assert f"Resuming from {out / 'checkpoint-4'}" in caplog.text
     _assert_same_curve(_losses(out), _losses(uninterrupted))
-    assert kept.listings == {4: ["checkpoint-2", "checkpoint-4"], 6: ["checkpoint-4", "checkpoint-6"]}
+    assert kept.listings == {6: ["checkpoint-4", "checkpoint-6"]}
     assert last_checkpoint(str(out)) == str(out / "checkpoint-6")
 
 
@@ -143,20 +143,20 @@ class _RecordModelInputs(TrainerCallback):
 def test_resume_with_another_global_batch_size_continues_at_the_next_unseen_sequence(
     tiny_model_dir, packed_mixture, uninterrupted, tmp_path
 ):
-    """checkpoint-2 consumed sequences 0-3 (2 per step). Resumed with global_batch_size 4 for 2
-    more steps, the model must see exactly sequences 4-11 of the same stream (the Trainer's own
+    """checkpoint-2 consumed sequences 0-3 (2 per step). Resumed with global_batch_size 4 for one
+    more step, the model must see exactly sequences 4-7 of the same stream (the Trainer's own
     skipping would start at 2 steps x 4 = sequence 8: 4 skipped)."""
     out = tmp_path / "run"
     shutil.copytree(uninterrupted / "checkpoint-2", out / "checkpoint-2")
     recorder = _RecordModelInputs()
-    main(_argv(tiny_model_dir, packed_mixture, out, max_steps=4, save_steps=2, per_device_train_batch_size=2,
+    main(_argv(tiny_model_dir, packed_mixture, out, max_steps=3, save_steps=1, per_device_train_batch_size=2,
                global_batch_size=4), callbacks=[recorder])
     stream = MixtureDataset(packed_mixture, 128, num_sequences=100, seed=42)
-    expected = [token for index in range(4, 12) for token in stream[index]["input_ids"]]
+    expected = [token for index in range(4, 8) for token in stream[index]["input_ids"]]
     assert recorder.tokens == expected
-    with open(out / "checkpoint-4" / MARKER) as f:
+    with open(out / "checkpoint-3" / MARKER) as f:
         record = json.load(f)
-    assert (record["sequences_consumed"], record["sequences_per_step"]) == (12, 4)
+    assert (record["sequences_consumed"], record["sequences_per_step"]) == (8, 4)
 
 
 def test_an_output_dir_with_checkpoints_is_continued_or_overwritten_never_mixed(
@@ -166,10 +166,10 @@ def test_an_output_dir_with_checkpoints_is_continued_or_overwritten_never_mixed(
     shutil.copytree(uninterrupted / "checkpoint-4", out / "checkpoint-4")
     with pytest.raises(RecipeError, match="already holds checkpoint-4.*resume_from_checkpoint: auto.*overwrite_output_dir"):
         main(_argv(tiny_model_dir, packed_mixture, out, resume_from_checkpoint="none", **RUN))
-    main(_argv(tiny_model_dir, packed_mixture, out, overwrite_output_dir="true", max_steps=2, save_steps=2,
+    main(_argv(tiny_model_dir, packed_mixture, out, overwrite_output_dir="true", max_steps=1, save_steps=1,
                per_device_train_batch_size=2))
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # checkpoint-4 of the old run is gone
-    assert sorted(_losses(out)) == [1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # checkpoint-4 of the old run is gone
+    assert sorted(_losses(out)) == [1]
 
 
 class _Killed(BaseException):

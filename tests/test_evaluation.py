@@ -123,6 +123,8 @@ def test_truncation_cuts_only_the_end_of_the_context(tokenizer):
 def test_chunked_prefill_gives_the_greedy_tokens_of_an_unchunked_generate(tokenizer):
     """HFGenerator prefills long prompts through transformers' generate(prefill_chunk_size=...)."""
     model = make_model(len(tokenizer)).eval()
+    for param in model.parameters():  # large weights: the greedy tokens depend on the early chunks (with the
+        torch.nn.init.normal_(param, std=0.5)  # default init, the last chunk alone gave the same tokens)
     ids = tokenizer("The grass is green. " * 60)["input_ids"]
     forwards = []
     hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape[1]),
@@ -134,6 +136,7 @@ def test_chunked_prefill_gives_the_greedy_tokens_of_an_unchunked_generate(tokeni
     assert forwards[:5] == [64, 64, 64, 64, len(ids) - 256] and set(forwards[5:]) == {1}  # 4 full chunks + rest
     assert chunked == HFGenerator(model, tokenizer, prefill_chunk_size=0).generate(ids, 8, False)
     assert chunked == HFGenerator(model, tokenizer, prefill_chunk_size=100).generate(ids, 8, False)
+    assert chunked != HFGenerator(model, tokenizer, prefill_chunk_size=0).generate(ids[256:], 8, False)  # context counts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ def update_model_card(model_dir: str, scores: dict) -> str:
     if not card.data.model_name:
         card.data.model_name = os.path.basename(os.path.abspath(model_dir))
     section = _evaluation_section(new_results, None, HELMET_SOURCE)
-    body = card.content.split("---", 2)[2] if card.content.startswith("---") else card.content
+    body = card.text  # after the YAML header (splitting content on "---" also split a name like run---2)
     if EVALUATION_HEADING in body:
         head, _, rest = body.partition(EVALUATION_HEADING)
         following = rest.find("\n## ")

@@ -74,3 +74,15 @@ def test_update_card_without_a_card_fails_before_evaluating(tmp_path, capsys):
         evaluation_main(["--model", str(tmp_path), "--update-card", str(tmp_path / "nope")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "not found" in err and "nope/README.md" in err and "Traceback" not in err
+
+
+def test_update_card_keeps_one_header_when_the_header_holds_dashes(tmp_path):
+    """A model named run---2 (its output_dir's name): the card keeps one YAML header and its body."""
+    from prolong.model_card import update_model_card
+
+    write_model_card(str(tmp_path), name="run---2", load_path=str(tmp_path), base_model="org/base", stage="sft",
+                     recipe={}, rope_parameters=None, max_length=64)
+    text = update_model_card(str(tmp_path), {"mode": "helmet", "categories": {"recall": {"8192": 50.0}}})
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.model_name == "run---2" and len(card.data.eval_results) == 1
+    assert text.count("model-index:") == 1 and card.text.lstrip().startswith("# run---2")

@@ -128,6 +128,35 @@ def test_a_judge_that_is_down_marks_the_samples_and_keeps_the_predictions(models
     assert result["metric"] == "rougeL_f1"  # no judged sample: the fallback metric, with a note
     assert "failed on 2 of 2 samples" in result["note"] and "judge skipped" not in result["note"]
     assert "failed on 2 of 2 samples" in (tmp_path / "out" / "report.md").read_text()
+    # the judge is back: a rerun scores the kept outputs (nothing regenerated)
+    import http.server
+    import threading
+
+    class JudgeUp(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": {"content": '{"fluency": 1, "correctness": 2}'}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", port), JudgeUp)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        scores = evaluate(models[0], output_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"), shots=0,
+                          mode="fixed", judge_base_url=f"http://127.0.0.1:{port}/v1", use_chat_template=False,
+                          **{**FAST, "tasks": ["narrativeqa"], "lengths": [512]})
+    finally:
+        server.shutdown()
+        server.server_close()
+    rescored = [json.loads(line) for line in (tmp_path / "out" / "predictions" / "narrativeqa_512.jsonl").read_text().splitlines()]
+    assert [(r["output"], r["seconds"]) for r in rescored] == [(r["output"], r["seconds"]) for r in records]
+    assert all(r["metrics"]["judge_failed"] == 0 for r in rescored)
+    assert scores["results"][0]["metric"] == "judge_score" and scores["results"][0]["score"] == pytest.approx(200 / 3)
+    assert scores["results"][0]["note"] is None
 
 
 def test_records_hold_the_prompt_and_progress_is_shown(models, tmp_path, capfd):

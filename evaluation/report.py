@@ -1,10 +1,13 @@
 """Scores, the markdown report and the plots (matplotlib, Agg backend)."""
 import json
+import logging
 import os
 from collections import defaultdict
 
 from .metrics import metric as metric_info
 from .tasks import CATEGORIES
+
+logger = logging.getLogger(__name__)
 
 
 def _mean(values):
@@ -150,8 +153,12 @@ def plot_depth_heatmap(scores: dict, path: str) -> bool:
 def _replace_into(path: str, write) -> None:
     """`write(tmp_path)`, then move the result into place: a reader never sees a half-written file."""
     tmp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: no temporary file left behind
+            os.remove(tmp)
 
 
 def write_all(scores: dict, output_dir: str, plots: bool = True):
@@ -160,12 +167,17 @@ def write_all(scores: dict, output_dir: str, plots: bool = True):
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
         return write
-    if plots:
-        os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
-        _replace_into(os.path.join(output_dir, "plots", "score_vs_length.png"), lambda p: plot_score_vs_length(scores, p))
-        heatmap = os.path.join(output_dir, "plots", "recall_depth_heatmap.png")
-        tmp = f"{heatmap}.tmp-{os.getpid()}.png"
-        if plot_depth_heatmap(scores, tmp):
-            os.replace(tmp, heatmap)
+    # the scores and the report first: a plot that fails must not lose them
     _replace_into(os.path.join(output_dir, "report.md"), text_writer(markdown(scores)))
     _replace_into(os.path.join(output_dir, "scores.json"), text_writer(json.dumps(scores, indent=2, default=str)))
+    if plots:
+        try:
+            os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
+            _replace_into(os.path.join(output_dir, "plots", "score_vs_length.png"),
+                          lambda p: plot_score_vs_length(scores, p))
+            heatmap = os.path.join(output_dir, "plots", "recall_depth_heatmap.png")
+            if any(r["category"] == "recall" and r.get("by_depth") for r in scores["results"]):
+                _replace_into(heatmap, lambda p: plot_depth_heatmap(scores, p))
+        except Exception as error:  # noqa: BLE001 - the scores and report are written; say why the plots are not
+            logger.warning("plots not written into %s: %s: %s", os.path.join(output_dir, "plots"),
+                           type(error).__name__, error)

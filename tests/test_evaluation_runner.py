@@ -238,3 +238,11 @@ def test_model_fingerprint_sees_a_change_anywhere_in_a_weights_file(tmp_path):
     weights[1536 * 1024 + 100] ^= 1  # one bit of a middle layer
     (tmp_path / "model.safetensors").write_bytes(bytes(weights))
     assert model_dir_fingerprint(str(tmp_path)) != before
+
+
+def test_a_plot_that_cannot_be_written_loses_neither_scores_nor_report(models, tmp_path, caplog):
+    (tmp_path / "plots").write_text("a file where the plots folder goes")
+    evaluate(models[0], output_dir=str(tmp_path), **{**FAST, "plots": True})
+    assert json.loads((tmp_path / "scores.json").read_text())["results"][0]["status"] == "ok"
+    assert (tmp_path / "report.md").exists() and "plots not written" in caplog.text
+    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]

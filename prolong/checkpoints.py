@@ -244,6 +244,17 @@ class CompleteCheckpointsMixin:
     def _continue_data_at(self, record: dict) -> None:
         consumed, per_step = record["sequences_consumed"], self.sequences_per_step()
         dataset = self.train_dataset
+        recorded, current = record.get("data_stream"), getattr(dataset, "stream_identity", lambda: None)()
+        changed = sorted(k for k in (recorded or {}) if current is not None and k != "balanced_block"
+                         and recorded[k] != current.get(k))
+        if changed:
+            raise RecipeError(
+                f"{', '.join(changed)}: the checkpoint at step {record['global_step']} was trained on the stream of "
+                f"{', '.join(f'{k}={recorded[k]}' for k in changed)}; this run has "
+                f"{', '.join(f'{k}={current.get(k)}' for k in changed)}. Continuing at sequence {consumed} of another "
+                "stream would repeat some sequences and skip others: resume with the checkpoint's values, or start "
+                "over with overwrite_output_dir: true."
+            )
         if hasattr(dataset, "start_at"):
             # the dataset starts at the next unseen sequence; the Trainer must not skip batches
             # itself (it would skip global_step x this run's batch)
@@ -282,6 +293,7 @@ class CompleteCheckpointsMixin:
                 "global_step": self.state.global_step,
                 "sequences_consumed": self.sequences_consumed(),
                 "sequences_per_step": self.sequences_per_step(),
+                "data_stream": getattr(self.train_dataset, "stream_identity", lambda: None)(),
             })
         if push:
             self._push_from_checkpoint(path)

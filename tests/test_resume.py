@@ -26,7 +26,7 @@ from prolong.checkpoints import MARKER, last_checkpoint
 from prolong.config import RecipeError
 from prolong.data.mixture import MixtureDataset
 from prolong.run_cpt import main
-from test_cpt import _argv, _losses
+from helpers import cpt_argv as _argv, logged_losses as _losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = dict(max_steps=6, save_steps=2, per_device_train_batch_size=2)
@@ -159,6 +159,18 @@ def test_resume_with_another_global_batch_size_continues_at_the_next_unseen_sequ
     assert (record["sequences_consumed"], record["sequences_per_step"]) == (8, 4)
 
 
+def test_resume_with_another_seed_or_mixture_is_refused(tiny_model_dir, packed_mixture, uninterrupted, tmp_path):
+    """The checkpoint's position (4 sequences) is a position in the stream of its seed and mixture:
+    continued in another stream it would repeat some sequences and skip others."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoint-2", out / "checkpoint-2")
+    with pytest.raises(RecipeError, match=r"^seed: the checkpoint at step 2 .*seed=42.* seed=43.*overwrite_output_dir"):
+        main(_argv(tiny_model_dir, packed_mixture, out, seed=43, **RUN))
+    shares = dict(zip(packed_mixture, (0.5, 0.5)))
+    with pytest.raises(RecipeError, match=r"^dataset_mixture: the checkpoint at step 2"):
+        main(_argv(tiny_model_dir, shares, out, **RUN))
+
+
 def test_an_output_dir_with_checkpoints_is_continued_or_overwritten_never_mixed(
     tiny_model_dir, packed_mixture, uninterrupted, tmp_path
 ):
@@ -187,7 +199,7 @@ def test_a_kill_at_any_point_of_the_final_save_leaves_the_old_or_the_new_model(
     still be there, and the next final save must publish the new model."""
     import prolong.outputs as outputs
     from prolong.outputs import recover_final_save, save_final_model
-    from test_cpt import _trainer
+    from helpers import cpt_trainer as _trainer
 
     trainer = _trainer(tiny_model_dir, packed_mixture, tmp_path / "out", per_device_train_batch_size=1, max_steps=1)
     trainer.train()
@@ -275,8 +287,8 @@ def test_preempted_sft_resumes_with_its_curve_and_refuses_another_global_batch_s
     that the Trainer's resume skips by steps of the new batch size, so another global_batch_size
     would repeat or skip conversations: it is refused, naming the field and the checkpoint's value."""
     from prolong.run_sft import main as sft_main
-    from test_cpt import _PreemptAt
-    from test_sft import _conversations, _run_args, _write_chat_jsonl
+    from helpers import PreemptAt as _PreemptAt, chat_conversations as _conversations, sft_argv as _run_args, \
+        write_chat_jsonl as _write_chat_jsonl
 
     data = _write_chat_jsonl(tmp_path / "chat.jsonl", _conversations(24, seed=1))
     steps = ("--save_strategy", "steps", "--save_steps", "100", "--logging_steps", "1", "--max_steps", "4")

@@ -88,6 +88,7 @@ class MixtureDataset(Dataset):
                 "Rescale them."
             )
         self.paths = [p for p, share in mixture.items() if share > 0]
+        self.shares = [share for share in mixture.values() if share > 0]
         self.seed, self.block_size, self.num_sequences, self.max_length = seed, block_size, num_sequences, max_length
         self.first = 0  # item i of this dataset is sequence first + i of the mixture's stream
         # per domain: rows longer than max_length are cut into pieces; `piece_ends` (cumulative
@@ -152,6 +153,13 @@ class MixtureDataset(Dataset):
         """Make item 0 the mixture's sequence ``position`` (a resumed run's next unseen sequence)."""
         self.first = int(position)
 
+    def stream_identity(self) -> dict:
+        """What fixes the stream's order (recorded in each checkpoint): a resumed run with another
+        seed or mixture would continue at the right position of another stream."""
+        shares = dict(zip(self.paths, (float(share) for share in self.shares)))
+        return {"seed": self.seed, "max_length": self.max_length, "block_size": self.block_size,
+                "dataset_mixture": shares}
+
     def _make_block_order(self, block: int) -> np.ndarray:
         order = np.repeat(np.arange(len(self.paths)), self.block_counts)
         np.random.default_rng([self.seed, block]).shuffle(order)
@@ -213,6 +221,9 @@ class BalancedOrder(Dataset):
         batch size) balances exactly the sequences it has not seen yet."""
         self.dataset.start_at(position)
         self._block_layout.cache_clear()
+
+    def stream_identity(self) -> dict:
+        return {**self.dataset.stream_identity(), "balanced_block": self.block}
 
     def _make_block_layout(self, block: int) -> list[int]:
         first = block * self.block

@@ -5,48 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from helpers import PreemptAt, cpt_argv, cpt_trainer, logged_losses, train_log
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
 from prolong.collator import PackedCollator
 from prolong.config import CPTConfig, RecipeError
 from prolong.data.mixture import MixtureDataset
 from prolong.run_cpt import main
-from prolong.trainer import CPTTrainer
-
-
-def _argv(model_dir, mixture, output_dir, **overrides):
-    values = dict(
-        model_name_or_path=model_dir,
-        dataset_mixture=json.dumps(mixture),
-        max_length=128,
-        per_device_train_batch_size=2,
-        max_steps=4,
-        save_steps=2,
-        learning_rate=1e-3,
-        output_dir=str(output_dir),
-        report_to="none",
-        disable_tqdm="true",
-    )
-    values.update(overrides)
-    argv = []
-    for key, value in values.items():
-        argv += [f"--{key}", str(value)]
-    return argv
-
-
-def _log(output_dir):
-    with open(os.path.join(output_dir, "trainer_state.json")) as f:
-        return json.load(f)["log_history"]
-
-
-def _losses(output_dir):
-    return {entry["step"]: entry["loss"] for entry in _log(output_dir) if "loss" in entry}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +31,7 @@ def mixture_512(tmp_path_factory) -> dict[str, float]:
 
 
 def test_raised_theta_is_saved_and_changes_the_inverse_frequencies(tiny_model_dir, mixture_512, tmp_path):
-    out = main(_argv(tiny_model_dir, mixture_512, tmp_path / "run", rope_theta=1e6, max_length=512, max_steps=1))
+    out = main(cpt_argv(tiny_model_dir, mixture_512, tmp_path / "run", rope_theta=1e6, max_length=512, max_steps=1))
     config = AutoConfig.from_pretrained(out)
     assert config.rope_parameters["rope_theta"] == 1e6
     assert config.max_position_embeddings == 512  # widened from the base model's 256
@@ -71,7 +41,7 @@ def test_raised_theta_is_saved_and_changes_the_inverse_frequencies(tiny_model_di
     expected = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     torch.testing.assert_close(trained.model.rotary_emb.inv_freq, expected)
     assert not torch.allclose(base.model.rotary_emb.inv_freq, expected)
-    assert _losses(out) and all(e["tokens_per_second"] > 0 for e in _log(out) if "loss" in e)
+    assert logged_losses(out) and all(e["tokens_per_second"] > 0 for e in train_log(out) if "loss" in e)
     card = open(os.path.join(out, "README.md")).read()
     assert "1000000.0" in card and "| 60% |" in card
     # the final save is staged beside output_dir (.run.final-new / .run.final-old) and moved in: nothing is left
@@ -83,7 +53,7 @@ def test_max_length_above_the_packed_length_is_refused_or_trained_and_reported_a
     """Data packed at 128 with max_length 512 trains on 128-token rows: refused, unless the recipe
     lists the domains under allow_packed_shorter; then the card and config say 128, not 512."""
     with pytest.raises(RecipeError, match=r"packed at 128 tokens.*max_length=512.*allow_packed_shorter"):
-        main(_argv(tiny_model_dir, packed_mixture, tmp_path / "refused", max_length=512))
+        main(cpt_argv(tiny_model_dir, packed_mixture, tmp_path / "refused", max_length=512))
     long_512 = next(p for p in mixture_512 if p.endswith("long"))
     short_128 = next(p for p in packed_mixture if p.endswith("short"))
     with open(os.path.join(short_128, "prolong_data.json")) as f:
@@ -93,16 +63,16 @@ def test_max_length_above_the_packed_length_is_refused_or_trained_and_reported_a
     with open(os.path.join(long_128, "prolong_data.json"), "w") as f:
         json.dump(dict(meta, mode="long"), f)
     with pytest.raises(RecipeError, match="--mode long --length 512"):  # long data must reach max_length
-        main(_argv(tiny_model_dir, {long_128: 1.0}, tmp_path / "refused", max_length=512,
+        main(cpt_argv(tiny_model_dir, {long_128: 1.0}, tmp_path / "refused", max_length=512,
                    allow_packed_shorter=long_128))
 
     # short data packed shorter, on purpose, beside long data at max_length: trains at 512
-    mixed = main(_argv(tiny_model_dir, {long_512: 0.6, short_128: 0.4}, tmp_path / "mixed", max_length=512,
+    mixed = main(cpt_argv(tiny_model_dir, {long_512: 0.6, short_128: 0.4}, tmp_path / "mixed", max_length=512,
                        allow_packed_shorter=short_128, max_steps=1))
     assert "training sequence length: 512 tokens" in open(os.path.join(mixed, "README.md")).read()
     # every domain shorter: the run, its card and config.json say 128
     with caplog.at_level("INFO", logger="prolong.run_cpt"):
-        short = main(_argv(tiny_model_dir, {short_128: 1.0}, tmp_path / "short", max_length=512,
+        short = main(cpt_argv(tiny_model_dir, {short_128: 1.0}, tmp_path / "short", max_length=512,
                            allow_packed_shorter=short_128, max_steps=1))
     assert "training sequence length: 128 tokens" in open(os.path.join(short, "README.md")).read()
     assert AutoConfig.from_pretrained(short).max_position_embeddings == 256  # the base window, not widened to 512
@@ -127,41 +97,21 @@ def test_masking_probe_packs_rows_like_the_mixture_with_the_trainers_collator(ti
         check_document_masking(model, collator=spans_ignored, sample=dataset[0])
 
 
-class _PreemptAt(TrainerCallback):
-    """Sends SIGUSR1 to this process at a given step, as a cluster scheduler would."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
 def test_preempted_run_resumes_with_the_uninterrupted_loss_curve(tiny_model_dir, packed_mixture, tmp_path):
     # accumulation 2: the data position must count micro-batches, not optimizer steps
     steps = dict(max_steps=6, save_steps=100, per_device_train_batch_size=1, global_batch_size=2)
-    reference = _losses(main(_argv(tiny_model_dir, packed_mixture, tmp_path / "full", **steps)))
+    reference = logged_losses(main(cpt_argv(tiny_model_dir, packed_mixture, tmp_path / "full", **steps)))
 
     interrupted = tmp_path / "interrupted"
-    main(_argv(tiny_model_dir, packed_mixture, interrupted, **steps), callbacks=[_PreemptAt(3)])
+    main(cpt_argv(tiny_model_dir, packed_mixture, interrupted, **steps), callbacks=[PreemptAt(3)])
     assert sorted(p for p in os.listdir(interrupted) if p.startswith("checkpoint")) == ["checkpoint-3"]
     assert not (interrupted / "config.json").exists()  # an unfinished run presents no final model
-    first_part = _losses(interrupted / "checkpoint-3")
-    resumed = _losses(main(_argv(tiny_model_dir, packed_mixture, interrupted, resume_from_checkpoint="true", **steps)))
+    first_part = logged_losses(interrupted / "checkpoint-3")
+    resumed = logged_losses(main(cpt_argv(tiny_model_dir, packed_mixture, interrupted, resume_from_checkpoint="true", **steps)))
 
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6] and sorted(first_part) == [1, 2, 3]
     for step in range(1, 7):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step
-
-
-def _trainer(model_dir, mixture, output_dir, **args):
-    config = CPTConfig(
-        output_dir=str(output_dir), report_to="none", save_strategy="no", disable_tqdm=True, **args
-    )
-    dataset = MixtureDataset(mixture, 128, num_sequences=8, seed=3)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return CPTTrainer(model=model, args=config, train_dataset=dataset, data_collator=PackedCollator())
 
 
 def _uneven_dataset(path) -> str:
@@ -176,8 +126,8 @@ def _uneven_dataset(path) -> str:
 def test_gradient_accumulation_equals_one_big_batch_and_the_global_token_mean(tiny_model_dir, tmp_path):
     long_only = {_uneven_dataset(tmp_path / "uneven"): 1.0}
     common = dict(max_steps=1, optim="sgd", learning_rate=0.5, warmup_steps=0, lr_scheduler_type="constant", max_grad_norm=0)
-    accumulated = _trainer(tiny_model_dir, long_only, tmp_path / "a", per_device_train_batch_size=1, gradient_accumulation_steps=2, **common)
-    big_batch = _trainer(tiny_model_dir, long_only, tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=1, **common)
+    accumulated = cpt_trainer(tiny_model_dir, long_only, tmp_path / "a", per_device_train_batch_size=1, gradient_accumulation_steps=2, **common)
+    big_batch = cpt_trainer(tiny_model_dir, long_only, tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=1, **common)
 
     # the global token mean of the step, computed by hand with the initial model
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -208,11 +158,11 @@ class _RecordOptimizerAtStart(TrainerCallback):
 
 
 def test_stage_handoff_loads_optimizer_state_with_a_fresh_schedule(tiny_model_dir, packed_mixture, tmp_path):
-    stage1 = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "stage1", max_steps=2, learning_rate=1e-3))
+    stage1 = main(cpt_argv(tiny_model_dir, packed_mixture, tmp_path / "stage1", max_steps=2, learning_rate=1e-3))
     saved = torch.load(os.path.join(stage1, "checkpoint-2", "optimizer.pt"), weights_only=True)
 
     recorder = _RecordOptimizerAtStart()
-    argv = _argv(tiny_model_dir, packed_mixture, tmp_path / "stage2", init_from=stage1, load_optimizer_state="true",
+    argv = cpt_argv(tiny_model_dir, packed_mixture, tmp_path / "stage2", init_from=stage1, load_optimizer_state="true",
                  learning_rate=5e-4, max_steps=2)
     main(argv, [recorder])  # the Trainer's own order: optimizer, accelerate prepare, scheduler
     assert sorted(recorder.exp_avg) == sorted(saved["state"]) and saved["state"]
@@ -225,17 +175,17 @@ def test_stage_handoff_loads_optimizer_state_with_a_fresh_schedule(tiny_model_di
 def test_recipe_errors_name_the_field_and_the_fix(tiny_model_dir, packed_mixture, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(RecipeError, match="did you mean 'learning_rate'|Did you mean 'learning_rate'"):
-        main(_argv(tiny_model_dir, packed_mixture, out) + ["--learning_rat", "1"])
+        main(cpt_argv(tiny_model_dir, packed_mixture, out) + ["--learning_rat", "1"])
     with pytest.raises(RecipeError, match="max_length"):
-        main(_argv(tiny_model_dir, packed_mixture, out, max_length="long"))
+        main(cpt_argv(tiny_model_dir, packed_mixture, out, max_length="long"))
     with pytest.raises(RecipeError, match="model_name_or_path"):
-        main(_argv(str(tmp_path / "no-such-model"), packed_mixture, out))
+        main(cpt_argv(str(tmp_path / "no-such-model"), packed_mixture, out))
     with pytest.raises(RecipeError, match="sum to 1"):
-        main(_argv(tiny_model_dir, {k: 0.7 for k in packed_mixture}, out))
+        main(cpt_argv(tiny_model_dir, {k: 0.7 for k in packed_mixture}, out))
     with pytest.raises(RecipeError, match="does not exist"):
-        main(_argv(tiny_model_dir, {str(tmp_path / "missing"): 1.0}, out))
+        main(cpt_argv(tiny_model_dir, {str(tmp_path / "missing"): 1.0}, out))
     with pytest.raises(RecipeError, match="global_batch_size=3"):
-        main(_argv(tiny_model_dir, packed_mixture, out, global_batch_size=3))
+        main(cpt_argv(tiny_model_dir, packed_mixture, out, global_batch_size=3))
     assert not (out / "config.json").exists()
 
 
@@ -247,7 +197,7 @@ def test_unknown_key_in_a_yaml_recipe(tmp_path):
 
 
 def test_recall_evaluation_runs_at_checkpoints_and_reaches_the_model_card(tiny_model_dir, mixture_512, tmp_path):
-    out = main(_argv(tiny_model_dir, mixture_512, tmp_path / "eval", max_steps=2, save_steps=2, max_length=512,
+    out = main(cpt_argv(tiny_model_dir, mixture_512, tmp_path / "eval", max_steps=2, save_steps=2, max_length=512,
                      eval_recall_lengths=512, eval_recall_samples=1))
     with open(os.path.join(out, "trainer_state.json")) as f:
         history = json.load(f)["log_history"]
@@ -262,14 +212,14 @@ def test_liger_is_turned_off_without_cuda(tiny_model_dir, packed_mixture, tmp_pa
     if torch.cuda.is_available():
         pytest.skip("CPU-only behaviour")
     with caplog.at_level(logging.WARNING, logger="prolong.config"):
-        out = main(_argv(tiny_model_dir, packed_mixture, tmp_path / "liger", max_steps=1, use_liger_kernel="true"))
+        out = main(cpt_argv(tiny_model_dir, packed_mixture, tmp_path / "liger", max_steps=1, use_liger_kernel="true"))
     assert "use_liger_kernel needs CUDA: turned off" in caplog.text
     saved_args = torch.load(os.path.join(out, "training_args.bin"), weights_only=False)
     assert saved_args.use_liger_kernel is False  # what the run trained with
     from transformers.models.llama import modeling_llama  # Liger patches these classes globally when applied
 
     assert modeling_llama.LlamaRMSNorm.__module__ == "transformers.models.llama.modeling_llama"
-    losses = list(_losses(out).values())
+    losses = list(logged_losses(out).values())
     assert losses and all(torch.isfinite(torch.tensor(losses)))  # trained with the chunked loss
 
 
@@ -322,10 +272,10 @@ def test_a_step_without_any_target_leaves_the_weights_finite(tiny_model_dir, tmp
     masks = [[0] * 128, [0] * 128, [1] * 128, [1] * 128]
     data = str(tmp_path / "masked")
     Dataset.from_dict({"input_ids": ids, "indices": [[[0, 128]]] * 4, "mask": masks, "domain": ["m"] * 4}).save_to_disk(data)
-    out = main(_argv(tiny_model_dir, {data: 1.0}, tmp_path / "run", per_device_train_batch_size=1, max_steps=4))
+    out = main(cpt_argv(tiny_model_dir, {data: 1.0}, tmp_path / "run", per_device_train_batch_size=1, max_steps=4))
     model = AutoModelForCausalLM.from_pretrained(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert any(entry.get("loss", 0) > 0 for entry in _log(out))  # the steps with targets still learn
+    assert any(entry.get("loss", 0) > 0 for entry in train_log(out))  # the steps with targets still learn
 
 
 def test_final_save_replaces_an_earlier_models_files_and_keeps_its_card(tiny_model_dir, packed_mixture, tmp_path):
@@ -335,13 +285,13 @@ def test_final_save_replaces_an_earlier_models_files_and_keeps_its_card(tiny_mod
     (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
     (out / "adapter_model.safetensors").write_bytes(b"stale")
     (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
-    main(_argv(tiny_model_dir, packed_mixture, out, max_steps=1, save_steps=1))
+    main(cpt_argv(tiny_model_dir, packed_mixture, out, max_steps=1, save_steps=1))
     assert sorted(p.name for p in out.glob("*adapter*")) == [] and not (out / "model-00001-of-00002.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "LlamaForCausalLM" and not hasattr(model, "peft_config")
 
     # push_to_hub's create_model_card must not replace our card (recipe, RoPE, mixture)
     card = (out / "README.md").read_text()
-    trainer = _trainer(tiny_model_dir, packed_mixture, out, max_steps=1)
+    trainer = cpt_trainer(tiny_model_dir, packed_mixture, out, max_steps=1)
     trainer.create_model_card(model_name="x")
     assert (out / "README.md").read_text() == card

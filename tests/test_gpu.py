@@ -101,7 +101,7 @@ def test_run_cpt_fast_path_on_gpu_follows_the_cpu_reference_curve(tiny_model_dir
     """The whole GPU training path in one run: the auto backend (flash or varlen) fed the
     collator's cu_seq_lens, bf16, Liger (if installed), tiled MLP, checkpointing, CPU offload,
     the masking probe on CUDA; its loss curve must follow an fp32 sdpa run of the same recipe."""
-    from test_cpt import _argv, _losses
+    from helpers import cpt_argv as _argv, logged_losses as _losses
 
     from prolong.run_cpt import main
 

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_llama_config
-from test_cpt import _argv, _losses
+from helpers import cpt_argv as _argv, logged_losses as _losses
 from transformers import LlamaForCausalLM, TrainerCallback
 
 from prolong.collator import PackedCollator

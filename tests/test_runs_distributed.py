@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from test_cpt import _argv, _losses
+from helpers import cpt_argv as _argv, logged_losses as _losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,7 +105,7 @@ def test_resume_on_a_different_number_of_processes_keeps_the_data_position(
 def test_two_process_sft_equals_one_process(tiny_model_dir, tmp_path):
     """SFT (TRL's SFTTrainer, conversations packed whole): 2 processes x 1 packed row == 1 process x 2
     rows; the loss is the token mean of the whole step over both devices."""
-    from test_sft import _conversations, _run_args, _write_chat_jsonl
+    from helpers import chat_conversations as _conversations, sft_argv as _run_args, write_chat_jsonl as _write_chat_jsonl
 
     data = _write_chat_jsonl(tmp_path / "chat.jsonl", _conversations(32, seed=3))
 

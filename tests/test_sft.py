@@ -10,7 +10,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import WORDS, train_tiny_tokenizer
+from conftest import train_tiny_tokenizer
+from helpers import chat_conversations, sentence, sft_argv, write_chat_jsonl
 from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -23,22 +24,6 @@ LLAMA3_TEMPLATE = (
     "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-
-
-def _sentence(rng, n):
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
-def _conversations(n, seed=0, turns=2):
-    rng = random.Random(seed)
-    conversations = []
-    for _ in range(n):
-        messages = [{"role": "system", "content": _sentence(rng, 4)}] if rng.random() < 0.5 else []
-        for _ in range(turns):
-            messages += [{"role": "user", "content": _sentence(rng, rng.randint(2, 12))},
-                         {"role": "assistant", "content": _sentence(rng, rng.randint(1, 15))}]
-        conversations.append(messages)
-    return conversations
 
 
 def _masked_runs(tokenizer, input_ids, mask):
@@ -64,7 +49,7 @@ def _llama3_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    corpus = [_sentence(rng, 40) for _ in range(200)]
+    corpus = [sentence(rng, 40) for _ in range(200)]
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # all bytes, "\n" too
     tok.train_from_iterator(corpus, trainer)
@@ -85,7 +70,7 @@ def _sentencepiece_vicuna_tokenizer():
     tok.decoder = decoders.Metaspace()
     alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEGHIJKLMNOPRSTUVWY:\n▁.?,")
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet)
-    tok.train_from_iterator([_sentence(rng, 40) for _ in range(200)], trainer)
+    tok.train_from_iterator([sentence(rng, 40) for _ in range(200)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'ASSISTANT: ' + m['content'] + '</s>\n' }}"
@@ -115,7 +100,7 @@ def test_mask_covers_exactly_assistant_content_and_end_token(template, request):
         tokenizer, end = _llama3_tokenizer(), "<|eot_id|>"
     else:  # the first word's token starts in the prompt's trailing space and must still be a target
         tokenizer, end = _sentencepiece_vicuna_tokenizer(), "</s>"
-    for messages in _conversations(6, seed=3, turns=3):
+    for messages in chat_conversations(6, seed=3, turns=3):
         input_ids, mask = conversation_tokens(tokenizer, messages)
         assert len(input_ids) == len(mask)
         expected = [m["content"] + end for m in messages if m["role"] == "assistant"]
@@ -152,7 +137,7 @@ def test_packed_loss_equals_unpacked_token_mean(tiny_model_dir, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = load_model(ModelConfig(model_name_or_path=tiny_model_dir, attn_implementation="sdpa"))
-    conversations = _conversations(12, seed=5)
+    conversations = chat_conversations(12, seed=5)
     rows, _ = prepare_sft_dataset(Dataset.from_dict({"messages": conversations}), tokenizer, 256)
     args = _sft_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
@@ -186,7 +171,7 @@ def test_prepacked_prolong_data_rows_keep_boundaries_and_masks(tiny_model_dir, t
     from prolong.data.tokenize import tokenize_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    raw = Dataset.from_dict({"messages": _conversations(10, seed=7)})
+    raw = Dataset.from_dict({"messages": chat_conversations(10, seed=7)})
     tokenized, _ = tokenize_dataset(raw, tokenizer, text_field="messages")
     pack_dataset(tokenized, tmp_path / "packed", mode="sft", length=128)
     from prolong.sft import load_sft_dataset
@@ -202,7 +187,7 @@ def test_prepacked_prolong_data_rows_keep_boundaries_and_masks(tiny_model_dir, t
 
     from prolong.run_sft import main  # and the entry point trains on them as they are
 
-    out = main(_run_args(tiny_model_dir, str(tmp_path / "packed"), str(tmp_path / "sft")))
+    out = main(sft_argv(tiny_model_dir, str(tmp_path / "packed"), str(tmp_path / "sft")))
     assert os.path.exists(os.path.join(out, "model.safetensors"))
     longest = max(len(ids) for ids in rows["input_ids"])  # the card states the rows' length, not max_length
     assert f"training sequence length: {longest} tokens" in open(os.path.join(out, "README.md")).read()
@@ -210,20 +195,6 @@ def test_prepacked_prolong_data_rows_keep_boundaries_and_masks(tiny_model_dir, t
 
 # ---------------------------------------------------------------------------------------------
 # End to end: RoPE kept from the CPT checkpoint, chat template saved; LoRA adapter
-
-
-def _write_chat_jsonl(path, conversations):
-    with open(path, "w") as f:
-        for messages in conversations:
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return str(path)
-
-
-def _run_args(model_dir, data, out, *extra):
-    return ["--model_name_or_path", model_dir, "--dataset_name", data, "--output_dir", out,
-            "--max_length", "128", "--per_device_train_batch_size", "2", "--max_steps", "2",
-            "--learning_rate", "1e-2", "--use_cpu", "true", "--report_to", "none",
-            "--activation_checkpointing", "false", "--save_strategy", "no", "--attn_implementation", "sdpa", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +211,8 @@ def test_sft_keeps_the_checkpoint_rope_and_saves_the_chat_template(cpt_checkpoin
     from prolong.run_sft import main
 
     too_long = [{"role": "user", "content": "the " * 200}, {"role": "assistant", "content": "of"}]
-    data = _write_chat_jsonl(tmp_path / "chat.jsonl", _conversations(16, seed=9) + [too_long])
-    out = main(_run_args(cpt_checkpoint, data, str(tmp_path / "sft")))
+    data = write_chat_jsonl(tmp_path / "chat.jsonl", chat_conversations(16, seed=9) + [too_long])
+    out = main(sft_argv(cpt_checkpoint, data, str(tmp_path / "sft")))
     config = AutoConfig.from_pretrained(out)
     assert config.rope_parameters["rope_theta"] == 5e5
     saved = AutoTokenizer.from_pretrained(out)
@@ -251,7 +222,7 @@ def test_sft_keeps_the_checkpoint_rope_and_saves_the_chat_template(cpt_checkpoin
         assert any(entry.get("tokens_per_second", 0) > 0 for entry in json.load(f)["log_history"])
 
     # ... unless the recipe overrides it
-    model_cfg, args = parse_recipe((ModelConfig, SFTRecipeConfig), _run_args(cpt_checkpoint, data, "x", "--rope_theta", "1e6"))
+    model_cfg, args = parse_recipe((ModelConfig, SFTRecipeConfig), sft_argv(cpt_checkpoint, data, "x", "--rope_theta", "1e6"))
     assert load_model(model_cfg, args.max_length).config.rope_parameters["rope_theta"] == 1e6
 
 
@@ -260,8 +231,8 @@ def test_lora_run_saves_an_adapter_that_changes_the_output(tiny_model_dir, tmp_p
 
     from prolong.run_sft import main
 
-    data = _write_chat_jsonl(tmp_path / "chat.jsonl", _conversations(16, seed=11))
-    out = main(_run_args(tiny_model_dir, data, str(tmp_path / "lora"), "--use_peft", "true", "--lora_r", "4"))
+    data = write_chat_jsonl(tmp_path / "chat.jsonl", chat_conversations(16, seed=11))
+    out = main(sft_argv(tiny_model_dir, data, str(tmp_path / "lora"), "--use_peft", "true", "--lora_r", "4"))
     adapter = json.load(open(os.path.join(out, "adapter_config.json")))
     assert adapter["r"] == 4 and not os.path.exists(os.path.join(out, "model.safetensors"))
     ids = torch.tensor([[5, 17, 42, 99, 120, 7]])
@@ -287,12 +258,12 @@ def test_bad_datasets_fail_with_a_fix():
     no_template = train_tiny_tokenizer()
     no_template.chat_template = None
     with pytest.raises(SFTDataError, match="chat_template_path"):
-        prepare_sft_dataset(Dataset.from_dict({"messages": _conversations(2)}), no_template, 64)
+        prepare_sft_dataset(Dataset.from_dict({"messages": chat_conversations(2)}), no_template, 64)
 
 
 def test_too_long_and_untrainable_conversations_are_dropped_and_counted():
     tokenizer = train_tiny_tokenizer()
-    conversations = _conversations(5, seed=1) + [
+    conversations = chat_conversations(5, seed=1) + [
         [{"role": "user", "content": "the " * 300}, {"role": "assistant", "content": "of"}],
         [{"role": "user", "content": "no reply"}],
     ]
@@ -336,7 +307,7 @@ def test_masking_probe_runs_the_sft_trainers_own_collator(tiny_model_dir, tmp_pa
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = load_model(ModelConfig(model_name_or_path=tiny_model_dir, attn_implementation="sdpa"))
-    rows, _ = prepare_sft_dataset(Dataset.from_dict({"messages": _conversations(12, seed=3)}), tokenizer, 256)
+    rows, _ = prepare_sft_dataset(Dataset.from_dict({"messages": chat_conversations(12, seed=3)}), tokenizer, 256)
     args = _sft_config(tmp_path)
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
     assert "seq_lengths" in trainer.train_dataset.column_names  # TRL's bfd rows

@@ -38,7 +38,7 @@ def model_dir_fingerprint(path: str) -> str:
 
 
 def model_object_fingerprint(model) -> str:
-    """Fingerprint of an in-memory model: its config and a strided sample of every parameter, so the
+    """Fingerprint of an in-memory model: its config, a strided sample and the sum of every parameter, so the
     same architecture after more training steps is another model."""
     import torch
     digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
@@ -46,7 +46,11 @@ def model_object_fingerprint(model) -> str:
         for name, tensor in model.state_dict().items():
             flat = tensor.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.float32)
-            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode() + sample.numpy().tobytes())
+            # and a sum over every element: an edit the strided sample misses still changes it (float32
+            # accumulation reads bf16 weights in the kernel, without a float64 copy of the tensor)
+            total = tensor.detach().sum(dtype=torch.float32).reshape(1).to("cpu")
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode() + sample.numpy().tobytes()
+                          + total.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

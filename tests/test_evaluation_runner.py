@@ -217,6 +217,11 @@ def test_an_in_memory_model_is_known_by_its_weights(tokenizer, tmp_path):
         model.model.layers[1].mlp.down_proj.weight.add_(0.01)  # one more "training step"
     with pytest.raises(EvaluationError, match="model_fingerprint"):
         evaluate(model, **kwargs)
+    from evaluation.identity import model_object_fingerprint
+    before = model_object_fingerprint(model)
+    with torch.no_grad():  # one element that the strided sample of the tensor skips
+        model.model.embed_tokens.weight[3, 5] += 0.01
+    assert model_object_fingerprint(model) != before
 
 
 def test_cli_tokenizer_flag_loads_that_tokenizer(models, tmp_path):

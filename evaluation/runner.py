@@ -359,7 +359,8 @@ def collect_results(cfg: dict, run: dict, current: list) -> tuple[list, list]:
         try:
             with open(meta) as f:
                 saved = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as error:
+            left_out.append(f"{os.path.basename(meta)[:-len('.run.json')]}: unreadable {meta} ({error})")
             continue
         if not saved.get("summary"):
             continue

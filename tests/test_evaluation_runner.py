@@ -73,6 +73,9 @@ def test_report_covers_every_length_in_the_output_dir_and_names_the_mode(models,
     report = (tmp_path / "report.md").read_text()
     assert "| json_kv | substring_exact_match | " in report and "| 128 | 256 | 512 |" in report
     assert "Mode: `helmet`" in report
+    (tmp_path / "predictions" / "json_kv_128.run.json").write_text("{cut")  # a damaged file is named, not dropped
+    scores = evaluate(model_a, output_dir=str(tmp_path), **{**FAST, "lengths": [512]})
+    assert any("json_kv_128: unreadable" in note for note in scores["left_out"])
 
 
 def test_a_failing_task_is_reported_and_the_others_still_report(models, tmp_path):

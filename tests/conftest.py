@@ -44,21 +44,29 @@ def tiny_llama_config(vocab_size: int, **overrides):
     return LlamaConfig(**kwargs)
 
 
-def train_tiny_tokenizer(vocab_size: int = 300):
-    """A real byte-level BPE tokenizer trained on the fly, with BOS/EOS and a ChatML template."""
+def bpe_tokenizer(corpus: list[str], vocab_size: int, special_tokens: list[str], *, unk_token: str | None = None,
+                  byte_alphabet: bool = False, **token_names):
+    """A real byte-level BPE tokenizer trained on `corpus` (the one factory of the tests' tokenizers);
+    `token_names`: eos_token=..., bos_token=..., pad_token=... from `special_tokens`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(200)]
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
-    )
+    alphabet = {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()} if byte_alphabet else {}
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, **alphabet))
+    if unk_token is not None:
+        token_names["unk_token"] = unk_token
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **token_names)
+
+
+def train_tiny_tokenizer(vocab_size: int = 300):
+    """A real byte-level BPE tokenizer trained on the fly, with BOS/EOS and a ChatML template."""
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(200)]
+    fast = bpe_tokenizer(corpus, vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                         eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>")
     fast.chat_template = (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
         "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

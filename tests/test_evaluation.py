@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+from conftest import bpe_tokenizer
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           TrainerControl, TrainerState, TrainingArguments)
 
 from evaluation import evaluate
@@ -25,16 +25,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }
 
 
 def make_tokenizer():
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     corpus = ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
               "One of the special magic numbers for happy-apple is: 1234567. Corresponding value: JSON data",
               "0123456789abcdef-0123456789 Document (Title: Paris): Question: Answer: label: Ranking: ID3 > ID1"] * 30
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<eos>", "<unk>", "<bos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer = bpe_tokenizer(corpus, 600, ["<eos>", "<unk>", "<bos>"], unk_token="<unk>", byte_alphabet=True,
+                              bos_token="<bos>", eos_token="<eos>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

@@ -196,8 +196,12 @@ def check_resume(task_objects, cfg: dict, run: dict) -> None:
                 problems.append(f"- {jsonl}: no {os.path.basename(meta)} beside it (written by an older version or "
                                 "another tool), so what made it is unknown")
                 continue
-            with open(meta) as f:
-                saved = json.load(f).get("identity", {})
+            try:
+                with open(meta) as f:
+                    saved = json.load(f).get("identity", {})
+            except (OSError, ValueError) as error:
+                problems.append(f"- {meta}: unreadable ({error}), so what made {os.path.basename(jsonl)} is unknown")
+                continue
             current = task_identity(run, task, length, cfg, settings)
             if current.get("model_fingerprint") is None:  # a Hub id: compared again once loaded
                 current = {**current, "model_fingerprint": saved.get("model_fingerprint")}

@@ -76,6 +76,8 @@ def test_report_covers_every_length_in_the_output_dir_and_names_the_mode(models,
     (tmp_path / "predictions" / "json_kv_128.run.json").write_text("{cut")  # a damaged file is named, not dropped
     scores = evaluate(model_a, output_dir=str(tmp_path), **{**FAST, "lengths": [512]})
     assert any("json_kv_128: unreadable" in note for note in scores["left_out"])
+    with pytest.raises(EvaluationError, match=r"json_kv_128.run.json: unreadable \(Expecting"):
+        evaluate(model_a, output_dir=str(tmp_path), **{**FAST, "lengths": [128]})  # resuming it is refused
 
 
 def test_a_failing_task_is_reported_and_the_others_still_report(models, tmp_path):

@@ -96,7 +96,7 @@ def _paths(cfg: dict, task_name: str, length: int) -> tuple[str, str]:
 def _load_tokenizer(model_or_path, tokenizer, cfg):
     if tokenizer is not None:
         return tokenizer
-    if not isinstance(model_or_path, str):
+    if not isinstance(model_or_path, str) and not cfg.get("tokenizer"):
         raise EvaluationError("evaluate() with an in-memory model needs its tokenizer (tokenizer=...)")
     from transformers import AutoTokenizer
     source = cfg.get("tokenizer") or model_or_path

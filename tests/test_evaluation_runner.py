@@ -236,6 +236,8 @@ def test_cli_tokenizer_flag_loads_that_tokenizer(models, tmp_path):
           "--max_samples", "1", "--generation_max_length", "4", "--plots", "false", "--progress", "false",
           "--output_dir", str(tmp_path)])
     assert json.loads((tmp_path / "scores.json").read_text())["config"]["tokenizer"] == models[1]
+    scores = evaluate(make_model(len(make_tokenizer())), tokenizer=models[1], output_dir=str(tmp_path / "in-memory"), **FAST)
+    assert scores["results"][0]["status"] == "ok"  # an in-memory model with a tokenizer folder
 
 
 def test_model_fingerprint_sees_a_change_anywhere_in_a_weights_file(tmp_path):

@@ -1,5 +1,6 @@
 """Helpers that several test modules share (fixtures live in conftest.py): CPT/SFT command lines,
-the logged losses of a run, a CPT trainer over a mixture, a preemption callback, chat data."""
+the logged losses of a run, a CPT trainer over a mixture, a preemption callback, chat data, the
+torchrun launcher, the evaluation tests' tokenizer and model."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import json
 import os
 import random
 import signal
+import socket
+import subprocess
+import sys
 
-from conftest import WORDS
+from conftest import WORDS, bpe_tokenizer
 from transformers import TrainerCallback
 
 
@@ -101,3 +105,57 @@ def sft_argv(model_dir, data, out, *extra) -> list[str]:
             "--max_length", "128", "--per_device_train_batch_size", "2", "--max_steps", "2",
             "--learning_rate", "1e-2", "--use_cpu", "true", "--report_to", "none",
             "--activation_checkpointing", "false", "--save_strategy", "no", "--attn_implementation", "sdpa", *extra]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(script, *args, processes: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `script args` (a path relative to the repository) in `processes` torchrun processes on CPU
+    (gloo; 1: a plain `python script`), from the repository; asserts that it exits 0."""
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # as before the editable install
+    result = subprocess.run([*launcher, str(script), *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: a tokenizer whose corpus holds the recall tasks' words, and a tiny Llama for it
+
+CHAT_TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant\n{% endif %}")
+
+
+def make_tokenizer():
+    corpus = ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
+              "One of the special magic numbers for happy-apple is: 1234567. Corresponding value: JSON data",
+              "0123456789abcdef-0123456789 Document (Title: Paris): Question: Answer: label: Ranking: ID3 > ID1"] * 30
+    tokenizer = bpe_tokenizer(corpus, 600, ["<eos>", "<unk>", "<bos>"], unk_token="<unk>", byte_alphabet=True,
+                              bos_token="<bos>", eos_token="<eos>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_model(vocab_size: int, window: int = 2048, silent: bool = False):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window,
+                         eos_token_id=0, bos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if silent:  # all logits equal: greedy picks id 0 = <eos> at once, so the output is empty
+        torch.nn.init.zeros_(model.lm_head.weight)
+    return model

@@ -8,33 +8,18 @@ fp32 everywhere: differences are summation-order noise (~1e-7), a wrong mask is 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import launch
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "distributed" / "parallel_worker.py"
 TOLERANCE = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_torchrun(script: Path, out_dir: Path, nproc: int = 2) -> dict:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(out_dir),
-    ]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    launch(script, out_dir, processes=nproc, timeout=300)
     return json.loads((out_dir / "results.json").read_text())
 
 

@@ -7,20 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
-from helpers import cpt_argv as _argv, logged_losses as _losses
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import cpt_argv as _argv, launch, logged_losses as _losses
 
 
 def _assert_same_curve(losses, reference):
@@ -32,16 +21,7 @@ def _assert_same_curve(losses, reference):
 
 
 def _run(argv, processes: int):
-    if processes == 1:
-        command = [sys.executable, "prolong/run_cpt.py", *argv]
-    else:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-            f"--master_port={_free_port()}", "prolong/run_cpt.py", *argv,
-        ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch("prolong/run_cpt.py", *argv, processes=processes)
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +93,7 @@ def test_two_process_sft_equals_one_process(tiny_model_dir, tmp_path):
         argv = _run_args(tiny_model_dir, data, str(out), "--max_steps", "3", "--logging_steps", "1",
                          "--max_length", "64", "--learning_rate", "1e-3")
         argv[argv.index("--per_device_train_batch_size") + 1] = str(per_device)
-        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-        launcher = [sys.executable] if processes == 1 else [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
-        result = subprocess.run([*launcher, "prolong/run_sft.py", *argv], cwd=REPO, env=env, capture_output=True,
-                                text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-4000:]
+        launch("prolong/run_sft.py", *argv, processes=processes)
         return _losses(out)
 
     _assert_same_curve(sft(tmp_path / "ddp", 2, 1), sft(tmp_path / "one", 1, 2))
@@ -129,11 +104,6 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tiny_model_di
     the others waiting in a collective forever (the run would hang, not fail)."""
     out = tmp_path / "preempted"
     argv = _argv(tiny_model_dir, packed_mixture, out, max_steps=6, save_steps=100, per_device_train_batch_size=1)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-               "tests/distributed/preempt_worker.py", *argv]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch("tests/distributed/preempt_worker.py", *argv, processes=2, timeout=120)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "config.json").exists()  # stopped early: no final model, resume from the checkpoint

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import bpe_tokenizer
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          TrainerControl, TrainerState, TrainingArguments)
+from helpers import make_model, make_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState, TrainingArguments
 
 from evaluation import evaluate
 from evaluation.callback import RecallEvalCallback
@@ -20,29 +19,6 @@ from evaluation.tasks import DataFileMissing, LoadRequest, get_task
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "helmet")
 RECALL = ["json_kv", "ruler_mk_needle", "ruler_mk_uuid", "ruler_mv"]
-CHAT_TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant\n{% endif %}")
-
-
-def make_tokenizer():
-    corpus = ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
-              "One of the special magic numbers for happy-apple is: 1234567. Corresponding value: JSON data",
-              "0123456789abcdef-0123456789 Document (Title: Paris): Question: Answer: label: Ranking: ID3 > ID1"] * 30
-    tokenizer = bpe_tokenizer(corpus, 600, ["<eos>", "<unk>", "<bos>"], unk_token="<unk>", byte_alphabet=True,
-                              bos_token="<bos>", eos_token="<eos>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def make_model(vocab_size: int, window: int = 2048, silent: bool = False):
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window,
-                         eos_token_id=0, bos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    if silent:  # all logits equal: greedy picks id 0 = <eos> at once, so the output is empty
-        torch.nn.init.zeros_(model.lm_head.weight)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import random
 import re
 
 import pytest
-from test_evaluation import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 
 from evaluation import evaluate
 from evaluation.tasks.cite import citation_scores, score_alce

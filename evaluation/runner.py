@@ -354,6 +354,17 @@ def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuil
     return result
 
 
+def _settings_differences(cfg: dict, run: dict, summary: dict, saved: dict) -> list[str]:
+    """Per-task settings (max_samples, shots, seed, ...) of an earlier invocation's (task, length) that
+    differ from this invocation's, for a task this invocation runs too."""
+    if summary["task"] not in cfg["tasks"]:
+        return []
+    task = get_task(summary["task"])
+    current = task_identity(run, task, summary["length"], cfg, resolved_settings(task, cfg))
+    fields = [k for k in sorted(set(current) | set(saved)) if k not in identity.RUN_FIELDS]
+    return identity.differences(saved, current, fields)
+
+
 def collect_results(cfg: dict, run: dict, current: list) -> tuple[list, list]:
     """This invocation's results plus those of earlier invocations of the same run (same model,
     tokenizer, mode...) found in output_dir; returns (results, notes about files left out)."""
@@ -372,7 +383,12 @@ def collect_results(cfg: dict, run: dict, current: list) -> tuple[list, list]:
         if diff:
             left_out.append(f"{os.path.basename(meta)[:-len('.run.json')]}: another run ({'; '.join(diff)})")
             continue
-        by_key[(saved["summary"]["task"], saved["summary"]["length"])] = saved["summary"]
+        summary = saved["summary"]
+        other = _settings_differences(cfg, run, summary, saved.get("identity", {}))
+        if other:  # same model, but not what this invocation would run: reported, with a note saying so
+            summary = {**summary, "note": "; ".join(filter(None, [summary.get("note"), "from an earlier invocation "
+                                                                   f"with other settings ({'; '.join(other)})"]))}
+        by_key[(summary["task"], summary["length"])] = summary
     for result in current:
         by_key[(result["task"], result["length"])] = result
     from .tasks import TASKS

@@ -72,7 +72,10 @@ def test_report_covers_every_length_in_the_output_dir_and_names_the_mode(models,
     assert set(saved["categories"]["recall"]) == {"128", "256", "512"} and saved["mode"] == "helmet"
     report = (tmp_path / "report.md").read_text()
     assert "| json_kv | substring_exact_match | " in report and "| 128 | 256 | 512 |" in report
-    assert "Mode: `helmet`" in report
+    assert "Mode: `helmet`" in report and "earlier invocation" not in report
+    scores = evaluate(model_a, output_dir=str(tmp_path), **{**FAST, "lengths": [1024], "max_samples": 1})
+    notes = {r["length"]: r["note"] for r in scores["results"]}
+    assert notes[1024] is None and "other settings (max_samples: 2 (in the file) vs 1 (now))" in notes[128]
     (tmp_path / "predictions" / "json_kv_128.run.json").write_text("{cut")  # a damaged file is named, not dropped
     scores = evaluate(model_a, output_dir=str(tmp_path), **{**FAST, "lengths": [512]})
     assert any("json_kv_128: unreadable" in note for note in scores["left_out"])

@@ -281,14 +281,14 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def write_trainer_model_card(trainer, directory: str, *, base_model: str, stage: str, recipe: dict,
-                             max_length: int, mixture: dict | None = None) -> str:
-    """The card for ``directory`` from a live trainer (used before each checkpoint push)."""
+                             max_length: int, mixture: dict | None = None, load_path: str | None = None) -> str:
+    """The card for ``directory`` from a live trainer (before each checkpoint push, and the final save)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     output_dir = trainer.args.output_dir
     return write_model_card(
         directory,
         name=os.path.basename(os.path.abspath(output_dir)),
-        load_path=getattr(trainer, "hub_model_id", None) or output_dir,
+        load_path=load_path or getattr(trainer, "hub_model_id", None) or output_dir,
         base_model=base_model,
         stage=stage,
         recipe=recipe,

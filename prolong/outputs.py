@@ -11,7 +11,7 @@ import sys
 import torch
 import transformers
 
-from prolong.model_card import write_model_card
+from prolong.model_card import write_trainer_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -87,19 +87,8 @@ def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=
     if trainer.is_world_process_zero():
         require_loadable_weights(staging)
         trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # the loss curve, for the record
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        write_model_card(
-            staging,
-            name=os.path.basename(os.path.abspath(output_dir)),
-            load_path=output_dir,
-            base_model=base_model,
-            stage=stage,
-            recipe=recipe,
-            rope_parameters=model.config.get_text_config().rope_parameters,
-            max_length=max_length,
-            mixture=mixture,
-            log_history=trainer.state.log_history,
-        )
+        write_trainer_model_card(trainer, staging, base_model=base_model, stage=stage, recipe=recipe,
+                                 max_length=max_length, mixture=mixture, load_path=output_dir)
         publish_directory(staging, output_dir)
         logger.info("Saved the final model to %s", output_dir)
     trainer.accelerator.wait_for_everyone()

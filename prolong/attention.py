@@ -221,3 +221,10 @@ def _probe(model, doc_len: int, seed: int, device: torch.device, collator, sampl
             "and pass no attention_mask with packed batches."
         )
     return delta
+
+
+def log_probe_passed(model, args) -> None:
+    """guard_document_masking raises when documents see each other; reaching here means it passed."""
+    if args.check_document_masking and args.process_index == 0:
+        logger.info("Document-masking probe passed with attn_implementation=%s: packed documents do not see "
+                    "each other.", model.config._attn_implementation)

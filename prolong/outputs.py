@@ -16,6 +16,14 @@ from prolong.model_card import write_trainer_model_card
 logger = logging.getLogger(__name__)
 
 
+def quiet_config_dumps() -> None:
+    """transformers logs the whole config at INFO on every load (model, generation config, tokenizer):
+    keep its warnings, drop the dumps, so the run's own log stays readable."""
+    for name in ("transformers.configuration_utils", "transformers.generation.configuration_utils",
+                 "transformers.modeling_utils", "transformers.tokenization_utils_base"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def setup_logging(args) -> None:
     level = logging.INFO if args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)

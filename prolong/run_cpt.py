@@ -11,7 +11,7 @@ import logging
 import pyarrow.compute as pc
 from transformers import set_seed
 
-from prolong.attention import guard_document_masking
+from prolong.attention import guard_document_masking, log_probe_passed
 from prolong.errors import cli_errors
 from prolong.collator import PackedCollator
 from prolong.config import CPTConfig, DataConfig, ModelConfig, RecipeError, parse_recipe, resolve_gradient_accumulation
@@ -19,7 +19,7 @@ from prolong.data.mixture import BalancedOrder, MixtureDataset
 from prolong.data.storage import read_metadata
 from prolong.model import check_model_paths, load_model, load_tokenizer
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
-from prolong.outputs import close_process_group, exit_without_teardown, save_final_model, setup_logging
+from prolong.outputs import close_process_group, exit_without_teardown, quiet_config_dumps, save_final_model, setup_logging
 from prolong.checkpoints import resolve_resume
 from prolong.trainer import CPTTrainer
 
@@ -51,21 +51,6 @@ def log_mixture_summary(mixture: MixtureDataset, shares: dict) -> None:
         lines.append(f"  {shares[path]:>6.1%} of tokens  {path}: {items} sequences, ~{drawn:.0f} drawn "
                      f"({drawn / items:.2f} epochs)")
     logger.info("\n".join(lines))
-
-
-def log_probe_passed(model, args) -> None:
-    """guard_document_masking raises when documents see each other; reaching here means it passed."""
-    if args.check_document_masking and args.process_index == 0:
-        logger.info("Document-masking probe passed with attn_implementation=%s: packed documents do not see "
-                    "each other.", model.config._attn_implementation)
-
-
-def quiet_config_dumps() -> None:
-    """transformers logs the whole config at INFO on every load (model, generation config, tokenizer):
-    keep its warnings, drop the dumps, so the run's own log stays readable."""
-    for name in ("transformers.configuration_utils", "transformers.generation.configuration_utils",
-                 "transformers.modeling_utils", "transformers.tokenization_utils_base"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def check_packed_lengths(mixture: MixtureDataset, data: DataConfig) -> int:

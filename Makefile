@@ -30,7 +30,7 @@ $(DEMO)/packed/short/prolong_data.json: $(DEMO)/base-model/config.json
 	$(PY) -m prolong.data demo --tokenizer $(DEMO)/base-model --out $(DEMO)/packed --length 1024 --overwrite
 
 $(DEMO)/chatterbot/state.json: $(STAMP)
-	$(PY) -m prolong.sft chatterbot --out $(DEMO)/chatterbot --overwrite
+	$(PY) -m prolong.demo chatterbot --out $(DEMO)/chatterbot --overwrite
 
 demo-model: $(DEMO)/base-model/config.json
 demo-data: $(DEMO)/packed/short/prolong_data.json $(DEMO)/chatterbot/state.json

@@ -74,7 +74,7 @@ def variant_runs(name: str, data: str, out: Path, steps: int | None) -> dict:
          "--save_strategy", "no", *extra, *steps_flag], runs / "cpt.log")
     run([python, "prolong/run_sft.py", "recipes/tiny/micro-sft.yaml", "--model_name_or_path", str(runs / "cpt"),
          "--output_dir", str(runs / "sft"), "--overwrite_output_dir", "true", "--report_to", "none"], runs / "sft.log")
-    from prolong.demo import MICRO_FACTOR, MICRO_WINDOW, packed_loss, recall_scores
+    from prolong.demo.cli import MICRO_FACTOR, MICRO_WINDOW, packed_loss, recall_scores
 
     recall = recall_scores(str(runs / "sft"), str(runs / "eval"), MICRO_WINDOW, MICRO_FACTOR, samples=20)
     loss = packed_loss(str(runs / "sft"), os.path.join(data, f"heldout-short-{MICRO_WINDOW}"))

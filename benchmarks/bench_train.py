@@ -229,9 +229,9 @@ def stub_tokenizer():
 def build_trainer(method: str, model, ns, cuda: bool, first_row: list[np.ndarray]):
     common = trainer_arguments(ns, cuda)
     if method == "prolong":
-        from prolong.collator import PackedCollator
+        from prolong.training.collator import PackedCollator
         from prolong.config import CPTConfig
-        from prolong.trainer import CPTTrainer
+        from prolong.training.trainer import CPTTrainer
 
         args = CPTConfig(**common, check_document_masking=False, tiled_mlp_tokens=ns.tiled_mlp, loss_kernel=ns.loss)
         lengths = np.cumsum([0] + [len(d) for d in first_row])
@@ -407,7 +407,7 @@ def prepare_method(method: str, ns):
     import datasets
     import torch
 
-    from prolong.attention import choose_attn_implementation  # also registers the "varlen" backend
+    from prolong.training.attention import choose_attn_implementation  # also registers the "varlen" backend
 
     datasets.disable_progress_bars()  # TRL packs each row with datasets.map
     cuda = torch.cuda.is_available()

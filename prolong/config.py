@@ -38,7 +38,7 @@ class ModelConfig:
     )
     attn_implementation: str = field(
         default="auto",
-        metadata={"help": "auto | flash_attention_2 | varlen | flex_attention | sdpa | eager (see prolong/attention.py)."},
+        metadata={"help": "auto | flash_attention_2 | varlen | flex_attention | sdpa | eager (see prolong/training/attention.py)."},
     )
     rope_theta: float | None = field(default=None, metadata={"help": "New RoPE base (ProLong: 8e6 at 64K)."})
     rope_scaling: dict | str | None = field(
@@ -187,7 +187,7 @@ class ProLongTrainingDefaults:
     resume_from_checkpoint: str | None = field(
         default="auto",
         metadata={"help": "auto: continue from the newest complete checkpoint in output_dir if there is one "
-                  "(prolong/checkpoints.py); or a checkpoint path."},
+                  "(prolong/checkpoint/checkpoints.py); or a checkpoint path."},
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start at step 0 in an output_dir that holds checkpoints (removes them)."}

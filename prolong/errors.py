@@ -1,8 +1,8 @@
 """Expected errors and how every command line reports them: one message, no traceback, exit 2.
 
 Kept free of heavy imports (torch, transformers) so that any CLI can use it, including the ones
-that must fail fast (``evaluation.run``). The ``__main__`` of run_cpt, run_sft, evaluation.run,
-prolong.demo and prolong.sft runs ``main`` through :func:`cli_errors` (``prolong-data`` does the
+that must fail fast (``evaluation.run``). The ``__main__`` of run_cpt, run_sft, evaluation.run
+and prolong.demo runs ``main`` through :func:`cli_errors` (``prolong-data`` does the
 same in prolong/data/cli.py); set ``PROLONG_TRACEBACK=1`` to get the full traceback instead.
 """
 
@@ -27,7 +27,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     yaml = sys.modules.get("yaml")  # only if already imported: never import anything here
     if yaml is not None:
         errors.append(yaml.YAMLError)
-    for module, name in (("prolong.attention", "DocumentMaskingError"), ("prolong.attention", "OutputHeadError")):
+    for module, name in (("prolong.training.attention", "DocumentMaskingError"), ("prolong.training.attention", "OutputHeadError")):
         error = getattr(sys.modules.get(module), name, None)
         if error is not None:
             errors.append(error)

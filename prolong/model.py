@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from prolong.attention import choose_attn_implementation, dense_mask_warning
+from prolong.training.attention import choose_attn_implementation, dense_mask_warning
 from prolong.config import ModelConfig, RecipeError, theta_warning
 from prolong.data.tokenize import load_tokenizer as load_any_tokenizer
 from prolong.errors import require_path_or_hub_id

@@ -11,17 +11,17 @@ import logging
 import pyarrow.compute as pc
 from transformers import set_seed
 
-from prolong.attention import guard_document_masking, log_probe_passed
+from prolong.training.attention import guard_document_masking, log_probe_passed
 from prolong.errors import cli_errors
-from prolong.collator import PackedCollator
+from prolong.training.collator import PackedCollator
 from prolong.config import CPTConfig, DataConfig, ModelConfig, RecipeError, parse_recipe, resolve_gradient_accumulation
-from prolong.data.mixture import BalancedOrder, MixtureDataset
+from prolong.training.mixture import BalancedOrder, MixtureDataset
 from prolong.data.storage import read_metadata
 from prolong.model import check_model_paths, load_model, load_tokenizer
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
-from prolong.outputs import close_process_group, exit_without_teardown, quiet_config_dumps, save_final_model, setup_logging
-from prolong.checkpoints import resolve_resume
-from prolong.trainer import CPTTrainer
+from prolong.checkpoint.outputs import close_process_group, exit_without_teardown, quiet_config_dumps, save_final_model, setup_logging
+from prolong.checkpoint.checkpoints import resolve_resume
+from prolong.training.trainer import CPTTrainer
 
 logger = logging.getLogger("prolong.run_cpt")
 

@@ -13,13 +13,13 @@ import logging
 
 from transformers import set_seed
 
-from prolong.attention import guard_document_masking, log_probe_passed
+from prolong.training.attention import guard_document_masking, log_probe_passed
 from prolong.errors import cli_errors
 from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe, resolve_gradient_accumulation
 from prolong.model import check_model_paths, load_model, load_tokenizer
-from prolong.outputs import close_process_group, exit_without_teardown, quiet_config_dumps, save_final_model, setup_logging
-from prolong.checkpoints import resolve_resume
-from prolong.trainer import SFTTrainer
+from prolong.checkpoint.outputs import close_process_group, exit_without_teardown, quiet_config_dumps, save_final_model, setup_logging
+from prolong.checkpoint.checkpoints import resolve_resume
+from prolong.training.trainer import SFTTrainer
 from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, longest_row, lora_config,
                          prepare_sft_dataset, use_prepacked_rows)
 

@@ -20,12 +20,11 @@ conversations into padding-free rows. Conversations longer than ``max_length`` a
 counted (a truncated reply would teach the model to stop mid-answer; ProLong also drops them), as
 are conversations without an assistant token.
 
-    python -m prolong.sft chatterbot --out demo_data/chatterbot   (the tiny recipe's chat data)
+The tiny recipe's chat data: ``python -m prolong.demo chatterbot --out demo_data/chatterbot``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass
@@ -34,10 +33,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from prolong.collator import IGNORE_INDEX
+from prolong.training.collator import IGNORE_INDEX
 from prolong.config import RecipeError
 from prolong.errors import require_path_or_hub_id
-from prolong.data.storage import atomic_output_dir, read_metadata
+from prolong.data.storage import read_metadata
 from prolong.data.tokenize import tokenize_conversation
 
 logger = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ def load_sft_dataset(name: str | None, config: str | None = None, split: str = "
         return datasets.load_dataset(str(path), config, split=split)
     require_path_or_hub_id(  # a missing local path fails at once, not after a minute of Hub retries
         name, "dataset_name", repo_type="dataset",
-        hint="The tiny recipe's chat data is built with `python -m prolong.sft chatterbot --out demo_data/chatterbot`.",
+        hint="The tiny recipe's chat data is built with `python -m prolong.demo chatterbot --out demo_data/chatterbot`.",
     )
     return datasets.load_dataset(name, config, split=split)
 
@@ -290,52 +289,3 @@ def check_token_averaging(trainer) -> None:
         )
     if not trainer.args.average_tokens_across_devices:
         raise RecipeError("average_tokens_across_devices must stay true (token mean over all devices).")
-
-
-# ---------------------------------------------------------------------------------------------
-# Offline demo chat data
-
-
-def build_chatterbot_dataset(out_dir: str, language: str = "english", overwrite: bool = False) -> str:
-    """chatterbot-corpus's YAML conversations (PyPI, offline) -> a `messages` dataset saved atomically.
-
-    Each YAML conversation alternates user / assistant turns; a trailing unanswered turn is dropped.
-    """
-    import chatterbot_corpus
-    import yaml
-
-    data_dir = Path(chatterbot_corpus.__file__).parent / "data" / language
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"chatterbot-corpus has no '{language}' data ({data_dir}).")
-    rows = []
-    for path in sorted(data_dir.glob("*.yml")):
-        with open(path, encoding="utf-8") as f:
-            document = yaml.load(f, Loader=yaml.BaseLoader) or {}  # BaseLoader: "yes" stays a string
-        for conversation in document.get("conversations") or []:
-            turns = [turn.strip() for turn in conversation if isinstance(turn, str) and turn.strip()]
-            turns = turns[: len(turns) // 2 * 2]
-            if turns:
-                messages = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
-                rows.append({"messages": messages, "category": path.stem})
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
-    logger.info("Wrote %d chatterbot conversations to %s", len(rows), out_dir)
-    return str(out_dir)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    chatterbot = sub.add_parser("chatterbot", help="chatterbot-corpus -> `messages` dataset (offline demo data)")
-    chatterbot.add_argument("--out", required=True)
-    chatterbot.add_argument("--language", default="english")
-    chatterbot.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(build_chatterbot_dataset(args.out, args.language, args.overwrite))
-
-
-if __name__ == "__main__":
-    from prolong.errors import cli_errors
-
-    cli_errors("prolong.sft")(main)()  # expected errors: one message, no traceback, exit 2

@@ -30,7 +30,6 @@ ENTRY_POINTS = {
     "prolong-data": ("module", "prolong.data"),  # the console script runs the same main
     "evaluation.run": ("module", "evaluation.run"),
     "prolong.demo": ("module", "prolong.demo"),
-    "prolong.sft": ("module", "prolong.sft"),  # the demo chat data builder
 }
 CASE_TIMEOUT_S = 120
 

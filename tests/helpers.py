@@ -51,10 +51,10 @@ def cpt_trainer(model_dir, mixture, output_dir, **args):
     """A CPTTrainer over 8 sequences of `mixture` at 128 tokens, without run_cpt around it."""
     from transformers import AutoModelForCausalLM
 
-    from prolong.collator import PackedCollator
+    from prolong.training.collator import PackedCollator
     from prolong.config import CPTConfig
-    from prolong.data.mixture import MixtureDataset
-    from prolong.trainer import CPTTrainer
+    from prolong.training.mixture import MixtureDataset
+    from prolong.training.trainer import CPTTrainer
 
     config = CPTConfig(
         output_dir=str(output_dir), report_to="none", save_strategy="no", disable_tqdm=True, **args

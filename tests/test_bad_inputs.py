@@ -155,8 +155,8 @@ SFT_CASES = [
     ("sft-dataset-unreadable-suffix", sft(dataset_name="{file}"), "dataset_name"),
     ("sft-chat-template-path-missing", sft(chat_template_path="./nope.jinja"), "not found: ./nope.jinja"),
     ("sft-rope-scaling-not-json", sft(rope_scaling="{factor: 8"), "rope_scaling"),
-    ("sft-chatterbot-output-exists", ["prolong.sft", "chatterbot", "--out", "{file}"], "already exists"),
-    ("sft-chatterbot-unknown-language", ["prolong.sft", "chatterbot", "--out", "{tmp}/cb", "--language", "klingon"],
+    ("sft-chatterbot-output-exists", ["prolong.demo", "chatterbot", "--out", "{file}"], "already exists"),
+    ("sft-chatterbot-unknown-language", ["prolong.demo", "chatterbot", "--out", "{tmp}/cb", "--language", "klingon"],
      "klingon"),
 ]
 

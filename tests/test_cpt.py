@@ -13,9 +13,9 @@ from datasets import Dataset
 from helpers import PreemptAt, cpt_argv, cpt_trainer, logged_losses, train_log
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
-from prolong.collator import PackedCollator
+from prolong.training.collator import PackedCollator
 from prolong.config import CPTConfig, RecipeError
-from prolong.data.mixture import MixtureDataset
+from prolong.training.mixture import MixtureDataset
 from prolong.run_cpt import main
 
 
@@ -80,7 +80,7 @@ def test_max_length_above_the_packed_length_is_refused_or_trained_and_reported_a
 
 
 def test_masking_probe_packs_rows_like_the_mixture_with_the_trainers_collator(tiny_model_dir, packed_mixture):
-    from prolong.attention import DocumentMaskingError, check_document_masking
+    from prolong.training.attention import DocumentMaskingError, check_document_masking
 
     dataset = MixtureDataset(packed_mixture, 128, num_sequences=2)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -229,7 +229,7 @@ def test_recall_evaluation_with_sequence_parallelism_is_refused(tmp_path):
 
 
 def test_a_final_save_without_weights_is_refused(tiny_model_dir, tmp_path):
-    from prolong.outputs import require_loadable_weights
+    from prolong.checkpoint.outputs import require_loadable_weights
 
     complete = tmp_path / "complete"
     AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(complete)
@@ -247,7 +247,7 @@ def test_final_save_under_sharded_fsdp_checkpoints_gathers_full_weights(fsdp_ver
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import FullStateDictConfig, ShardedStateDictConfig
 
-    from prolong.outputs import save_full_weights
+    from prolong.checkpoint.outputs import save_full_weights
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version, state_dict_type="SHARDED_STATE_DICT")
     seen = []

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(BASE, "SHA256SUM
 def _packed_lookups(tokenizer, out: str, count: int, seed: str, answers_only: bool = False) -> str:
     """Lookup documents of 900-1024 tokens (4x the window), one per row; with `answers_only`, only
     the answer (" 1234567." and EOS: the last 10 tokens) is scored."""
-    from prolong.data.demo import recall_documents
+    from prolong.demo.corpus import recall_documents
     from prolong.data.pack import pack_dataset
     from prolong.data.tokenize import tokenize_dataset
 
@@ -34,7 +34,7 @@ def _packed_lookups(tokenizer, out: str, count: int, seed: str, answers_only: bo
 def test_training_beyond_the_window_beats_the_base_at_4x(tmp_path):
     from transformers import AutoTokenizer
 
-    from prolong.demo import MICRO_WINDOW, packed_loss, verify_checksums
+    from prolong.demo.cli import MICRO_WINDOW, packed_loss, verify_checksums
     from prolong.run_cpt import main
 
     verify_checksums(BASE)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from prolong.attention import check_document_masking, choose_attn_implementation
-from prolong.collator import NOT_MODEL_INPUTS, PackedCollator
-from prolong.loss import chunked_cross_entropy_sum
+from prolong.training.attention import check_document_masking, choose_attn_implementation
+from prolong.training.collator import NOT_MODEL_INPUTS, PackedCollator
+from prolong.training.loss import chunked_cross_entropy_sum
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -80,7 +80,7 @@ def test_tiled_mlp_under_bf16_autocast_on_gpu():
     on the autograd engine's CUDA thread, where autocast must be re-entered."""
     import copy
 
-    from prolong.parallel import enable_tiled_mlp
+    from prolong.training.memory import enable_tiled_mlp
 
     torch.manual_seed(0)
     plain = LlamaForCausalLM(tiny_llama_config(320, hidden_size=256, intermediate_size=1024)).cuda()
@@ -120,7 +120,7 @@ def test_run_cpt_fast_path_on_gpu_follows_the_cpu_reference_curve(tiny_model_dir
 @pytest.mark.parametrize("kernel", ["chunked", "trl"])
 def test_the_loss_forward_never_syncs_with_the_host(kernel):
     """16 syncs per 64K micro-step before (`.any()` per 4,096-token chunk); the GPU queue must stay full."""
-    from prolong.loss import trl_linear_cross_entropy_sum
+    from prolong.training.loss import trl_linear_cross_entropy_sum
 
     torch.manual_seed(0)
     hidden = torch.randn(1, 9000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -161,7 +161,7 @@ def test_push_bad_input_and_hub_refusals_exit_2_and_commit_nothing(case, mixture
 
 def test_a_pushed_mixture_trains_and_inspects_from_its_hub_id(mixture_root, tmp_path, monkeypatch, capsys, caplog):
     from prolong.data.hub import HubDatasetError, resolve_dataset_dir
-    from prolong.data.mixture import MixtureDataset
+    from prolong.training.mixture import MixtureDataset
 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))

@@ -14,9 +14,9 @@ from conftest import tiny_llama_config
 from helpers import cpt_argv as _argv, logged_losses as _losses
 from transformers import LlamaForCausalLM, TrainerCallback
 
-from prolong.collator import PackedCollator
+from prolong.training.collator import PackedCollator
 from prolong.config import CPTConfig, RecipeError
-from prolong.parallel import activation_offload, enable_tiled_mlp
+from prolong.training.memory import activation_offload, enable_tiled_mlp
 from prolong.run_cpt import main
 
 
@@ -204,7 +204,7 @@ def test_the_mlps_are_tiled_after_the_trainers_liger_kernels(monkeypatch, tmp_pa
     __init__ had Liger's forward replace the tiled one (the tiles silently off)."""
     import transformers.trainer
 
-    from prolong.trainer import CPTTrainer
+    from prolong.training.trainer import CPTTrainer
 
     calls = []
     # the module global that Trainer.train() calls (`if self.args.use_liger_kernel: apply_liger_kernel(...)`)
@@ -214,7 +214,7 @@ def test_the_mlps_are_tiled_after_the_trainers_liger_kernels(monkeypatch, tmp_pa
     args = CPTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", save_strategy="no", use_cpu=True,
                      check_document_masking=False, tiled_mlp_tokens=16, warmup_steps=0)
     rows = [{"input_ids": list(range(3, 67)), "indices": [[0, 30], [30, 64]]}]
-    with caplog.at_level("INFO", logger="prolong.trainer"):
+    with caplog.at_level("INFO", logger="prolong.training.trainer"):
         trainer = CPTTrainer(model=model, args=args, train_dataset=rows, data_collator=PackedCollator())
     assert "Loss: chunked fp32 cross-entropy" in caplog.text  # the log says which loss runs (CPU: chunked)
     trainer.args.use_liger_kernel = True  # the config turns it off without CUDA; the stand-in runs on CPU

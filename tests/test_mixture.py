@@ -9,9 +9,9 @@ from accelerate import skip_first_batches
 from conftest import random_documents, write_packed_dataset
 from torch.utils.data import DataLoader, SequentialSampler
 
-from prolong.collator import PackedCollator
+from prolong.training.collator import PackedCollator
 from prolong.config import RecipeError
-from prolong.data.mixture import BalancedOrder, MixtureDataset
+from prolong.training.mixture import BalancedOrder, MixtureDataset
 
 
 @pytest.fixture(scope="module")

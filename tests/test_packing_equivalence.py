@@ -9,9 +9,9 @@ from conftest import tiny_llama_config
 from transformers import AttentionInterface, LlamaForCausalLM
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-from prolong.attention import DocumentMaskingError, check_document_masking
-from prolong.collator import NOT_MODEL_INPUTS, PackedCollator
-from prolong.loss import chunked_cross_entropy_sum
+from prolong.training.attention import DocumentMaskingError, check_document_masking
+from prolong.training.collator import NOT_MODEL_INPUTS, PackedCollator
+from prolong.training.loss import chunked_cross_entropy_sum
 
 
 DOC_LENGTHS = [7, 33, 1, 20]
@@ -120,7 +120,7 @@ def test_masking_guard_refuses_a_backend_that_mixes_documents():
 
 
 def test_dense_mask_backends_are_warned_about_at_long_lengths():
-    from prolong.attention import dense_mask_warning
+    from prolong.training.attention import dense_mask_warning
 
     message = dense_mask_warning("sdpa", 65536)
     assert "65536 x 65536" in message and "4 GiB" in message and "auto" in message
@@ -146,7 +146,7 @@ def _small_head_models():
 
 @pytest.mark.parametrize("name", ["phi-lm_head-bias", "granite-logits_scaling", "cohere-logit_scale"])
 def test_chunked_loss_applies_the_models_output_head(name):
-    from prolong.loss import logit_scale_of
+    from prolong.training.loss import logit_scale_of
 
     model = _small_head_models()[name].eval()
     batch = _packed_batch(_documents())
@@ -162,7 +162,7 @@ def test_chunked_loss_applies_the_models_output_head(name):
 
 
 def test_an_unknown_output_head_is_refused():
-    from prolong.attention import OutputHeadError
+    from prolong.training.attention import OutputHeadError
 
     class DoubledLogits(LlamaForCausalLM):  # a head transform the chunked loss does not know
         def forward(self, *args, **kwargs):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from prolong.collator import IGNORE_INDEX, VARLEN_KWARGS, PackedCollator
+from prolong.training.collator import IGNORE_INDEX, VARLEN_KWARGS, PackedCollator
 from prolong.parallel import (
     ParallelLayout,
     check_model_for_sequence_parallel,
@@ -197,7 +197,7 @@ def test_the_preemption_flag_under_an_nccl_launch_is_agreed_over_gloo_with_the_r
     import torch.distributed as dist
     from transformers import TrainerControl, TrainerState
 
-    from prolong.trainer import _PreemptionCallback
+    from prolong.training.trainer import _PreemptionCallback
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
                             timeout=datetime.timedelta(hours=2))

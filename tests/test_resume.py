@@ -1,4 +1,4 @@
-"""Crash and resume tests of run_cpt (prolong/checkpoints.py, prolong/outputs.py): a run killed at
+"""Crash and resume tests of run_cpt (prolong/checkpoint/checkpoints.py, prolong/checkpoint/outputs.py): a run killed at
 any point and started again with the same command, a power loss that truncated the newest
 checkpoint, a resume with another global_batch_size, and a kill at every step of the final save.
 
@@ -22,9 +22,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from prolong.checkpoints import MARKER, last_checkpoint
+from prolong.checkpoint.checkpoints import MARKER, last_checkpoint
 from prolong.config import RecipeError
-from prolong.data.mixture import MixtureDataset
+from prolong.training.mixture import MixtureDataset
 from prolong.run_cpt import main
 from helpers import cpt_argv as _argv, logged_losses as _losses
 
@@ -70,7 +70,7 @@ def test_a_killed_run_started_again_with_the_same_command_continues_it(
     assert first.returncode == -signal.SIGKILL, stderr[-3000:]
     assert not (out / "config.json").exists()
 
-    with caplog.at_level("INFO", logger="prolong.checkpoints"):
+    with caplog.at_level("INFO", logger="prolong.checkpoint.checkpoints"):
         main(argv)
     assert "(the newest complete checkpoint)" in caplog.text
     _assert_same_curve(_losses(out), _losses(uninterrupted))
@@ -91,7 +91,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(uninterrupted, t
         target.unlink()
     else:
         target.write_bytes(b"")
-    with caplog.at_level("WARNING", logger="prolong.checkpoints"):
+    with caplog.at_level("WARNING", logger="prolong.checkpoint.checkpoints"):
         assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
     expected = f"no {MARKER}" if damage == MARKER else f"{damage} has 0 bytes"
     assert any("checkpoint-4" in r.message and expected in r.message for r in caplog.records), caplog.text
@@ -111,7 +111,7 @@ def test_resume_after_a_power_loss_gives_the_uninterrupted_curve(
     shutil.copytree(uninterrupted / "checkpoint-6", out / "checkpoint-8")  # a save cut short before its marker
     (out / "checkpoint-8" / MARKER).unlink()
     kept = _CheckpointsAfterEachSave()
-    with caplog.at_level("INFO", logger="prolong.checkpoints"):
+    with caplog.at_level("INFO", logger="prolong.checkpoint.checkpoints"):
         main(_argv(tiny_model_dir, packed_mixture, out, save_total_limit=2, resume_from_checkpoint="true", **RUN),
              callbacks=[kept])
     assert f"Resuming from {out / 'checkpoint-4'}" in caplog.text
@@ -197,8 +197,8 @@ def test_a_kill_at_any_point_of_the_final_save_leaves_the_old_or_the_new_model(
     must then load exactly the old or the new model (with the atomic swap: at once; where the
     file system cannot swap: once the next run's start-up recovery has run), the checkpoint must
     still be there, and the next final save must publish the new model."""
-    import prolong.outputs as outputs
-    from prolong.outputs import recover_final_save, save_final_model
+    import prolong.checkpoint.outputs as outputs
+    from prolong.checkpoint.outputs import recover_final_save, save_final_model
     from helpers import cpt_trainer as _trainer
 
     trainer = _trainer(tiny_model_dir, packed_mixture, tmp_path / "out", per_device_train_batch_size=1, max_steps=1)
@@ -305,7 +305,7 @@ def test_preempted_sft_resumes_with_its_curve_and_refuses_another_global_batch_s
 def test_balanced_order_resumed_at_any_position_balances_exactly_the_unseen_sequences(packed_mixture):
     """balance_attention_cost reorders each step's sequences; resumed at sequence 6 with steps of
     4, the first two steps hold exactly sequences 6-13 of the stream (in balanced order)."""
-    from prolong.data.mixture import BalancedOrder
+    from prolong.training.mixture import BalancedOrder
 
     stream = MixtureDataset(packed_mixture, 128, num_sequences=40, seed=42)
     balanced = BalancedOrder(MixtureDataset(packed_mixture, 128, num_sequences=40, seed=42), 2, 1, 2)

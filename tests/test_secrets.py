@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard
 from transformers import TrainerCallback
 
 from hub_server import FakeHub
-from prolong.checkpoints import MARKER, incomplete_reason
+from prolong.checkpoint.checkpoints import MARKER, incomplete_reason
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_TOKEN = "hf_SECRETcliHubToken0123456789"

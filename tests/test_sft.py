@@ -82,7 +82,7 @@ def _sentencepiece_vicuna_tokenizer():
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from prolong.demo import load_smollm2_tokenizer
+    from prolong.demo.cli import load_smollm2_tokenizer
 
     return load_smollm2_tokenizer()
 
@@ -303,7 +303,7 @@ def test_masking_probe_runs_the_sft_trainers_own_collator(tiny_model_dir, tmp_pa
     from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from prolong.attention import DocumentMaskingError, guard_document_masking
+    from prolong.training.attention import DocumentMaskingError, guard_document_masking
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = load_model(ModelConfig(model_name_or_path=tiny_model_dir, attn_implementation="sdpa"))

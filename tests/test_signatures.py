@@ -56,11 +56,11 @@ def test_varlen_call_binds_to_the_installed_torch():
 
 @pytest.mark.parametrize("varlen_attn", [varlen_attn_2_10, varlen_attn_2_11], ids=["torch-2.10", "torch-2.11"])
 def test_the_varlen_backend_is_causal_per_document_on_every_supported_signature(varlen_attn, monkeypatch):
-    """The backend's own code (prolong.attention.varlen_attention_forward), run with stand-ins of the
+    """The backend's own code (prolong.training.attention.varlen_attention_forward), run with stand-ins of the
     older signatures: torch 2.10 raised TypeError on window_size before the shim."""
     import torch.nn.attention.varlen as varlen_module
 
-    from prolong.attention import varlen_attention_forward
+    from prolong.training.attention import varlen_attention_forward
 
     monkeypatch.setattr(varlen_module, "varlen_attn", varlen_attn)
     torch.manual_seed(0)
@@ -129,7 +129,7 @@ def test_trl_fused_loss_kernel_equals_the_chunked_loss():
     """The CUDA default when liger-kernel is missing; TRL's kernel also runs (torch ops) on CPU."""
     from trl.kernels import ChunkedLogProbFunction
 
-    from prolong.loss import chunked_cross_entropy_sum, trl_linear_cross_entropy_sum
+    from prolong.training.loss import chunked_cross_entropy_sum, trl_linear_cross_entropy_sum
 
     names = list(inspect.signature(ChunkedLogProbFunction.forward).parameters)[1:10]
     assert names == ["hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",

@@ -161,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         write_local_card(args.out, args.command_line)
         print(json.dumps(metadata, indent=2))
     elif args.command == "demo":
-        from .demo import build_demo_corpus
+        from prolong.demo.corpus import build_demo_corpus  # the demo corpus lives with the other demo builders
         from .tokenize import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)

@@ -11,7 +11,6 @@ Typical use (see docs/scale-out.md):
 from prolong.parallel.batch import SequenceParallelCollator, pad_row_to_multiple, shard_batch_for_sequence_parallel
 from prolong.parallel.groups import ParallelLayout, data_parallel_rank_and_size, init_parallel_layout
 from prolong.parallel.loader import data_parallel_batch_sampler, sequence_parallel_dataloader
-from prolong.parallel.memory import activation_offload, enable_tiled_mlp
 from prolong.parallel.sequence import (
     UlyssesAttention,
     all_to_all,
@@ -25,14 +24,12 @@ __all__ = [
     "ParallelLayout",
     "SequenceParallelCollator",
     "UlyssesAttention",
-    "activation_offload",
     "all_to_all",
     "check_model_for_sequence_parallel",
     "check_sequence_parallel_heads",
     "data_parallel_batch_sampler",
     "data_parallel_rank_and_size",
     "enable_sequence_parallel",
-    "enable_tiled_mlp",
     "init_parallel_layout",
     "pad_row_to_multiple",
     "register_ulysses_attention",

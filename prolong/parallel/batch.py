@@ -1,6 +1,6 @@
 """Cuts one collated packed row into the contiguous chunk a sequence-parallel rank computes.
 
-Input: the output of ``prolong.collator.PackedCollator`` (one row ``[1, T]`` with per-document
+Input: the output of ``prolong.training.collator.PackedCollator`` (one row ``[1, T]`` with per-document
 ``position_ids`` and globally shifted ``shift_labels``). Output: the same keys, sliced to
 ``[1, T / sp_size]`` for ``sp_rank``.
 
@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from prolong.collator import IGNORE_INDEX, VARLEN_KWARGS
+from prolong.training.collator import IGNORE_INDEX, VARLEN_KWARGS
 
 ROW_KEYS = ("input_ids", "position_ids", "shift_labels")
 
@@ -60,7 +60,7 @@ def shard_batch_for_sequence_parallel(
     if "attention_mask" in batch:
         raise ValueError(
             "sequence parallelism needs padding-free packed rows (position_ids, no attention_mask); "
-            "use prolong.collator.PackedCollator."
+            "use prolong.training.collator.PackedCollator."
         )
     missing = [key for key in ROW_KEYS if key not in batch]
     if missing:

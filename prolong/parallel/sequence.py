@@ -5,7 +5,7 @@ one packed row. Everything but attention is per token, so the model runs unchang
 embeddings, RMSNorm, MLP, and RoPE (applied by the model's own attention module, with the chunk's
 own per-document ``position_ids``). Only the attention core needs the whole sequence; this module
 registers ``ulysses_<inner>`` implementations (``ulysses_sdpa``, ``ulysses_flex_attention``,
-``ulysses_flash_attention_2``, ``ulysses_varlen`` from ``prolong.attention``, ...) that wrap the
+``ulysses_flash_attention_2``, ``ulysses_varlen`` from ``prolong.training.attention``, ...) that wrap the
 ``<inner>`` backend registered in transformers' ``AttentionInterface``:
 
 1. all-to-all: ``[1, H, T/P, D]`` per rank -> ``[1, H/P, T, D]``: the full sequence for H/P heads;
@@ -48,8 +48,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_caus
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from prolong.attention import VARLEN
-from prolong.collator import VARLEN_KWARGS
+from prolong.training.attention import VARLEN
+from prolong.training.collator import VARLEN_KWARGS
 
 ULYSSES_PREFIX = "ulysses_"
 
@@ -169,7 +169,7 @@ class UlyssesAttention:
         if attention_mask is not None:
             raise ValueError(
                 "Ulysses attention builds the document mask itself from position_ids; do not pass an "
-                "attention_mask (use padding-free packed rows from prolong.collator.PackedCollator)."
+                "attention_mask (use padding-free packed rows from prolong.training.collator.PackedCollator)."
             )
         local_position_ids = kwargs.pop("position_ids", None)
         if local_position_ids is None:

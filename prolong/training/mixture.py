@@ -9,7 +9,7 @@
   permutation for every pass over the domain.
 
 Because nothing depends on iteration history, the exact data position of a run is the number of
-sequences it consumed, which every checkpoint records (``prolong.checkpoints``): a resumed run
+sequences it consumed, which every checkpoint records (``prolong.checkpoint.checkpoints``): a resumed run
 calls ``start_at(consumed)`` and continues at the next unseen sequence, also with another
 ``global_batch_size`` (no data is read to skip, no sequence is repeated or dropped, the same
 result with any number of dataloader workers). Rows are read from memory-mapped Arrow files, so

@@ -28,9 +28,9 @@ from typing import Iterator
 
 import datasets
 
-from .pack import pack_dataset
-from .sources import read_repository
-from .tokenize import tokenize_dataset, tokenizer_name
+from prolong.data.pack import pack_dataset
+from prolong.data.sources import read_repository
+from prolong.data.tokenize import tokenize_dataset, tokenizer_name
 
 logger = logging.getLogger("prolong.data")
 

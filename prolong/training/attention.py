@@ -1,7 +1,7 @@
 """Attention backends for packed batches, and the start-up guard that documents stay apart.
 
 Every backend here reads document boundaries from ``position_ids`` restarts (see
-``prolong/collator.py``). ``auto`` picks, in order: flash_attention_2 (flash-attn installed, CUDA),
+``prolong/training/collator.py``). ``auto`` picks, in order: flash_attention_2 (flash-attn installed, CUDA),
 ``varlen`` (PyTorch's own varlen flash kernel, CUDA, torch >= 2.10), flex_attention (sparse block
 mask, any device), sdpa (dense block-diagonal mask: memory grows as L^2, fine for short rows).
 """
@@ -15,8 +15,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-from prolong.collator import NOT_MODEL_INPUTS, PackedCollator
-from prolong.loss import logit_scale_of, logit_softcap_of, output_logits
+from prolong.training.collator import NOT_MODEL_INPUTS, PackedCollator
+from prolong.training.loss import logit_scale_of, logit_softcap_of, output_logits
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class OutputHeadError(RuntimeError):
 
 def _check_output_head(model, hidden: torch.Tensor, logits: torch.Tensor) -> None:
     """The training loss never builds the model's logits: it applies the output head to the
-    decoder's hidden states itself (prolong.loss.output_logits). Refuse a model whose head does
+    decoder's hidden states itself (prolong.training.loss.output_logits). Refuse a model whose head does
     something else (an unknown logit transform), which would train a different objective."""
     head = model.get_output_embeddings()
     ours = output_logits(hidden, head.weight, head.bias, logit_scale_of(model.config), logit_softcap_of(model.config))

@@ -170,7 +170,7 @@ def publish_directory(staging: str, output_dir: str) -> None:
     then the directories are swapped atomically (or, where the file system cannot swap, renamed
     twice; :func:`recover_final_save` completes an interrupted pair of renames at the next start).
     """
-    from prolong.checkpoints import fsync_dir, fsync_tree
+    from prolong.checkpoint.checkpoints import fsync_dir, fsync_tree
 
     output_dir = os.path.realpath(output_dir)  # a symlinked output_dir keeps pointing at the new model
     parent = os.path.dirname(output_dir)

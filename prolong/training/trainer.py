@@ -9,13 +9,13 @@ What it adds, and why each is not already in transformers:
   start of the run logs which loss runs.
 * a sequential sampler: ``MixtureDataset`` already shuffles deterministically; checkpoints
   record the sequences consumed and a resumed run continues at the next unseen one
-  (``prolong.checkpoints``: complete checkpoints only, also with another batch size).
+  (``prolong.checkpoint.checkpoints``: complete checkpoints only, also with another batch size).
 * tokens/s, step time and peak memory in the logs (``ThroughputLogMixin``, shared with SFT).
 * stage hand-off: ``init_from`` + ``load_optimizer_state`` loads the previous stage's optimizer
   state (also FSDP2's sharded one) into a fresh optimizer whose learning-rate schedule starts over.
 * preemption: SIGTERM / SIGUSR1 save a checkpoint, then stop.
 * memory knobs for the longest rows: ``activation_offload`` around the forward and
-  ``tiled_mlp_tokens`` (``prolong.parallel.memory``), applied after the Trainer's Liger kernels;
+  ``tiled_mlp_tokens`` (``prolong.training.memory``), applied after the Trainer's Liger kernels;
   ``compile_decoder_layers`` (opt-in torch.compile of the decoder layers).
 """
 
@@ -34,13 +34,14 @@ import trl
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
-from prolong.checkpoints import CompleteCheckpointsMixin, last_checkpoint
-from prolong.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
+from prolong.checkpoint.checkpoints import CompleteCheckpointsMixin, last_checkpoint
+from prolong.training.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
 from prolong.config import RecipeError
 from prolong.data.hub import hub_error_message, hub_errors
 from prolong.model_card import write_trainer_model_card
-from prolong.loss import chunked_cross_entropy_sum, logit_scale_of, logit_softcap_of, trl_linear_cross_entropy_sum
-from prolong.parallel import activation_offload, enable_tiled_mlp, sequence_parallel_dataloader
+from prolong.training.loss import chunked_cross_entropy_sum, logit_scale_of, logit_softcap_of, trl_linear_cross_entropy_sum
+from prolong.parallel import sequence_parallel_dataloader
+from prolong.training.memory import activation_offload, enable_tiled_mlp
 from prolong.redaction import move_hub_token_to_environment
 from prolong.parallel.compat import check_liger_fused_loss
 from prolong.parallel.compile import compile_decoder_layers
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 LOSS_KERNELS = {  # what runs, for the log
     "liger": "Liger's fused linear cross-entropy (CUDA)",
     "trl": "TRL's fused chunked log-prob kernel (ChunkedLogProbFunction)",
-    "chunked": "chunked fp32 cross-entropy, each chunk recomputed in the backward (prolong.loss)",
+    "chunked": "chunked fp32 cross-entropy, each chunk recomputed in the backward (prolong.training.loss)",
 }
 
 
@@ -105,7 +106,7 @@ class KeepModelCardMixin:
     """Our model card on every push to the Hub, and no token in what is pushed.
 
     ``push_to_hub`` calls ``create_model_card``, which would replace the card that
-    ``prolong.outputs.save_final_model`` wrote (recipe, mixture, RoPE, figures) with a generic one.
+    ``prolong.checkpoint.outputs.save_final_model`` wrote (recipe, mixture, RoPE, figures) with a generic one.
     Checkpoint pushes during training (``hub_strategy``) upload output_dir with no card at all:
     with ``model_card_info`` set (write_model_card's recipe arguments; run_cpt/run_sft set it) ours
     is written there first. ``hub_token`` leaves the arguments, which the Trainer pickles into
@@ -139,7 +140,7 @@ class KeepModelCardMixin:
         return super().create_model_card(*args, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
-        # never push from here: prolong.outputs.save_final_model saves into a staging directory and
+        # never push from here: prolong.checkpoint.outputs.save_final_model saves into a staging directory and
         # pushes once the final model is complete (the Trainer's push would upload output_dir mid-save)
         super().save_model(output_dir, _internal_call=True)
 

@@ -1,0 +1,1 @@
+"""Checkpoints and resume (checkpoints.py), the final save and run outputs (outputs.py)."""

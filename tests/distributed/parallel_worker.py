@@ -31,9 +31,9 @@ from prolong.training.loss import chunked_cross_entropy_sum
 from prolong.parallel import (
     SequenceParallelCollator,
     enable_sequence_parallel,
-    enable_tiled_mlp,
     init_parallel_layout,
 )
+from prolong.training.memory import enable_tiled_mlp
 
 VOCAB = 128
 # GPU runs (docs/scale-out.md): PARALLEL_TEST_BACKEND=nccl PARALLEL_TEST_INNER=flash_attention_2|varlen|flex_attention

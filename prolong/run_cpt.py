@@ -19,7 +19,8 @@ from prolong.training.mixture import BalancedOrder, MixtureDataset
 from prolong.data.storage import read_metadata
 from prolong.model import check_model_paths, load_model, load_tokenizer
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
-from prolong.checkpoint.outputs import close_process_group, exit_without_teardown, quiet_config_dumps, save_final_model, setup_logging
+from prolong.checkpoint.final_save import save_final_model
+from prolong.runtime import close_process_group, exit_without_teardown, quiet_config_dumps, setup_logging
 from prolong.checkpoint.checkpoints import resolve_resume
 from prolong.training.trainer import CPTTrainer
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
 def cli() -> None:
     """The `prolong-cpt` console script, and `python prolong/run_cpt.py` / `accelerate launch prolong/run_cpt.py`."""
     cli_errors("run_cpt")(main)()  # expected errors: one message, no traceback, exit 2
-    exit_without_teardown()  # gloo runs end with os._exit: torch's gloo teardown can abort or hang (see outputs.py)
+    exit_without_teardown()  # gloo runs end with os._exit: torch's gloo teardown can abort or hang (see prolong/runtime.py)
 
 
 if __name__ == "__main__":

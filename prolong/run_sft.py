@@ -17,9 +17,10 @@ from prolong.training.attention import guard_document_masking, log_probe_passed
 from prolong.errors import cli_errors
 from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe, resolve_gradient_accumulation
 from prolong.model import check_model_paths, load_model, load_tokenizer
-from prolong.checkpoint.outputs import close_process_group, exit_without_teardown, quiet_config_dumps, save_final_model, setup_logging
+from prolong.checkpoint.final_save import save_final_model
+from prolong.runtime import close_process_group, exit_without_teardown, quiet_config_dumps, setup_logging
 from prolong.checkpoint.checkpoints import resolve_resume
-from prolong.training.trainer import SFTTrainer
+from prolong.training.sft_trainer import SFTTrainer
 from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, longest_row, lora_config,
                          prepare_sft_dataset, use_prepacked_rows)
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
 def cli() -> None:
     """The `prolong-sft` console script, and `python prolong/run_sft.py` / `accelerate launch prolong/run_sft.py`."""
     cli_errors("run_sft")(main)()  # expected errors: one message, no traceback, exit 2
-    exit_without_teardown()  # gloo runs end with os._exit: torch's gloo teardown can abort or hang (see outputs.py)
+    exit_without_teardown()  # gloo runs end with os._exit: torch's gloo teardown can abort or hang (see prolong/runtime.py)
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def test_recall_evaluation_with_sequence_parallelism_is_refused(tmp_path):
 
 
 def test_a_final_save_without_weights_is_refused(tiny_model_dir, tmp_path):
-    from prolong.checkpoint.outputs import require_loadable_weights
+    from prolong.checkpoint.final_save import require_loadable_weights
 
     complete = tmp_path / "complete"
     AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(complete)
@@ -247,7 +247,7 @@ def test_final_save_under_sharded_fsdp_checkpoints_gathers_full_weights(fsdp_ver
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import FullStateDictConfig, ShardedStateDictConfig
 
-    from prolong.checkpoint.outputs import save_full_weights
+    from prolong.checkpoint.final_save import save_full_weights
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version, state_dict_type="SHARDED_STATE_DICT")
     seen = []

@@ -1,4 +1,4 @@
-"""Crash and resume tests of run_cpt (prolong/checkpoint/checkpoints.py, prolong/checkpoint/outputs.py): a run killed at
+"""Crash and resume tests of run_cpt (prolong/checkpoint/checkpoints.py, prolong/checkpoint/final_save.py): a run killed at
 any point and started again with the same command, a power loss that truncated the newest
 checkpoint, a resume with another global_batch_size, and a kill at every step of the final save.
 
@@ -197,8 +197,8 @@ def test_a_kill_at_any_point_of_the_final_save_leaves_the_old_or_the_new_model(
     must then load exactly the old or the new model (with the atomic swap: at once; where the
     file system cannot swap: once the next run's start-up recovery has run), the checkpoint must
     still be there, and the next final save must publish the new model."""
-    import prolong.checkpoint.outputs as outputs
-    from prolong.checkpoint.outputs import recover_final_save, save_final_model
+    import prolong.checkpoint.final_save as outputs
+    from prolong.checkpoint.final_save import recover_final_save, save_final_model
     from helpers import cpt_trainer as _trainer
 
     trainer = _trainer(tiny_model_dir, packed_mixture, tmp_path / "out", per_device_train_batch_size=1, max_steps=1)

@@ -1,1 +1,1 @@
-"""Checkpoints and resume (checkpoints.py), the final save and run outputs (outputs.py)."""
+"""Checkpoints and resume (checkpoints.py), the atomic final save (final_save.py)."""

@@ -152,7 +152,7 @@ def remove_checkpoint(path: str) -> None:
 
 def resolve_resume(args) -> str | None:
     """The checkpoint this run continues from (None: start at step 0), per the rules above."""
-    from prolong.checkpoint.outputs import recover_final_save
+    from prolong.checkpoint.final_save import recover_final_save
 
     with args.main_process_first(desc="resolve resume_from_checkpoint", local=False):
         main = args.process_index == 0

@@ -30,7 +30,6 @@ import signal
 import time
 
 import torch
-import trl
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
@@ -106,7 +105,7 @@ class KeepModelCardMixin:
     """Our model card on every push to the Hub, and no token in what is pushed.
 
     ``push_to_hub`` calls ``create_model_card``, which would replace the card that
-    ``prolong.checkpoint.outputs.save_final_model`` wrote (recipe, mixture, RoPE, figures) with a generic one.
+    ``prolong.checkpoint.final_save.save_final_model`` wrote (recipe, mixture, RoPE, figures) with a generic one.
     Checkpoint pushes during training (``hub_strategy``) upload output_dir with no card at all:
     with ``model_card_info`` set (write_model_card's recipe arguments; run_cpt/run_sft set it) ours
     is written there first. ``hub_token`` leaves the arguments, which the Trainer pickles into
@@ -140,7 +139,7 @@ class KeepModelCardMixin:
         return super().create_model_card(*args, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
-        # never push from here: prolong.checkpoint.outputs.save_final_model saves into a staging directory and
+        # never push from here: prolong.checkpoint.final_save.save_final_model saves into a staging directory and
         # pushes once the final model is complete (the Trainer's push would upload output_dir mid-save)
         super().save_model(output_dir, _internal_call=True)
 
@@ -148,14 +147,6 @@ class KeepModelCardMixin:
         if self.model_card_info is not None and self.is_world_process_zero() and self.args.hub_strategy != "end":
             write_trainer_model_card(self, self.args.output_dir, **self.model_card_info)
         super()._push_from_checkpoint(checkpoint_folder)
-
-
-class SFTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixin, trl.SFTTrainer):
-    """TRL's SFTTrainer with our throughput logging (the SFT stage, prolong/run_sft.py)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.add_callback(_PreemptionCallback())  # as CPT: a requeued SLURM job continues from that checkpoint
 
 
 class CPTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixin, Trainer):

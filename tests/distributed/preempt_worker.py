@@ -9,7 +9,7 @@ import sys
 
 from transformers import TrainerCallback
 
-from prolong.checkpoint.outputs import exit_without_teardown
+from prolong.runtime import exit_without_teardown
 from prolong.run_cpt import main
 
 

@@ -21,7 +21,7 @@ from prolong.model import check_model_paths, load_model, load_tokenizer
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
 from prolong.checkpoint.final_save import save_final_model
 from prolong.runtime import close_process_group, exit_without_teardown, quiet_config_dumps, setup_logging
-from prolong.checkpoint.checkpoints import resolve_resume
+from prolong.checkpoint.checkpoints import finished_run, resolve_resume
 from prolong.training.trainer import CPTTrainer
 
 logger = logging.getLogger("prolong.run_cpt")
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     quiet_config_dumps()
     resolve_gradient_accumulation(args, data_cfg.global_batch_size)
     resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
+    if finished_run(args):
+        return args.output_dir
     set_seed(args.seed)
 
     check_model_paths(model_cfg, args.init_from)

@@ -184,6 +184,19 @@ def test_an_output_dir_with_checkpoints_is_continued_or_overwritten_never_mixed(
     assert sorted(_losses(out)) == [1]
 
 
+def test_the_same_command_after_a_finished_run_reports_it_and_trains_nothing(
+    tiny_model_dir, packed_mixture, uninterrupted, tmp_path, caplog
+):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    with caplog.at_level("WARNING"):
+        assert main(_argv(tiny_model_dir, packed_mixture, out, **RUN)) == str(out)
+    assert "already holds the final model of this run (step 6, max_steps 6)" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before  # nothing rewritten
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
 class _Killed(BaseException):
     """Stands for SIGKILL at one point of the final save: nothing may catch it or clean up."""
 

@@ -161,6 +161,35 @@ def resolve_resume(args) -> str | None:
         return _resolve(args, log=main)
 
 
+def finished_run(args) -> bool:
+    """Whether output_dir already holds this recipe's final model (its step reached max_steps).
+
+    ``resume_from_checkpoint: auto`` then has nothing to continue: rerunning the same command (a
+    second ``make demo``, a requeued job that had finished) reports the finished model instead of
+    loading everything to train zero steps and saving the same weights again.
+    """
+    text = "" if args.resume_from_checkpoint is None else str(args.resume_from_checkpoint).strip().lower()
+    if getattr(args, "overwrite_output_dir", False) or text not in _RESUME_NEWEST or args.max_steps <= 0:
+        return False
+    state = os.path.join(args.output_dir, "trainer_state.json")  # written last but one by the final save
+    if not os.path.exists(os.path.join(args.output_dir, "config.json")):
+        return False
+    try:
+        with open(state) as f:
+            step = json.load(f)["global_step"]
+    except (OSError, ValueError, KeyError):
+        return False
+    if step < args.max_steps:
+        return False
+    if args.process_index == 0:
+        logger.warning(
+            "%s already holds the final model of this run (step %d, max_steps %d): nothing to train. Raise "
+            "max_steps to train further, or start over with overwrite_output_dir: true.",
+            args.output_dir, step, args.max_steps,
+        )
+    return True
+
+
 def _resolve(args, log: bool) -> str | None:
     value = args.resume_from_checkpoint
     text = "" if value is None else str(value).strip()

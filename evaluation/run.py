@@ -65,6 +65,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from prolong.errors import cli_errors
-
-    cli_errors("evaluation.run")(main)()  # expected errors: one message, no traceback, exit 2
+    main()  # wrapped by cli_errors above: expected errors print one message and exit 2

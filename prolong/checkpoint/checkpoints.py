@@ -28,7 +28,9 @@ import os
 import re
 import shutil
 
-from prolong.config import RecipeError
+from prolong.checkpoint.final_save import recover_final_save
+from prolong.checkpoint.fsync import fsync_dir, fsync_tree
+from prolong.errors import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -36,28 +38,6 @@ MARKER = "checkpoint_complete.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _RESUME_NEWEST = ("true", "auto", "latest")
 _NO_RESUME = ("", "none", "false", "no")
-
-
-# -- durability ------------------------------------------------------------------------------
-def fsync_tree(path: str) -> None:
-    """Flush every file and directory under ``path`` (and ``path`` itself) to the disk."""
-    for root, dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(root)
-
-
-def fsync_dir(path: str) -> None:
-    """Make the directory's entries (created or renamed files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _file_sizes(path: str) -> dict[str, int]:
@@ -152,8 +132,6 @@ def remove_checkpoint(path: str) -> None:
 
 def resolve_resume(args) -> str | None:
     """The checkpoint this run continues from (None: start at step 0), per the rules above."""
-    from prolong.checkpoint.final_save import recover_final_save
-
     with args.main_process_first(desc="resolve resume_from_checkpoint", local=False):
         main = args.process_index == 0
         if main:

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 
+from prolong.checkpoint.fsync import fsync_dir, fsync_tree
 from prolong.model_card import write_trainer_model_card
 
 logger = logging.getLogger(__name__)
@@ -153,8 +154,6 @@ def publish_directory(staging: str, output_dir: str) -> None:
     then the directories are swapped atomically (or, where the file system cannot swap, renamed
     twice; :func:`recover_final_save` completes an interrupted pair of renames at the next start).
     """
-    from prolong.checkpoint.checkpoints import fsync_dir, fsync_tree
-
     output_dir = os.path.realpath(output_dir)  # a symlinked output_dir keeps pointing at the new model
     parent = os.path.dirname(output_dir)
     if os.path.isdir(output_dir):

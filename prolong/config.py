@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import logging
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -22,9 +21,7 @@ from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig
 
 from prolong.errors import RecipeError  # defined there, without heavy imports, for every CLI
-
-
-logger = logging.getLogger(__name__)
+from prolong.training.arguments import apply_machine_defaults, check_training_values, refuse_per_device_loss_averaging
 
 
 @dataclass
@@ -71,13 +68,6 @@ class DataConfig:
         metadata={"help": "Packed dataset directories (from `prolong-data pack`) -> share of training tokens."},
     )
     max_length: int = field(default=65536, metadata={"help": "Tokens per packed training sequence."})
-    global_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Sequences per optimizer step, over all devices. Sets gradient_accumulation_steps "
-            "= global_batch_size / (per_device_train_batch_size x data-parallel size)."
-        },
-    )
     balance_attention_cost: bool = field(
         default=False,
         metadata={"help": "Order each optimizer step's sequences by sum(doc_len^2) so devices get equal attention work."},
@@ -102,8 +92,6 @@ class DataConfig:
             )
         if self.max_length <= 0:
             raise RecipeError(f"max_length must be positive, got {self.max_length}.")
-        if self.global_batch_size is not None and self.global_batch_size <= 0:
-            raise RecipeError(f"global_batch_size must be a positive number of sequences, got {self.global_batch_size}.")
 
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "varlen", "flex_attention", "sdpa", "eager")
@@ -119,52 +107,6 @@ def _json_mapping(value, name: str, example: str) -> dict | None:
     if value is not None and not isinstance(value, dict):
         raise RecipeError(f"{name} must be a mapping, e.g. {example}; got {value!r}.")
     return value
-
-
-def check_training_values(args) -> None:
-    """Values transformers accepts but fails on much later, or not at all (shared by CPT and SFT)."""
-    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"]
-    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps":
-        positive.append("save_steps")
-    for name in positive:
-        value = getattr(args, name)
-        if not value > 0:
-            raise RecipeError(f"{name} must be positive, got {value}.")
-    for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps"):
-        value = getattr(args, name)
-        if value is not None and not value >= 0:
-            raise RecipeError(f"{name} must be >= 0, got {value}.")
-    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise RecipeError(f"output_dir: {args.output_dir} is a file, not a directory; choose another output_dir.")
-
-
-def apply_machine_defaults(args) -> None:
-    """Defaults that depend on the machine, shared by the CPT and SFT configs (before validation)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if args.bf16 is None:
-        args.bf16 = cuda
-    elif args.bf16 and not cuda:
-        # a GPU recipe run on CPU: transformers would refuse it ("doesn't support bf16/gpu")
-        logger.warning("bf16 needs CUDA: turned off on this machine (the model trains in the dtype it is loaded in).")
-        args.bf16 = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cuda:
-        # without this, TrainingArguments runs each torchrun process alone on CPU (no gloo group)
-        args.use_cpu = True
-    if args.use_liger_kernel and not cuda:
-        # liger-kernel imports on CPU but fails at the first forward, and patches classes globally
-        logger.warning("use_liger_kernel needs CUDA: turned off on this machine (chunked loss instead).")
-        args.use_liger_kernel = False
-    args.lr_scheduler_kwargs = _json_mapping(args.lr_scheduler_kwargs, "lr_scheduler_kwargs", '{"min_lr_rate": 0.1}')
-
-
-def refuse_per_device_loss_averaging(args) -> None:
-    if not args.average_tokens_across_devices:
-        raise RecipeError(
-            "average_tokens_across_devices: false would average per-device means, which weighs tokens "
-            "unequally across devices; remove it (the loss is a token mean over all devices)."
-        )
 
 
 @dataclass
@@ -192,6 +134,20 @@ class ProLongTrainingDefaults:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start at step 0 in an output_dir that holds checkpoints (removes them)."}
     )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Sequences (packed rows) per optimizer step, over all devices. Sets gradient_accumulation_steps "
+            "= global_batch_size / (per_device_train_batch_size x data-parallel size)."
+        },
+    )
+
+    def __post_init__(self):
+        self.lr_scheduler_kwargs = _json_mapping(self.lr_scheduler_kwargs, "lr_scheduler_kwargs", '{"min_lr_rate": 0.1}')
+        apply_machine_defaults(self)
+        check_training_values(self)
+        super().__post_init__()  # TrainingArguments' / SFTConfig's
+        refuse_per_device_loss_averaging(self)
 
 
 @dataclass
@@ -240,12 +196,9 @@ class CPTConfig(ProLongTrainingDefaults, TrainingArguments):
     eval_recall_samples: int = field(default=10, metadata={"help": "Samples per recall task and length."})
 
     def __post_init__(self):
-        apply_machine_defaults(self)
-        check_training_values(self)
         if self.loss_chunk_size <= 0:
             raise RecipeError(f"loss_chunk_size must be a positive number of tokens (default 4096), got {self.loss_chunk_size}.")
         super().__post_init__()
-        refuse_per_device_loss_averaging(self)
         if self.eval_recall_lengths and self.sequence_parallel_size > 1:
             raise RecipeError(
                 "eval_recall_lengths runs generation on the main process alone, which sequence-parallel "
@@ -259,26 +212,6 @@ class CPTConfig(ProLongTrainingDefaults, TrainingArguments):
             raise RecipeError(f"tiled_mlp_tokens must be 0 (off) or a number of tokens, got {self.tiled_mlp_tokens}.")
         if self.loss_kernel not in ("auto", "liger", "trl", "chunked"):
             raise RecipeError(f"loss_kernel must be auto, liger, trl or chunked, got {self.loss_kernel!r}.")
-
-
-def resolve_gradient_accumulation(args: TrainingArguments, global_batch_size: int | None) -> None:
-    """Derive gradient_accumulation_steps from global_batch_size, refusing batches that don't divide."""
-    sp = getattr(args, "sequence_parallel_size", 1)
-    if args.world_size % sp:
-        raise RecipeError(
-            f"sequence_parallel_size={sp} does not divide the {args.world_size} processes; "
-            "launch a multiple of it or change sequence_parallel_size."
-        )
-    if global_batch_size is None:
-        return
-    per_step = args.per_device_train_batch_size * (args.world_size // sp)
-    if global_batch_size % per_step:
-        raise RecipeError(
-            f"global_batch_size={global_batch_size} does not divide into per_device_train_batch_size="
-            f"{args.per_device_train_batch_size} x {args.world_size // sp} data-parallel processes; "
-            f"use a global_batch_size that is a multiple of {per_step}, or change the device count."
-        )
-    args.gradient_accumulation_steps = global_batch_size // per_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,17 +302,6 @@ def parse_recipe(types: tuple, args: list[str] | None = None, return_recipe: boo
     return (*parsed, written)
 
 
-def theta_warning(theta: float, max_length: int) -> str | None:
-    """ProLong's ablation: at 64K, theta 0.5M/4M/8M gave 29.1/48.7/54.6. Warn below ~8e6 x (L/64K)."""
-    recommended = 8e6 * max_length / 65536
-    if theta < recommended / 2:
-        return (
-            f"rope_theta={theta:g} looks too small for max_length={max_length}: ProLong used 8e6 at 64K "
-            f"and 1.28e8 at 512K (about {recommended:.3g} or more here). Set rope_theta in the recipe."
-        )
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Supervised fine-tuning (prolong/run_sft.py). Parsed together with ModelConfig, without
 # DataConfig: SFTConfig has its own max_length (tokens per packed sequence).
@@ -413,9 +335,6 @@ class SFTRecipeConfig(ProLongTrainingDefaults, SFTConfig):
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration (subset)."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on (UltraChat: train_sft)."})
-    global_batch_size: int | None = field(
-        default=None, metadata={"help": "Packed rows per optimizer step, over all devices (sets accumulation)."}
-    )
     check_document_masking: bool = field(
         default=True, metadata={"help": "Probe the real model at start-up: conversations must not see each other."}
     )
@@ -428,12 +347,9 @@ class SFTRecipeConfig(ProLongTrainingDefaults, SFTConfig):
     )
 
     def __post_init__(self):
-        apply_machine_defaults(self)
-        check_training_values(self)
         if self.use_peft and not self.lora_r > 0:
             raise RecipeError(f"lora_r must be a positive rank, got {self.lora_r}.")
         super().__post_init__()
-        refuse_per_device_loss_averaging(self)
         if self.assistant_only_loss:
             raise RecipeError(
                 "assistant_only_loss: prolong/sft.py already masks every non-assistant token for any chat "

@@ -12,9 +12,9 @@ import pyarrow.compute as pc
 from transformers import set_seed
 
 from prolong.training.attention import guard_document_masking, log_probe_passed
-from prolong.errors import cli_errors
+from prolong.errors import RecipeError, cli_errors
 from prolong.training.collator import PackedCollator
-from prolong.config import CPTConfig, DataConfig, ModelConfig, RecipeError, parse_recipe, resolve_gradient_accumulation
+from prolong.config import CPTConfig, DataConfig, ModelConfig, parse_recipe
 from prolong.training.mixture import BalancedOrder, MixtureDataset
 from prolong.data.storage import read_metadata
 from prolong.model import check_model_paths, load_model, load_tokenizer
@@ -22,6 +22,7 @@ from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel,
 from prolong.checkpoint.final_save import save_final_model
 from prolong.runtime import close_process_group, exit_without_teardown, quiet_config_dumps, setup_logging
 from prolong.checkpoint.checkpoints import finished_run, resolve_resume
+from prolong.training.arguments import resolve_gradient_accumulation
 from prolong.training.trainer import CPTTrainer
 
 logger = logging.getLogger("prolong.run_cpt")
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     model_cfg, data_cfg, args, recipe = parse_recipe((ModelConfig, DataConfig, CPTConfig), argv, return_recipe=True)
     setup_logging(args)
     quiet_config_dumps()
-    resolve_gradient_accumulation(args, data_cfg.global_batch_size)
+    resolve_gradient_accumulation(args)
     resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
     if finished_run(args):
         return args.output_dir

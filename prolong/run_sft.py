@@ -15,11 +15,12 @@ from transformers import set_seed
 
 from prolong.training.attention import guard_document_masking, log_probe_passed
 from prolong.errors import cli_errors
-from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe, resolve_gradient_accumulation
+from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe
 from prolong.model import check_model_paths, load_model, load_tokenizer
 from prolong.checkpoint.final_save import save_final_model
 from prolong.runtime import close_process_group, exit_without_teardown, quiet_config_dumps, setup_logging
 from prolong.checkpoint.checkpoints import finished_run, resolve_resume
+from prolong.training.arguments import resolve_gradient_accumulation
 from prolong.training.sft_trainer import SFTTrainer
 from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, longest_row, lora_config,
                          prepare_sft_dataset, use_prepacked_rows)
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     setup_logging(args)
     quiet_config_dumps()
     args.trust_remote_code = model_cfg.trust_remote_code
-    resolve_gradient_accumulation(args, args.global_batch_size)
+    resolve_gradient_accumulation(args)
     resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
     if finished_run(args):
         return args.output_dir

@@ -148,6 +148,7 @@ SFT_CASES = [
     ("sft-lora-rank-0", sft(use_peft="true", lora_r=0), "lora_r"),
     ("sft-per-device-averaging", sft(average_tokens_across_devices="false"), "average_tokens_across_devices"),
     ("sft-global-batch-not-divisible", sft(global_batch_size=3, per_device_train_batch_size=2), "global_batch_size=3"),
+    ("sft-global-batch-0", sft(global_batch_size=0), "global_batch_size must be a positive"),
     ("sft-grad-accumulation-0", sft(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
     ("sft-dataset-missing", sft(drop=("dataset_name",)), "dataset_name"),
     ("sft-dataset-wrong-columns", sft(dataset_name="{tmp}/text.jsonl"), "needs `messages`"),

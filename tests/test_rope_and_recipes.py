@@ -58,11 +58,11 @@ def test_cpt_recipes_parse_with_the_papers_numbers(recipe):
     assert (args.adam_beta2, args.weight_decay, args.max_grad_norm, args.warmup_steps) == (0.95, 0.1, 1.0, 0.1)
     assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     if "stage1" in recipe:  # 64 x 64K = 4M tokens, 5000 steps, theta 8e6
-        assert (model_cfg.rope_theta, data_cfg.max_length, data_cfg.global_batch_size, args.max_steps) == (
+        assert (model_cfg.rope_theta, data_cfg.max_length, args.global_batch_size, args.max_steps) == (
             8e6, 65536, 64, 5000)
         assert args.learning_rate == 1e-5
     if "stage2" in recipe:  # 16 x 512K = 8M tokens, 2500 steps, theta 1.28e8, SP 8, stage-1 hand-off
-        assert (model_cfg.rope_theta, data_cfg.max_length, data_cfg.global_batch_size, args.max_steps) == (
+        assert (model_cfg.rope_theta, data_cfg.max_length, args.global_batch_size, args.max_steps) == (
             1.28e8, 524288, 16, 2500)
         assert args.learning_rate == 5e-6 and args.sequence_parallel_size == 8
         assert args.init_from and args.load_optimizer_state

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from datasets import load_from_disk
 from torch.utils.data import Dataset
 
-from prolong.config import RecipeError
+from prolong.errors import RecipeError
 from prolong.data.hub import resolve_dataset_dir
 
 logger = logging.getLogger(__name__)

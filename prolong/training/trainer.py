@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback
 
 from prolong.checkpoint.checkpoints import CompleteCheckpointsMixin, last_checkpoint
 from prolong.training.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
-from prolong.config import RecipeError
+from prolong.errors import RecipeError
 from prolong.data.hub import hub_error_message, hub_errors
 from prolong.model_card import write_trainer_model_card
 from prolong.training.loss import chunked_cross_entropy_sum, logit_scale_of, logit_softcap_of, trl_linear_cross_entropy_sum

@@ -1,0 +1,80 @@
+"""What the training arguments (``config.CPTConfig``, ``config.SFTRecipeConfig``) need beyond their
+fields: defaults that depend on the machine and value checks transformers makes late or never (run
+by their shared ``__post_init__``), and the accumulation derived from ``global_batch_size`` once the
+process count is known (run by both entry scripts)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prolong.errors import RecipeError
+
+logger = logging.getLogger(__name__)
+
+
+def apply_machine_defaults(args) -> None:
+    """Defaults that depend on the machine (before validation)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.bf16 is None:
+        args.bf16 = cuda
+    elif args.bf16 and not cuda:
+        # a GPU recipe run on CPU: transformers would refuse it ("doesn't support bf16/gpu")
+        logger.warning("bf16 needs CUDA: turned off on this machine (the model trains in the dtype it is loaded in).")
+        args.bf16 = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cuda:
+        # without this, TrainingArguments runs each torchrun process alone on CPU (no gloo group)
+        args.use_cpu = True
+    if args.use_liger_kernel and not cuda:
+        # liger-kernel imports on CPU but fails at the first forward, and patches classes globally
+        logger.warning("use_liger_kernel needs CUDA: turned off on this machine (chunked loss instead).")
+        args.use_liger_kernel = False
+
+
+def check_training_values(args) -> None:
+    """Values transformers accepts but fails on much later, or not at all."""
+    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"]
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps":
+        positive.append("save_steps")
+    for name in positive:
+        value = getattr(args, name)
+        if not value > 0:
+            raise RecipeError(f"{name} must be positive, got {value}.")
+    for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise RecipeError(f"{name} must be >= 0, got {value}.")
+    if args.global_batch_size is not None and args.global_batch_size <= 0:
+        raise RecipeError(f"global_batch_size must be a positive number of sequences, got {args.global_batch_size}.")
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise RecipeError(f"output_dir: {args.output_dir} is a file, not a directory; choose another output_dir.")
+
+
+def refuse_per_device_loss_averaging(args) -> None:
+    if not args.average_tokens_across_devices:
+        raise RecipeError(
+            "average_tokens_across_devices: false would average per-device means, which weighs tokens "
+            "unequally across devices; remove it (the loss is a token mean over all devices)."
+        )
+
+
+def resolve_gradient_accumulation(args) -> None:
+    """Derive gradient_accumulation_steps from global_batch_size, refusing batches that don't divide."""
+    sp = getattr(args, "sequence_parallel_size", 1)
+    if args.world_size % sp:
+        raise RecipeError(
+            f"sequence_parallel_size={sp} does not divide the {args.world_size} processes; "
+            "launch a multiple of it or change sequence_parallel_size."
+        )
+    if args.global_batch_size is None:
+        return
+    per_step = args.per_device_train_batch_size * (args.world_size // sp)
+    if args.global_batch_size % per_step:
+        raise RecipeError(
+            f"global_batch_size={args.global_batch_size} does not divide into per_device_train_batch_size="
+            f"{args.per_device_train_batch_size} x {args.world_size // sp} data-parallel processes; "
+            f"use a global_batch_size that is a multiple of {per_step}, or change the device count."
+        )
+    args.gradient_accumulation_steps = args.global_batch_size // per_step

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
+import trl
 from trl import SFTConfig
 
 from prolong.errors import RecipeError  # defined there, without heavy imports, for every CLI
@@ -215,7 +216,12 @@ class CPTConfig(ProLongTrainingDefaults, TrainingArguments):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing
+# Parsing. On transformers' HfArgumentParser, not trl.TrlParser (checked in trl 1.16): TrlParser
+# takes the recipe as `--config FILE` and sets its values as argparse defaults, so a YAML value
+# that is not a string is never type-checked (`max_steps: [1, 2]`, `use_peft: 3` pass); an
+# unknown key is a ValueError listing flags, with no closest-key hint; and it keeps no record of
+# the recipe as written. We turn every YAML value into a flag instead (checked like one), name
+# the closest key, and return the recipe as written for the model card.
 
 
 def _field_names(types) -> dict[str, Any]:
@@ -303,14 +309,42 @@ def parse_recipe(types: tuple, args: list[str] | None = None, return_recipe: boo
 
 
 # ---------------------------------------------------------------------------------------------
-# Supervised fine-tuning (prolong/run_sft.py). Parsed together with ModelConfig, without
+# Supervised fine-tuning (prolong/run_sft.py). Parsed together with SFTModelConfig, without
 # DataConfig: SFTConfig has its own max_length (tokens per packed sequence).
+
+
+@dataclass
+class SFTModelConfig(ModelConfig, trl.ModelConfig):
+    """ModelConfig with trl.ModelConfig's LoRA fields (use_peft, lora_r, lora_alpha, lora_dropout,
+    lora_target_modules, use_rslora, use_dora, ...), which ``trl.get_peft_config`` turns into the
+    adapter. TRL's fields that ``model.load_model`` does not read (revision, 4/8-bit loading) are
+    not recipe keys: a recipe setting them would silently train the plain model."""
+
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "Module names, or all-linear."}
+    )
+    model_revision: str = field(default="main", init=False)
+    lora_task_type: str = field(default="CAUSAL_LM", init=False)
+    load_in_8bit: bool = field(default=False, init=False)
+    load_in_4bit: bool = field(default=False, init=False)
+    bnb_4bit_quant_type: str = field(default="nf4", init=False)
+    use_bnb_nested_quant: bool = field(default=False, init=False)
+    bnb_4bit_quant_storage: str | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        # ModelConfig's checks, not trl.ModelConfig's: it turns a one-name list into a string, which
+        # peft reads as a regex matched against the whole module path ([q_proj] would match nothing)
+        super().__post_init__()
+        if self.lora_target_modules in (["all-linear"], "all-linear"):
+            self.lora_target_modules = "all-linear"  # peft's shorthand only as a string
+        if self.use_peft and not self.lora_r > 0:
+            raise RecipeError(f"lora_r must be a positive rank, got {self.lora_r}.")
 
 
 @dataclass
 class SFTRecipeConfig(ProLongTrainingDefaults, SFTConfig):
     """trl.SFTConfig with ProLong's SFT defaults (UltraChat, lr 2e-5 cosine to 2e-6, 5% warmup,
-    conversations packed whole into 64K padding-free rows) and our data / LoRA fields."""
+    conversations packed whole into 64K padding-free rows) and our data fields."""
 
     learning_rate: float = 2e-5
     warmup_steps: float = 0.05
@@ -338,21 +372,12 @@ class SFTRecipeConfig(ProLongTrainingDefaults, SFTConfig):
     check_document_masking: bool = field(
         default=True, metadata={"help": "Probe the real model at start-up: conversations must not see each other."}
     )
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of all weights."})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"], metadata={"help": "Module names, or all-linear."}
-    )
 
     def __post_init__(self):
-        if self.use_peft and not self.lora_r > 0:
-            raise RecipeError(f"lora_r must be a positive rank, got {self.lora_r}.")
         super().__post_init__()
         if self.assistant_only_loss:
             raise RecipeError(
-                "assistant_only_loss: prolong/sft.py already masks every non-assistant token for any chat "
+                "assistant_only_loss: prolong/sft_data.py already masks every non-assistant token for any chat "
                 "template (no {% generation %} markers needed); remove assistant_only_loss from the recipe."
             )
         if self.packing and self.packing_strategy == "wrapped":

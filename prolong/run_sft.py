@@ -12,24 +12,25 @@ from __future__ import annotations
 import logging
 
 from transformers import set_seed
+from trl import get_peft_config
 
 from prolong.training.attention import guard_document_masking, log_probe_passed
 from prolong.errors import cli_errors
-from prolong.config import ModelConfig, SFTRecipeConfig, parse_recipe
+from prolong.config import SFTModelConfig, SFTRecipeConfig, parse_recipe
 from prolong.model import check_model_paths, load_model, load_tokenizer
 from prolong.checkpoint.final_save import save_final_model
 from prolong.runtime import close_process_group, exit_without_teardown, quiet_config_dumps, setup_logging
 from prolong.checkpoint.checkpoints import finished_run, resolve_resume
 from prolong.training.arguments import resolve_gradient_accumulation
 from prolong.training.sft_trainer import SFTTrainer
-from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, longest_row, lora_config,
+from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, longest_row,
                          prepare_sft_dataset, use_prepacked_rows)
 
 logger = logging.getLogger("prolong.run_sft")
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
-    model_cfg, args, recipe = parse_recipe((ModelConfig, SFTRecipeConfig), argv, return_recipe=True)
+    model_cfg, args, recipe = parse_recipe((SFTModelConfig, SFTRecipeConfig), argv, return_recipe=True)
     setup_logging(args)
     quiet_config_dumps()
     args.trust_remote_code = model_cfg.trust_remote_code
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(args),
+        peft_config=get_peft_config(model_cfg),  # None unless use_peft
         callbacks=callbacks,
     )
     check_token_averaging(trainer)

@@ -264,21 +264,6 @@ def longest_row(dataset: datasets.Dataset) -> int:
     return int(pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)
 
 
-def lora_config(args):
-    if not args.use_peft:
-        return None
-    from peft import LoraConfig
-
-    targets = args.lora_target_modules
-    return LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules="all-linear" if targets in (["all-linear"], "all-linear") else targets,
-        task_type="CAUSAL_LM",
-    )
-
-
 def check_token_averaging(trainer) -> None:
     """The loss must be a mean over every target token of the optimizer step (all micro-batches,
     all devices). Trainer only counts them (num_items_in_batch) when the model takes loss kwargs."""

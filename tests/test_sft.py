@@ -15,7 +15,7 @@ from helpers import chat_conversations, sentence, sft_argv, write_chat_jsonl
 from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from prolong.config import ModelConfig, RecipeError, SFTRecipeConfig, parse_recipe
+from prolong.config import ModelConfig, RecipeError, SFTModelConfig, SFTRecipeConfig, parse_recipe
 from prolong.model import load_model
 from prolong.sft import SFTDataError, conversation_tokens, dataset_kind, prepare_sft_dataset
 
@@ -222,7 +222,7 @@ def test_sft_keeps_the_checkpoint_rope_and_saves_the_chat_template(cpt_checkpoin
         assert any(entry.get("tokens_per_second", 0) > 0 for entry in json.load(f)["log_history"])
 
     # ... unless the recipe overrides it
-    model_cfg, args = parse_recipe((ModelConfig, SFTRecipeConfig), sft_argv(cpt_checkpoint, data, "x", "--rope_theta", "1e6"))
+    model_cfg, args = parse_recipe((SFTModelConfig, SFTRecipeConfig), sft_argv(cpt_checkpoint, data, "x", "--rope_theta", "1e6"))
     assert load_model(model_cfg, args.max_length).config.rope_parameters["rope_theta"] == 1e6
 
 
@@ -242,6 +242,32 @@ def test_lora_run_saves_an_adapter_that_changes_the_output(tiny_model_dir, tmp_p
         tuned = PeftModel.from_pretrained(base, out).eval()
         after = tuned(ids).logits
     assert (before - after).abs().max() > 1e-4
+
+
+def test_lora_fields_are_trls_and_a_single_target_module_stays_a_module_name(tiny_model_dir):
+    """trl.get_peft_config builds the adapter from SFTModelConfig (trl.ModelConfig's LoRA fields);
+    the default is peft's all-linear, and a one-name lora_target_modules stays a module name (trl's
+    own ModelConfig turns it into a string, which peft matches as a regex against the whole module
+    path: no module would match)."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from trl import get_peft_config
+
+    base = ["--model_name_or_path", tiny_model_dir, "--use_cpu", "true", "--use_peft", "true"]
+    model_cfg, _ = parse_recipe((SFTModelConfig, SFTRecipeConfig), base)
+    assert get_peft_config(model_cfg).target_modules == "all-linear"
+    flags = ["--lora_r", "4", "--lora_target_modules", "q_proj", "--use_rslora", "true"]
+    model_cfg, _ = parse_recipe((SFTModelConfig, SFTRecipeConfig), base + flags)
+    config = get_peft_config(model_cfg)
+    assert (config.r, config.use_rslora, config.target_modules, config.task_type) == (4, True, {"q_proj"}, "CAUSAL_LM")
+    model = get_peft_model(load_model(ModelConfig(model_name_or_path=tiny_model_dir)), config)
+    wrapped = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    assert wrapped == {"q_proj"}
+
+
+def test_lora_keys_the_loader_ignores_are_not_recipe_keys():
+    with pytest.raises(RecipeError, match="Unknown key 'load_in_4bit'"):
+        parse_recipe((SFTModelConfig, SFTRecipeConfig), ["--model_name_or_path", "x", "--load_in_4bit", "true"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,12 +309,12 @@ def test_too_long_and_untrainable_conversations_are_dropped_and_counted():
 )
 def test_recipe_refuses_configurations_that_break_the_loss(flags, message):
     with pytest.raises(RecipeError, match=message):
-        parse_recipe((ModelConfig, SFTRecipeConfig), ["--model_name_or_path", "x", "--use_cpu", "true", *flags])
+        parse_recipe((SFTModelConfig, SFTRecipeConfig), ["--model_name_or_path", "x", "--use_cpu", "true", *flags])
 
 
 def test_recipes_parse():
     for recipe in ("recipes/prolong-8b/sft.yaml", "recipes/prolong-8b/sft-lora.yaml", "recipes/tiny/sft.yaml"):
-        model_cfg, args = parse_recipe((ModelConfig, SFTRecipeConfig), [recipe, "--use_cpu", "true"])
+        model_cfg, args = parse_recipe((SFTModelConfig, SFTRecipeConfig), [recipe, "--use_cpu", "true"])
         assert args.packing and args.packing_strategy == "bfd" and args.average_tokens_across_devices
     assert args.model_init_kwargs is None and model_cfg.model_name_or_path == "outputs/tiny-cpt"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -97,6 +98,22 @@ def load_tokenizer(cfg: ModelConfig):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def apply_chat_template_path(model, tokenizer, chat_template_path: str | None):
+    """The recipe's ``chat_template_path``: a .jinja file, or a tokenizer whose template (and special
+    tokens, resizing the model's embeddings) TRL's ``clone_chat_template`` copies."""
+    if chat_template_path is None:
+        return model, tokenizer
+    if os.path.isfile(chat_template_path):
+        tokenizer.chat_template = Path(chat_template_path).read_text(encoding="utf-8")
+        return model, tokenizer
+    from trl.chat_template_utils import clone_chat_template
+
+    require_path_or_hub_id(chat_template_path, "chat_template_path",
+                           hint="Give a .jinja file or a tokenizer (directory or Hub id) whose template to copy.")
+    model, tokenizer, _ = clone_chat_template(model, tokenizer, chat_template_path)
+    return model, tokenizer
 
 
 def load_model(cfg: ModelConfig, max_length: int | None = None, path: str | None = None):

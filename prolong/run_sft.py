@@ -3,7 +3,7 @@
     accelerate launch prolong/run_sft.py recipes/prolong-8b/sft.yaml [--field value ...]
     python prolong/run_sft.py recipes/tiny/sft.yaml --max_steps 5
 
-Loss on assistant tokens only (any chat template, see prolong/sft.py), conversations packed whole
+Loss on assistant tokens only (any chat template, see prolong/sft_data.py), conversations packed whole
 into padding-free rows with document masking, loss averaged over the tokens of the whole step.
 """
 
@@ -17,14 +17,13 @@ from trl import get_peft_config
 from prolong.training.attention import guard_document_masking, log_probe_passed
 from prolong.errors import cli_errors
 from prolong.config import SFTModelConfig, SFTRecipeConfig, parse_recipe
-from prolong.model import check_model_paths, load_model, load_tokenizer
+from prolong.model import apply_chat_template_path, check_model_paths, load_model, load_tokenizer
 from prolong.checkpoint.final_save import save_final_model
 from prolong.runtime import close_process_group, exit_without_teardown, quiet_config_dumps, setup_logging
 from prolong.checkpoint.checkpoints import finished_run, resolve_resume
 from prolong.training.arguments import resolve_gradient_accumulation
-from prolong.training.sft_trainer import SFTTrainer
-from prolong.sft import (apply_chat_template_path, check_token_averaging, load_sft_dataset, longest_row,
-                         prepare_sft_dataset, use_prepacked_rows)
+from prolong.training.sft_trainer import SFTTrainer, use_prepacked_rows
+from prolong.sft_data import load_sft_dataset, longest_row, prepare_sft_dataset
 
 logger = logging.getLogger("prolong.run_sft")
 
@@ -45,7 +44,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     dataset = load_sft_dataset(args.dataset_name, args.dataset_config, args.dataset_split)  # fails before the model
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, max_length)  # keeps the checkpoint's RoPE unless the recipe sets it
-    model, tokenizer = apply_chat_template_path(model, tokenizer, args)
+    model, tokenizer = apply_chat_template_path(model, tokenizer, args.chat_template_path)  # before our masks
+    args.chat_template_path = None  # applied: SFTTrainer must not apply it again (after the masks)
     train_dataset, stats = prepare_sft_dataset(dataset, tokenizer, max_length, args.dataset_num_proc)
     if stats.kind == "packed":
         use_prepacked_rows(args)
@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         peft_config=get_peft_config(model_cfg),  # None unless use_peft
         callbacks=callbacks,
     )
-    check_token_averaging(trainer)
     # on TRL's own collator and its packed rows, as training will see them
     guard_document_masking(trainer.model, args, trainer.data_collator, trainer.train_dataset,
                            packed=bool(args.packing))

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from prolong.config import ModelConfig, RecipeError, SFTModelConfig, SFTRecipeConfig, parse_recipe
 from prolong.model import load_model
-from prolong.sft import SFTDataError, conversation_tokens, dataset_kind, prepare_sft_dataset
+from prolong.sft_data import SFTDataError, conversation_tokens, dataset_kind, prepare_sft_dataset
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
@@ -174,7 +174,7 @@ def test_prepacked_prolong_data_rows_keep_boundaries_and_masks(tiny_model_dir, t
     raw = Dataset.from_dict({"messages": chat_conversations(10, seed=7)})
     tokenized, _ = tokenize_dataset(raw, tokenizer, text_field="messages")
     pack_dataset(tokenized, tmp_path / "packed", mode="sft", length=128)
-    from prolong.sft import load_sft_dataset
+    from prolong.sft_data import load_sft_dataset
 
     rows, stats = prepare_sft_dataset(load_sft_dataset(str(tmp_path / "packed")), tokenizer, 128)
     assert stats.kind == "packed" and rows.column_names == ["input_ids", "labels", "seq_lengths"]
@@ -242,6 +242,26 @@ def test_lora_run_saves_an_adapter_that_changes_the_output(tiny_model_dir, tmp_p
         tuned = PeftModel.from_pretrained(base, out).eval()
         after = tuned(ids).logits
     assert (before - after).abs().max() > 1e-4
+
+
+def test_chat_template_path_renders_a_model_that_has_no_template(tiny_model_dir, tmp_path):
+    """`chat_template_path: FILE.jinja` is applied before the assistant masks are computed, and the
+    saved tokenizer carries it."""
+    import shutil
+
+    from prolong.run_sft import main
+
+    template = AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "no-template")
+    bare = AutoTokenizer.from_pretrained(model_dir)
+    bare.chat_template = None
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    bare.save_pretrained(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template is None
+    (tmp_path / "chat.jinja").write_text(template, encoding="utf-8")
+    data = write_chat_jsonl(tmp_path / "chat.jsonl", chat_conversations(8, seed=5))
+    out = main(sft_argv(str(model_dir), data, str(tmp_path / "out"), "--chat_template_path", str(tmp_path / "chat.jinja")))
+    assert AutoTokenizer.from_pretrained(out).chat_template == template
 
 
 def test_lora_fields_are_trls_and_a_single_target_module_stays_a_module_name(tiny_model_dir):

@@ -26,7 +26,6 @@ The tiny recipe's chat data: ``python -m prolong.demo chatterbot --out demo_data
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +33,7 @@ import datasets
 import numpy as np
 
 from prolong.training.collator import IGNORE_INDEX
-from prolong.config import RecipeError
-from prolong.errors import require_path_or_hub_id
+from prolong.errors import RecipeError, require_path_or_hub_id
 from prolong.data.storage import read_metadata
 from prolong.data.tokenize import tokenize_conversation
 
@@ -228,49 +226,8 @@ def prepare_sft_dataset(
     return mapped.select_columns(keep_columns), stats
 
 
-# ---------------------------------------------------------------------------------------------
-# Trainer set-up pieces run_sft.py needs
-
-
-def apply_chat_template_path(model, tokenizer, args):
-    """Apply ``chat_template_path`` BEFORE tokenizing (TRL would apply it only after our masks)."""
-    if args.chat_template_path is None:
-        return model, tokenizer
-    if os.path.isfile(args.chat_template_path):
-        tokenizer.chat_template = Path(args.chat_template_path).read_text(encoding="utf-8")
-    else:
-        from trl.chat_template_utils import clone_chat_template
-
-        require_path_or_hub_id(args.chat_template_path, "chat_template_path",
-                               hint="Give a .jinja file or a tokenizer (directory or Hub id) whose template to copy.")
-
-        model, tokenizer, _ = clone_chat_template(model, tokenizer, args.chat_template_path)
-    args.chat_template_path = None  # applied; SFTTrainer must not apply it again
-    return model, tokenizer
-
-
-def use_prepacked_rows(args) -> None:
-    """prolong-data rows are already packed: TRL must neither re-pack nor truncate them, only collate
-    them padding-free (seq_lengths -> position_ids restarts, no attention mask)."""
-    args.packing = False
-    args.padding_free = True
-    args.max_length = None
-
-
 def longest_row(dataset: datasets.Dataset) -> int:
     """Tokens in the longest training row (read from the Arrow offsets, no row decoded)."""
     import pyarrow.compute as pc
 
     return int(pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)
-
-
-def check_token_averaging(trainer) -> None:
-    """The loss must be a mean over every target token of the optimizer step (all micro-batches,
-    all devices). Trainer only counts them (num_items_in_batch) when the model takes loss kwargs."""
-    if not (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None):
-        raise RecipeError(
-            f"{type(trainer.model).__name__} takes no loss kwargs, so the Trainer would not count the target "
-            "tokens of the whole step and would average per-micro-batch means; use a transformers causal LM."
-        )
-    if not trainer.args.average_tokens_across_devices:
-        raise RecipeError("average_tokens_across_devices must stay true (token mean over all devices).")

@@ -17,6 +17,8 @@ does the upload. Endpoints, as huggingface_hub 2.4 calls them (hf_api.py, _commi
 The Xet path cannot be served here: clients must run with ``HF_HUB_DISABLE_XET=1``.
 Every request needs ``Authorization: Bearer <token>``. ``fail`` maps an endpoint name
 (create, branch, preupload, lfs, upload, commit) to an HTTP status the server answers instead.
+``hold`` maps an endpoint name to a condition: the first request to that endpoint waits (at most
+``hold_timeout_s``) until the condition is true, like a slow network at a chosen moment.
 The server stops by itself after ``lifetime_s`` even if a test forgets to stop it.
 """
 
@@ -27,6 +29,8 @@ import hashlib
 import json
 import re
 import threading
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -38,11 +42,15 @@ LFS_THRESHOLD = 1024  # files at least this big go through LFS, so both upload p
 
 class FakeHub:
     def __init__(self, token: str = "hf_fake_write_token", fail: dict[str, int] | None = None,
-                 lifetime_s: float = 120.0):
+                 lifetime_s: float = 120.0, hold: dict[str, Callable[[], bool]] | None = None,
+                 hold_timeout_s: float = 60.0):
         self.token = token
         self.fail = dict(fail or {})
+        self.hold = dict(hold or {})
+        self.hold_timeout_s = hold_timeout_s
+        self.held: list[str] = []  # endpoints whose first request was held (and for how long, below)
         self.repos: dict[tuple[str, str], dict] = {}  # (type, id) -> {"private", "branches": {name: {path: bytes}}}
-        self.commits: list[dict] = []  # {"repo", "type", "revision", "summary", "paths"}
+        self.commits: list[dict] = []  # {"repo", "type", "revision", "summary", "paths", "oid"}
         self.requests: list[tuple[str, str]] = []
         self.lfs_objects: dict[str, bytes] = {}
         self.validated: list[dict] = []  # YAML headers of cards sent to /api/validate-yaml
@@ -76,9 +84,22 @@ class FakeHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
+    def wait_if_held(self, endpoint_name: str) -> None:
+        condition = self.hold.pop(endpoint_name, None)  # first request only
+        if condition is None:
+            return
+        start = time.monotonic()
+        while not condition() and time.monotonic() - start < self.hold_timeout_s:
+            time.sleep(0.05)
+        self.held.append(f"{endpoint_name} {time.monotonic() - start:.1f}s")
+
     # ---- what arrived ----------------------------------------------------------------------
     def files(self, repo_id: str, repo_type: str = "model", revision: str = "main") -> dict[str, bytes]:
         return dict(self.repos[(repo_type, repo_id)]["branches"][revision])
+
+    def files_at(self, repo_id: str, commit_oid: str, repo_type: str = "model") -> dict[str, bytes]:
+        """The repository's files as that commit left them."""
+        return dict(self.repos[(repo_type, repo_id)]["snapshots"][commit_oid])
 
     def write_repo(self, repo_id: str, directory: Path, repo_type: str = "model", revision: str = "main") -> Path:
         """Materialise the repository's files under ``directory`` (like a clone)."""
@@ -180,6 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
         if match := re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+/[^/]+)\.git/info/lfs/objects/batch", path):
             if not self._authorised("lfs"):
                 return
+            self.hub.wait_if_held("lfs")
             payload = json.loads(body)
             objects = [
                 {"oid": o["oid"], "size": o["size"], "authenticated": True,
@@ -232,9 +254,9 @@ class _Handler(BaseHTTPRequestHandler):
                 for name in [p for p in tree if p == gone or p.startswith(gone.rstrip("/") + "/")]:
                     del tree[name]
             tree.update(new_files)
+            oid = hashlib.sha1(f"{repo_id}{len(self.hub.commits) + 1}".encode()).hexdigest()
             self.hub.commits.append({"repo": repo_id, "type": repo_type, "revision": revision,
-                                     "summary": header.get("summary"), "paths": sorted(new_files)})
-            oid = hashlib.sha1(f"{repo_id}{len(self.hub.commits)}".encode()).hexdigest()
+                                     "summary": header.get("summary"), "paths": sorted(new_files), "oid": oid})
             repo["heads"][revision] = oid
             repo["snapshots"][oid] = dict(tree)
         return self._reply(200, {"success": True, "commitOid": oid,

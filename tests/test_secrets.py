@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,22 +64,42 @@ def _cpt_args(model_dir, mixture, out, *extra):
                   per_device_train_batch_size=2, max_steps=2, save_steps=1, learning_rate=1e-3, output_dir=str(out),
                   report_to="none", disable_tqdm="true", push_to_hub="true", hub_model_id="me/tiny-cpt",
                   hub_strategy="checkpoint", hub_token=HUB_TOKEN,
-                  hub_always_push="true")  # else a push still running under load makes the Trainer skip the next
+                  hub_always_push="true")  # else the Trainer skips a checkpoint whose predecessor is still pushing
     return [item for key, value in values.items() for item in (f"--{key}", str(value))] + list(extra)
+
+
+def _seconds_after(path: Path, seconds: float):
+    """A condition true from ``seconds`` after ``path`` appeared."""
+    seen: list[float] = []
+
+    def condition() -> bool:
+        if not seen and path.exists():
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() - seen[0] >= seconds
+
+    return condition
 
 
 def test_cpt_pushes_checkpoints_with_our_card_and_no_secret_anywhere(tiny_model_dir, packed_mixture, tmp_path):
     out = tmp_path / "cpt"
-    with FakeHub(token=HUB_TOKEN) as hub:
+    # a slow network: step 1's push is still uploading output_dir when checkpoint-2 is saved and pushed (the
+    # Trainer copies each checkpoint's weights into output_dir before uploading it). Step 2 must wait for it:
+    # rewriting output_dir under a running upload made step 1's commit fail, silently, in the background
+    slow_step_1 = {"lfs": _seconds_after(out / "checkpoint-2" / MARKER, 1.5)}
+    with FakeHub(token=HUB_TOKEN, hold=slow_step_1) as hub:
         result = _run("run_cpt.py", _cpt_args(tiny_model_dir, packed_mixture, out), hub, tmp_path / "home")
         _scan(out, hub, "me/tiny-cpt", result.stdout + result.stderr)
         files = hub.files("me/tiny-cpt")
         summaries = [c["summary"] for c in hub.commits]
+        step_1_files = hub.files_at("me/tiny-cpt", hub.commits[0]["oid"]) if hub.commits else {}
+        assert hub.held, "no request was held: the test would not test the overlap"
 
     # hub_strategy "checkpoint": output_dir and last-checkpoint/ at every save, then the final model
     assert summaries == ["Training in progress, step 1", "Training in progress, step 1, checkpoint",
                          "Training in progress, step 2", "Training in progress, step 2, checkpoint",
                          "ProLong continued-pretraining"], summaries
+    # step 1's commit holds step 1's weights, not those copied into output_dir at step 2
+    assert step_1_files["model.safetensors"] == (out / "checkpoint-1" / "model.safetensors").read_bytes()
     output_dir_pushes = [c for c in hub.commits if not c["summary"].endswith("checkpoint")]
     assert all("README.md" in c["paths"] for c in output_dir_pushes)  # our card on every push
     assert {"last-checkpoint/trainer_state.json", "model.safetensors", "config.json"} <= set(files)
@@ -136,9 +157,9 @@ def test_sft_writes_no_secret_anywhere(tiny_model_dir, tmp_path, monkeypatch, ca
         assert [c["summary"] for c in hub.commits] == ["Training in progress, step 2", "ProLong sft"]
 
 
-@pytest.mark.parametrize("case", ["401-at-create", "403-at-final-commit"])
+@pytest.mark.parametrize("case", ["401-at-create", "403-at-final-commit", "403-at-checkpoint-commit"])
 def test_a_refused_push_exits_2_with_one_message_and_keeps_the_trained_model(
-        case, tiny_model_dir, packed_mixture, tmp_path, monkeypatch, capsys):
+        case, tiny_model_dir, packed_mixture, tmp_path, monkeypatch, capsys, caplog):
     import transformers.utils.hub
     from huggingface_hub import constants
 
@@ -150,7 +171,8 @@ def test_a_refused_push_exits_2_with_one_message_and_keeps_the_trained_model(
     monkeypatch.delenv("HF_TOKEN", raising=False)
     out = tmp_path / "cpt"
     token = "hf_wrong_token_123456" if case == "401-at-create" else HUB_TOKEN
-    args = _cpt_args(tiny_model_dir, packed_mixture, out, "--hub_strategy", "end", "--max_steps", "1",
+    strategy = "checkpoint" if case == "403-at-checkpoint-commit" else "end"
+    args = _cpt_args(tiny_model_dir, packed_mixture, out, "--hub_strategy", strategy, "--max_steps", "1",
                      "--hub_token", token)
     with FakeHub(token=HUB_TOKEN, fail={"commit": 403}) as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
@@ -166,4 +188,10 @@ def test_a_refused_push_exits_2_with_one_message_and_keeps_the_trained_model(
     else:
         assert "no write access to me/tiny-cpt (403)" in last and f"hf upload me/tiny-cpt {out}" in last
         assert (out / "config.json").exists() and (out / "model.safetensors").exists()  # the model is kept
+    # a checkpoint push fails in the background (a future the Trainer only waits for): it is reported, once
+    reported = [r.getMessage() for r in caplog.records if "The checkpoint push of step" in r.getMessage()]
+    if case == "403-at-checkpoint-commit":
+        assert len(reported) == 1 and "step 1 to me/tiny-cpt failed: the token has no write access" in reported[0]
+    else:
+        assert reported == []
     assert HUB_TOKEN not in err and token not in err

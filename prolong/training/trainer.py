@@ -144,9 +144,43 @@ class KeepModelCardMixin:
         super().save_model(output_dir, _internal_call=True)
 
     def _push_from_checkpoint(self, checkpoint_folder):
-        if self.model_card_info is not None and self.is_world_process_zero() and self.args.hub_strategy != "end":
+        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
+            return
+        previous = getattr(self, "push_in_progress", None)
+        if previous is not None and not previous.is_done():
+            if not self.args.hub_always_push:  # the Trainer would skip it without a word
+                logger.warning("Step %d: the previous checkpoint push to %s is still running, so this checkpoint "
+                               "is not pushed (hub_always_push: true waits for it instead).",
+                               self.state.global_step, self.hub_model_id)
+                return
+            # transformers 5.24 would now copy this checkpoint's files into output_dir while the previous push
+            # (a background upload of output_dir) still reads them: that commit then fails on a changed file,
+            # and nobody hears of it. Wait for it instead (training pauses only while a push is late)
+            logger.info("Step %d: waiting for the previous checkpoint push to finish.", self.state.global_step)
+            self._finish_current_push()
+        self._report_failed_pushes()
+        if self.model_card_info is not None:
             write_trainer_model_card(self, self.args.output_dir, **self.model_card_info)
         super()._push_from_checkpoint(checkpoint_folder)
+        for job in getattr(self.push_in_progress, "jobs", []):
+            if not hasattr(job, "prolong_step"):
+                job.prolong_step = self.state.global_step
+
+    def _finish_current_push(self):
+        super()._finish_current_push()
+        self._report_failed_pushes()
+
+    def _report_failed_pushes(self):
+        """Checkpoint pushes run as futures whose errors the Trainer never reads (PushInProgress only waits)."""
+        push = getattr(self, "push_in_progress", None)
+        if push is None or not push.is_done():
+            return
+        failures = {(getattr(job, "prolong_step", "?"), hub_error_message(job.exception(), self.hub_model_id))
+                    for job in push.jobs if not job.cancelled() and job.exception() is not None}
+        for step, message in sorted(failures, key=str):  # output_dir and last-checkpoint/ often fail alike
+            logger.warning("The checkpoint push of step %s to %s failed: %s. Training goes on; the Hub keeps the "
+                           "previous push until a later one succeeds.", step, self.hub_model_id, message)
+        self.push_in_progress = None  # each failure is reported once
 
 
 class CPTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixin, Trainer):

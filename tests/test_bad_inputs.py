@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -375,3 +376,5 @@ def test_bad_input_is_refused_clearly(request, results, places, argv, fragment):
     assert "Traceback" not in stderr, shown
     assert result["code"] == 2, shown
     assert _fill([fragment], places)[0].lower() in stderr.lower(), shown
+    # one form for every CLI (prolong.errors.cli_errors, argparse): PROG[ SUBCOMMAND]: error: MESSAGE
+    assert re.match(r"[\w.-]+( [\w-]+)?: error: ", _message(stderr, places)), shown

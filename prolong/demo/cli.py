@@ -400,6 +400,8 @@ def main(argv=None) -> int:
         else:
             print(export_smollm2(args.out, overwrite=args.overwrite))
     except (DemoError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        from prolong.errors import error_message  # as every CLI prints it (prolong.errors.cli_errors)
+
+        print(f"prolong.demo: error: {error_message(error)}", file=sys.stderr)
         return 2
     return 0

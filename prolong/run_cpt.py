@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import pyarrow.compute as pc
 from transformers import set_seed
 
 from prolong.training.attention import guard_document_masking, log_probe_passed
@@ -16,7 +15,7 @@ from prolong.errors import RecipeError, cli_errors
 from prolong.training.collator import PackedCollator
 from prolong.config import CPTConfig, DataConfig, ModelConfig, parse_recipe
 from prolong.training.mixture import BalancedOrder, MixtureDataset
-from prolong.data.storage import read_metadata
+from prolong.data.storage import longest_row, read_metadata
 from prolong.model import check_model_paths, load_model, load_tokenizer
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
 from prolong.checkpoint.final_save import save_final_model
@@ -68,7 +67,7 @@ def check_packed_lengths(mixture: MixtureDataset, data: DataConfig) -> int:
         metadata = read_metadata(local_path) or {}
         mode = metadata.get("mode")
         # no metadata (a dataset not written by prolong-data): its longest row, from the Arrow offsets
-        length = int(metadata.get("length") or 0) or int(pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py())
+        length = int(metadata.get("length") or 0) or longest_row(dataset)
         if length < data.max_length:
             what = f"dataset_mixture: {path} was packed at {length} tokens ({mode or 'unknown'} mode), shorter than max_length={data.max_length}"
             if mode == "long":

@@ -23,7 +23,8 @@ from prolong.runtime import close_process_group, exit_without_teardown, quiet_co
 from prolong.checkpoint.checkpoints import finished_run, resolve_resume
 from prolong.training.arguments import resolve_gradient_accumulation
 from prolong.training.sft_trainer import SFTTrainer, use_prepacked_rows
-from prolong.sft_data import load_sft_dataset, longest_row, prepare_sft_dataset
+from prolong.data.storage import longest_row
+from prolong.sft_data import load_sft_dataset, prepare_sft_dataset
 
 logger = logging.getLogger("prolong.run_sft")
 

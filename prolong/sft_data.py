@@ -224,10 +224,3 @@ def prepare_sft_dataset(
     if len(keep) < len(lengths):
         mapped = mapped.select(keep)
     return mapped.select_columns(keep_columns), stats
-
-
-def longest_row(dataset: datasets.Dataset) -> int:
-    """Tokens in the longest training row (read from the Arrow offsets, no row decoded)."""
-    import pyarrow.compute as pc
-
-    return int(pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from prolong.data import best_fit_decreasing, pack_dataset, read_metadata
 from prolong.data.cli import main
+from prolong.data.storage import longest_row
 from prolong.data.tokenize import tokenize_dataset, tokenize_to_disk
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum old songs".split()
@@ -116,6 +117,15 @@ def test_long_mode_cuts_long_documents(tmp_path, tokenized_dir):
     assert all(row["indices"] == [[0, length]] for row in rows)
     assert metadata["dropped_documents"] == sum(len(d) < min_length for d in docs) > 0
     assert metadata["num_tokens"] == len(expected) * length
+
+
+def test_longest_row_counts_only_the_rows_a_select_kept():
+    """run_cpt's packed-length check and run_sft's card read it; SFT data drops conversations with select."""
+    rows = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4] * 7, [5]]})
+    assert longest_row(rows) == 7
+    assert longest_row(rows.select([0, 2])) == 3  # dataset.data still holds the 7-token row
+    assert longest_row(rows.filter(lambda row: len(row["input_ids"]) < 5)) == 3
+    assert longest_row(rows.select([])) == 0
 
 
 def test_best_fit_decreasing_is_tight():

@@ -121,6 +121,13 @@ def read_metadata(directory: str | os.PathLike) -> dict | None:
         return json.load(f)
 
 
+def longest_row(dataset: datasets.Dataset) -> int:
+    """Tokens in the longest row of ``input_ids`` (read from the Arrow offsets, no row decoded), of the rows
+    a ``select``/``filter`` kept: ``dataset.data`` alone is the whole table under such an indices mapping."""
+    column = dataset.with_format("arrow", columns=["input_ids"])[:]["input_ids"]
+    return int(pc.max(pc.list_value_length(column)).as_py() or 0)
+
+
 def load_dataset_dir(directory: str | os.PathLike, flag: str = "input") -> datasets.Dataset:
     """`load_from_disk` with errors that say what is wrong with the directory."""
     path = Path(directory)

@@ -118,9 +118,10 @@ def test_cpt_pushes_checkpoints_with_our_card_and_no_secret_anywhere(tiny_model_
     assert (out / "README.md").read_bytes() == files["README.md"]
 
 
-def test_a_checkpoint_push_skipped_while_the_previous_one_runs_is_logged(
+def test_a_checkpoint_push_skipped_while_the_previous_one_runs_is_logged_and_its_folder_kept(
         tiny_model_dir, packed_mixture, tmp_path, monkeypatch, caplog):
-    """Without hub_always_push the Trainer skips a checkpoint push while the previous one still runs: said."""
+    """Without hub_always_push the Trainer skips a checkpoint push while the previous one still runs: said.
+    save_total_limit 1 must not delete the checkpoint still uploading (its push would fail)."""
     import transformers.utils.hub
     from huggingface_hub import constants
 
@@ -133,11 +134,12 @@ def test_a_checkpoint_push_skipped_while_the_previous_one_runs_is_logged(
     slow_step_1 = {"lfs": _seconds_after(out / "checkpoint-2" / MARKER, 1.0)}
     with FakeHub(token=HUB_TOKEN, hold=slow_step_1) as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-        main(_cpt_args(tiny_model_dir, packed_mixture, out, "--hub_always_push", "false"))
+        main(_cpt_args(tiny_model_dir, packed_mixture, out, "--hub_always_push", "false", "--save_total_limit", "1"))
         assert hub.held and [c["summary"] for c in hub.commits] == [
             "Training in progress, step 1", "Training in progress, step 1, checkpoint", "ProLong continued-pretraining"]
     assert "Step 2: the previous checkpoint push to me/tiny-cpt is still running, so this checkpoint is not pushed " \
            "(hub_always_push: true waits for it instead)" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # rotated once the push was done
 
 
 class _MarkerAtPush(TrainerCallback):

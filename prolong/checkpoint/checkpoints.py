@@ -308,6 +308,11 @@ class CompleteCheckpointsMixin:
             self._rotate_complete_checkpoints(os.path.dirname(path))
         self.accelerator.wait_for_everyone()
 
+    def _finish_current_push(self):
+        super()._finish_current_push()
+        if self.args.should_save:  # checkpoints that rotation kept while they were uploading
+            self._rotate_complete_checkpoints(self.args.output_dir)
+
     def _rotate_complete_checkpoints(self, directory: str) -> None:
         limit = self.args.save_total_limit
         if not limit or limit <= 0:
@@ -315,7 +320,13 @@ class CompleteCheckpointsMixin:
         best = os.path.realpath(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
         complete = [p for _, p in checkpoints(directory) if incomplete_reason(p) is None]
         keep = set(complete[-limit:]) | ({best} if best else set())
+        # a checkpoint push (hub_strategy) uploads its folder in the background, and the Trainer skips the next
+        # push while it runs: deleting that folder now would make the push fail. It goes at a later rotation
+        uploading = {getattr(job, "prolong_checkpoint", None) for job in getattr(getattr(self, "push_in_progress", None),
+                                                                                 "jobs", []) if not job.done()}
         for _, path in checkpoints(directory):
+            if os.path.realpath(path) in uploading:
+                continue
             if path not in keep and os.path.realpath(path) != best:
                 logger.info("save_total_limit=%d: removing %s", limit, path)
                 remove_checkpoint(path)

@@ -163,8 +163,8 @@ class KeepModelCardMixin:
             write_trainer_model_card(self, self.args.output_dir, **self.model_card_info)
         super()._push_from_checkpoint(checkpoint_folder)
         for job in getattr(self.push_in_progress, "jobs", []):
-            if not hasattr(job, "prolong_step"):
-                job.prolong_step = self.state.global_step
+            if not hasattr(job, "prolong_step"):  # for the messages, and so rotation keeps a folder still uploading
+                job.prolong_step, job.prolong_checkpoint = self.state.global_step, os.path.realpath(checkpoint_folder)
 
     def _finish_current_push(self):
         super()._finish_current_push()

@@ -115,7 +115,23 @@ def build_multivalue(sample_seed: int, n_items: int, depth: float, shots: int = 
             "needle": needles[0], "depth": depth}
 
 
-BUILDERS = {"json_kv": build_json_kv, "ruler_mk_needle": build_mk_needle,
+def build_passkey(sample_seed: int, n_items: int, depth: float, shots: int = 0, kind: str = "number") -> dict:
+    """Passkey retrieval (Mohtashami & Jaggi 2023, the test of Position Interpolation, YaRN and
+    LongLoRA): a key stated once in a haystack of RULER's noise sentences. `number`: the classic
+    5-digit key; `word`: one noun (a one-token copy, within reach of a 1M-parameter model)."""
+    target_rng = random.Random(stable_seed(sample_seed, "target"))
+    key = str(target_rng.randint(10_000, 99_999)) if kind == "number" else target_rng.choice(NOUNS)
+    filler = [NOISE_SENTENCES[i % len(NOISE_SENTENCES)] for i in range(n_items)]
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    filler.insert(_insert_at_depth(n_items, depth), needle)
+    return {"context": " ".join(filler), "answer": [key], "needle": needle, "depth": depth}
+
+
+def build_passkey_word(sample_seed: int, n_items: int, depth: float, shots: int = 0) -> dict:
+    return build_passkey(sample_seed, n_items, depth, shots, kind="word")
+
+
+BUILDERS = {"json_kv": build_json_kv, "passkey": build_passkey, "passkey_word": build_passkey_word, "ruler_mk_needle": build_mk_needle,
             "ruler_mk_uuid": build_mk_uuid, "ruler_mv": build_multivalue}
 
 

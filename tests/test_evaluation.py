@@ -18,7 +18,7 @@ from evaluation.tasks import DataFileMissing, LoadRequest, get_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "helmet")
-RECALL = ["json_kv", "ruler_mk_needle", "ruler_mk_uuid", "ruler_mv"]
+RECALL = ["json_kv", "passkey", "passkey_word", "ruler_mk_needle", "ruler_mk_uuid", "ruler_mv"]
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ RULER_MULTI_USER = ("Some special magic {type_needle_v} are hidden within the fo
                     "I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
                     "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?")
 RULER_MULTI_SYSTEM = "The special magic {type_needle_v} for {query} mentioned in the provided text are"
+PASSKEY_USER = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                "I will quiz you about the important information there.\n{context}\nWhat is the pass key?")
 JSON_KV_USER = ("{context}\n\nExtract the value corresponding to the specified key in the JSON object below.\n\n"
                 "{demos}Key: {question}")
 
@@ -42,6 +44,9 @@ def _recall_task(name: str, user: str, system: str, generation: int, shots: int,
 
 TASKS = [
     _recall_task("json_kv", JSON_KV_USER, "Corresponding value:", 100, 2, "substring_exact_match", score_json_kv),
+    # passkey: the classic context-extension check; passkey_word (a one-noun key) is the micro-ProLong demo's
+    _recall_task("passkey", PASSKEY_USER, "The pass key is", 12, 0, "ruler_recall", score_ruler),
+    _recall_task("passkey_word", PASSKEY_USER, "The pass key is", 6, 0, "ruler_recall", score_ruler),
     _recall_task("ruler_mk_needle", RULER_SINGLE_USER, RULER_SINGLE_SYSTEM, 50, 0, "ruler_recall", score_ruler),
     _recall_task("ruler_mk_uuid", RULER_SINGLE_USER, RULER_SINGLE_SYSTEM, 100, 0, "ruler_recall", score_ruler),
     _recall_task("ruler_mv", RULER_MULTI_USER, RULER_MULTI_SYSTEM, 50, 0, "ruler_recall", score_ruler),

@@ -205,7 +205,7 @@ def build_demo_corpus(tokenizer, out_dir: str | os.PathLike, *, length: int = 10
 # Micro-ProLong (`make demo`): lookup documents in the evaluation task's own format, and man pages
 # split into training and held-out documents.
 
-RECALL_TASK = "ruler_mk_needle"  # evaluation/tasks.py: word keys, 7-digit values, many distractor needles
+RECALL_TASK = "passkey_word"  # evaluation/tasks/recall.py: a one-noun pass key in RULER's noise sentences
 
 
 def short_texts(split: str, max_bytes: int) -> list[str]:
@@ -216,11 +216,11 @@ def short_texts(split: str, max_bytes: int) -> list[str]:
     return _capped((text for i, text in enumerate(pages) if keep(i)), max_bytes)
 
 
-def recall_documents(tokenizer, count: int, min_tokens: int, max_tokens: int, seed: str) -> list[str]:
-    """`count` documents laid out exactly like the evaluation's RULER multi-key needle prompt (no chat
-    template) followed by the answer, each sized to a random token count in [min_tokens, max_tokens]
-    with the needle at a random depth. The item streams are seeded by `seed` and the document index,
-    never by the evaluation's (task, length, index, seed), so training and test samples differ."""
+def recall_documents(tokenizer, count: int, min_tokens: int, max_tokens: int, seed: str) -> list[tuple[str, str]]:
+    """`count` (prompt, answer) pairs laid out exactly like the evaluation's `RECALL_TASK` prompt (no
+    chat template), each sized to a random token count in [min_tokens, max_tokens] with the needle at a
+    random depth. The item streams are seeded by `seed` and the document index, never by the
+    evaluation's (task, length, index, seed), so training and test samples differ."""
     import random
 
     from evaluation.generation import PromptBuilder
@@ -231,7 +231,7 @@ def recall_documents(tokenizer, count: int, min_tokens: int, max_tokens: int, se
     build = BUILDERS[task.extra["builder"]]
     builder = PromptBuilder(tokenizer)
     rng = random.Random(stable_seed("micro-prolong", seed))
-    answer_tokens = 12  # " 1234567." plus EOS, with room to spare
+    answer_tokens = 4  # " saddle." plus EOS
     documents = []
     for index in range(count):
         target = rng.randint(min_tokens, max_tokens) - answer_tokens
@@ -239,5 +239,5 @@ def recall_documents(tokenizer, count: int, min_tokens: int, max_tokens: int, se
         sample_seed = stable_seed("micro-prolong", seed, index)
         _, fields = fit_items_to_length(lambda n: build(sample_seed, n, depth), builder.count(task, False), target)
         prompt, _ = builder.text(task, fields, use_chat_template=False)
-        documents.append(f"{prompt} {fields['answer'][0]}.")
+        documents.append((prompt, f" {fields['answer'][0]}."))
     return documents

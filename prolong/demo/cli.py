@@ -176,8 +176,10 @@ def build_micro_data(tokenizer, out_dir: str, *, window: int = MICRO_WINDOW, fac
 
     recall-base-N        passkey documents of up to N tokens, loss on the answer only (base curriculum)
     short-W / short-L    man pages (training split), short mode
-    recall-short-L       passkey documents inside the window, bin-packed whole in L-token rows, plain text
+    recall-short-L       passkey documents inside the window, bin-packed whole in L-token rows
     recall-long-L        passkey documents of L/2..L tokens (CPT's long data: needles beyond the window)
+                         (both with the loss on the answer only: with it on the whole document, the
+                         CPT learned the noise sentences and answered " yellow." at every length)
     books-L              Jane Austen's novels (or docstrings), long mode
     heldout-short-W      held-out man pages: the short-text loss
     """
@@ -204,10 +206,10 @@ def build_micro_data(tokenizer, out_dir: str, *, window: int = MICRO_WINDOW, fac
     books = janeausten_novels() if (JANEAUSTENR_DATA / "Rdata.rdb").exists() else list(stdlib_docstring_books())
     plan += [
         (short, f"short-{window}", "short", window), (short, f"short-{long_len}", "short", long_len),
-        (_passkey_dataset(tokenizer, recall_documents(tokenizer, 800, shortest, window, f"short-{seed}"), False,
+        (_passkey_dataset(tokenizer, recall_documents(tokenizer, 800, shortest, window, f"short-{seed}"), True,
                           "recall-short"), f"recall-short-{long_len}", "sft", long_len),
         (_passkey_dataset(tokenizer, recall_documents(tokenizer, 400, long_len // 2, long_len, f"long-{seed}"),
-                          False, "recall-long"), f"recall-long-{long_len}", "sft", long_len),
+                          True, "recall-long"), f"recall-long-{long_len}", "sft", long_len),
         (texts("books", _capped(iter(books), int(books_mb * 1e6))), f"books-{long_len}", "long", long_len),
         (texts("heldout", short_texts("heldout", 300_000)), f"heldout-short-{window}", "short", window),
     ]

@@ -379,8 +379,8 @@ def _plot(rows: list[dict], window: int, factor: int, path: Path) -> None:
         left.bar([x + offset for x in xs], [r[f"recall@{length}"] for r in rows], width=0.4, label=label)
     left.set_xticks(list(xs), stages)
     left.set_ylabel("recall (%)")
-    left.set_ylim(0, 100)
-    left.legend()
+    left.set_ylim(0, 118)  # room above the bars for the legend
+    left.legend(loc="upper center", ncol=2, fontsize=8)
     right.bar(list(xs), [r["short_loss"] for r in rows], color="gray")
     right.set_xticks(list(xs), stages)
     right.set_ylabel("held-out short-text loss")

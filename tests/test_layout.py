@@ -55,9 +55,7 @@ TRAINING_PACKAGES = ("prolong.training", "prolong.checkpoint", "prolong.parallel
 TRAINING_MODULES = {"prolong.config", "prolong.model", "prolong.sft_data", "prolong.runtime", "prolong.run_cpt",
                     "prolong.run_sft"}
 # imports the restructure still has to remove; do not add to it
-KNOWN_EXCEPTIONS = {
-    ("prolong.demo.cli", "prolong.run_cpt"),  # the demo trains the micro base through run_cpt.main
-}
+KNOWN_EXCEPTIONS: set = set()
 
 
 def _module_name(path):

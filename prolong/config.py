@@ -22,7 +22,8 @@ import trl
 from trl import SFTConfig
 
 from prolong.errors import RecipeError  # defined there, without heavy imports, for every CLI
-from prolong.training.arguments import apply_machine_defaults, check_training_values, refuse_per_device_loss_averaging
+from prolong.training.arguments import (apply_machine_defaults, check_training_values, refuse_generation_under_sharding,
+                                       refuse_per_device_loss_averaging)
 
 
 @dataclass
@@ -32,7 +33,14 @@ class ModelConfig:
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run modeling code shipped with the model."})
     dtype: str = field(
-        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32."}
+        default="auto",
+        metadata={"help": "Weights as loaded: auto = float32 (the optimizer's master weights; bf16: true computes in "
+                  "bf16), bfloat16 or float16 (under FSDP2, which keeps fp32 master weights, or for LoRA), float32."},
+    )
+    low_precision_master_weights: bool = field(
+        default=False,
+        metadata={"help": "true: let the optimizer step bfloat16/float16 weights with no fp32 copy (most updates "
+                  "at lr 1e-5 round away; the log states the share). Otherwise such a recipe is refused."},
     )
     attn_implementation: str = field(
         default="auto",
@@ -199,6 +207,7 @@ class CPTConfig(ProLongTrainingDefaults, TrainingArguments):
     def __post_init__(self):
         if self.loss_chunk_size <= 0:
             raise RecipeError(f"loss_chunk_size must be a positive number of tokens (default 4096), got {self.loss_chunk_size}.")
+        refuse_generation_under_sharding(self)  # before TrainingArguments imports the DeepSpeed it names
         super().__post_init__()
         if self.eval_recall_lengths and self.sequence_parallel_size > 1:
             raise RecipeError(

@@ -83,9 +83,8 @@ def apply_rope_settings(
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
+    """auto is fp32 on every device: the optimizer's master weights (prolong/training/precision.py)."""
+    return torch.float32 if name == "auto" else getattr(torch, name)
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -16,12 +16,13 @@ from prolong.training.collator import PackedCollator
 from prolong.config import CPTConfig, DataConfig, ModelConfig, parse_recipe
 from prolong.training.mixture import BalancedOrder, MixtureDataset
 from prolong.data.storage import longest_row, read_metadata
-from prolong.model import check_model_paths, load_model, load_tokenizer
+from prolong.model import check_model_paths, load_model, load_tokenizer, resolve_dtype
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
 from prolong.checkpoint.final_save import save_final_model
 from prolong.runtime import close_process_group, exit_without_teardown, quiet_config_dumps, setup_logging
 from prolong.checkpoint.checkpoints import finished_run, resolve_resume
 from prolong.training.arguments import resolve_gradient_accumulation
+from prolong.training.precision import check_master_weights, check_trainable_dtype
 from prolong.training.trainer import CPTTrainer
 
 logger = logging.getLogger("prolong.run_cpt")
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     setup_logging(args)
     quiet_config_dumps()
     resolve_gradient_accumulation(args)
+    check_master_weights(resolve_dtype(model_cfg.dtype), args, model_cfg.low_precision_master_weights)
     resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
     if finished_run(args):
         return args.output_dir
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         callbacks=callbacks,
         parallel_layout=layout,
     )
+    check_trainable_dtype(trainer.model, args, model_cfg.low_precision_master_weights)
     for callback in callbacks:  # RecallEvalCallback logs through trainer.log, so its scores reach report_to
         if hasattr(callback, "attach"):
             callback.attach(trainer)

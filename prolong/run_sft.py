@@ -17,11 +17,12 @@ from trl import get_peft_config
 from prolong.training.attention import guard_document_masking, log_probe_passed
 from prolong.errors import cli_errors
 from prolong.config import SFTModelConfig, SFTRecipeConfig, parse_recipe
-from prolong.model import apply_chat_template_path, check_model_paths, load_model, load_tokenizer
+from prolong.model import apply_chat_template_path, check_model_paths, load_model, load_tokenizer, resolve_dtype
 from prolong.checkpoint.final_save import save_final_model
 from prolong.runtime import close_process_group, exit_without_teardown, quiet_config_dumps, setup_logging
 from prolong.checkpoint.checkpoints import finished_run, resolve_resume
 from prolong.training.arguments import resolve_gradient_accumulation
+from prolong.training.precision import check_master_weights, check_trainable_dtype
 from prolong.training.sft_trainer import SFTTrainer, use_prepacked_rows
 from prolong.data.storage import longest_row
 from prolong.sft_data import load_sft_dataset, prepare_sft_dataset
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     quiet_config_dumps()
     args.trust_remote_code = model_cfg.trust_remote_code
     resolve_gradient_accumulation(args)
+    check_master_weights(resolve_dtype(model_cfg.dtype), args, model_cfg.low_precision_master_weights,
+                         lora=model_cfg.use_peft)
     resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
     if finished_run(args):
         return args.output_dir
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         peft_config=get_peft_config(model_cfg),  # None unless use_peft
         callbacks=callbacks,
     )
+    check_trainable_dtype(trainer.model, args, model_cfg.low_precision_master_weights)
     # on TRL's own collator and its packed rows, as training will see them
     guard_document_masking(trainer.model, args, trainer.data_collator, trainer.train_dataset,
                            packed=bool(args.packing))

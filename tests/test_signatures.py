@@ -87,7 +87,16 @@ def test_varlen_refuses_what_an_older_torch_cannot_do():
         varlen_causal_call(unknown, None, 64, 4, 4)
 
 
-class _LigerLoss06:  # liger-kernel >= 0.6: LigerFusedLinearCrossEntropyLoss
+class _LigerLoss062:  # liger-kernel >= 0.6.2: LigerFusedLinearCrossEntropyLoss
+    def __init__(self, ignore_index=-100, lse_square_scale=0.0, label_smoothing=0.0, reduction="mean", softcap=None,
+                 return_z_loss=False, accum_dtype=None):
+        pass
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        pass
+
+
+class _LigerLoss060:  # liger-kernel 0.6.0: no accum_dtype (bf16 gradient sums)
     def __init__(self, ignore_index=-100, lse_square_scale=0.0, label_smoothing=0.0, reduction="mean", softcap=None):
         pass
 
@@ -104,9 +113,10 @@ class _LigerLoss03:  # liger-kernel 0.3: no softcap
 
 
 def test_liger_fused_loss_signature():
-    compat.check_liger_fused_loss(_LigerLoss06)
-    with pytest.raises(IncompatibleLibraryError, match="liger-kernel>=0.6"):
-        compat.check_liger_fused_loss(_LigerLoss03)
+    compat.check_liger_fused_loss(_LigerLoss062)
+    for old in (_LigerLoss060, _LigerLoss03):
+        with pytest.raises(IncompatibleLibraryError, match=r"liger-kernel>=0.6.2"):
+            compat.check_liger_fused_loss(old)
     if importlib.util.find_spec("liger_kernel"):  # installed on GPU machines (the gpu extra)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

@@ -70,16 +70,17 @@ def varlen_causal_call(varlen_attn, scale: float | None, head_dim: int, num_head
 
 
 def check_liger_fused_loss(loss_class) -> None:
-    """``LigerFusedLinearCrossEntropyLoss(reduction=, softcap=)`` called as
-    ``loss(lm_head_weight, hidden, labels, bias)``: the form of liger-kernel 0.6+."""
+    """``LigerFusedLinearCrossEntropyLoss(reduction=, softcap=, accum_dtype=)`` called as
+    ``loss(lm_head_weight, hidden, labels, bias)``: the form of liger-kernel 0.6.2+ (``accum_dtype``
+    sums the bf16 lm_head gradient over a 64K row's chunks in fp32)."""
     init = _parameters(loss_class.__init__)
     forward = [name for name in _parameters(loss_class.forward) if name != "self"]
-    missing = [name for name in ("reduction", "softcap") if name not in init]
+    missing = [name for name in ("reduction", "softcap", "accum_dtype") if name not in init]
     if missing or forward[:4] != ["lin_weight", "_input", "target", "bias"]:
         raise IncompatibleLibraryError(
             f"liger-kernel {_version('liger-kernel')}: LigerFusedLinearCrossEntropyLoss lacks {missing or ''} "
             f"or takes ({', '.join(forward)}) instead of (lin_weight, _input, target, bias); install "
-            "liger-kernel>=0.6 or set loss_kernel: trl."
+            "liger-kernel>=0.6.2 or set loss_kernel: trl."
         )
 
 

@@ -5,6 +5,7 @@ process count is known (run by both entry scripts)."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -18,6 +19,12 @@ def apply_machine_defaults(args) -> None:
     import torch
 
     cuda = torch.cuda.is_available()
+    refuse_broken_cuda(args, cuda)
+    if args.use_liger_kernel and cuda and importlib.util.find_spec("liger_kernel") is None:
+        raise RecipeError(
+            "use_liger_kernel: true, but liger-kernel is not installed; `pip install -e .[gpu]` (or "
+            "`pip install liger-kernel`), or set use_liger_kernel: false."
+        )
     if args.bf16 is None:
         args.bf16 = cuda
     elif args.bf16 and not cuda:
@@ -31,6 +38,51 @@ def apply_machine_defaults(args) -> None:
         # liger-kernel imports on CPU but fails at the first forward, and patches classes globally
         logger.warning("use_liger_kernel needs CUDA: turned off on this machine (chunked loss instead).")
         args.use_liger_kernel = False
+
+
+def refuse_broken_cuda(args, cuda: bool) -> None:
+    """A CUDA build of torch that cannot reach a GPU (driver, CUDA_VISIBLE_DEVICES, a container without
+    the GPU) would otherwise turn bf16 and Liger off and train a GPU recipe on the CPU."""
+    import torch
+
+    asks_for_gpu = args.bf16 or args.use_liger_kernel
+    if cuda or not asks_for_gpu or args.use_cpu or not torch.backends.cuda.is_built():
+        return
+    asked = "bf16: true" if args.bf16 else "use_liger_kernel: true"
+    raise RecipeError(
+        f"{asked} needs a GPU, and this torch is a CUDA build ({torch.version.cuda}) that finds none "
+        "(torch.cuda.is_available() is False: check nvidia-smi, the driver and CUDA_VISIBLE_DEVICES). "
+        "To run on the CPU on purpose, set use_cpu: true."
+    )
+
+
+def refuse_generation_under_sharding(args) -> None:
+    """The recall callback generates on the main process alone; sharded weights (FSDP, ZeRO-3) are
+    gathered by collectives every process must join, so the job would hang until the NCCL timeout."""
+    if not getattr(args, "eval_recall_lengths", None):
+        return
+    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    zero3 = _deepspeed_stage(args) == 3
+    if fsdp or zero3:
+        raise RecipeError(
+            f"eval_recall_lengths runs generation on the main process alone, which {'FSDP' if fsdp else 'ZeRO-3'} "
+            "sharding cannot do (the other processes would wait for the gather until the timeout); drop it and "
+            "evaluate checkpoints with `python -m evaluation.run`."
+        )
+
+
+def _deepspeed_stage(args) -> int | None:
+    """ZeRO stage from the recipe's ``deepspeed`` (file or mapping) or `accelerate launch`'s environment."""
+    import json
+
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    config = args.deepspeed or (os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+                                if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" else None)
+    if isinstance(config, str) and os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    return (config or {}).get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
 
 
 def check_training_values(args) -> None:

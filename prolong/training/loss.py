@@ -112,3 +112,15 @@ def trl_linear_cross_entropy_sum(
         logit_softcap, 1.0 if logit_scale is None else logit_scale, (),
     )[0]
     return -(log_probs.float() * valid).sum()
+
+
+def liger_linear_cross_entropy_sum(softcap: float | None = None):
+    """Liger's fused linear cross-entropy (CUDA, Triton), called as ``loss(lm_head_weight, hidden,
+    labels, bias)``. ``accum_dtype`` fp32: a 64K row's lm_head gradient is summed over many chunks,
+    which in bf16 loses the small ones."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # CUDA only (NOTES)
+
+    from prolong.parallel.compat import check_liger_fused_loss
+
+    check_liger_fused_loss(LigerFusedLinearCrossEntropyLoss)
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap, accum_dtype=torch.float32)

@@ -8,6 +8,7 @@ import trl
 from prolong.checkpoint.checkpoints import CompleteCheckpointsMixin
 from prolong.errors import RecipeError
 from prolong.training.arguments import refuse_per_device_loss_averaging
+from prolong.training.precision import reduce_gradients_in_fp32
 from prolong.training.trainer import KeepModelCardMixin, ThroughputLogMixin, _PreemptionCallback
 
 
@@ -17,6 +18,7 @@ class SFTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixi
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._check_token_averaging()
+        reduce_gradients_in_fp32(self.accelerator)
         self.add_callback(_PreemptionCallback())  # as CPT: a requeued SLURM job continues from that checkpoint
 
     def _check_token_averaging(self) -> None:

@@ -38,11 +38,12 @@ from prolong.training.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
 from prolong.errors import RecipeError
 from prolong.data.hub import hub_error_message, hub_errors
 from prolong.model_card import write_trainer_model_card
-from prolong.training.loss import chunked_cross_entropy_sum, logit_scale_of, logit_softcap_of, trl_linear_cross_entropy_sum
+from prolong.training.loss import (chunked_cross_entropy_sum, liger_linear_cross_entropy_sum, logit_scale_of, logit_softcap_of,
+                                   trl_linear_cross_entropy_sum)
+from prolong.training.precision import reduce_gradients_in_fp32
 from prolong.parallel import sequence_parallel_dataloader
 from prolong.training.memory import activation_offload, enable_tiled_mlp
 from prolong.redaction import move_hub_token_to_environment
-from prolong.parallel.compat import check_liger_fused_loss
 from prolong.parallel.compile import compile_decoder_layers
 
 logger = logging.getLogger(__name__)
@@ -206,11 +207,9 @@ class CPTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixi
         self.loss_kernel = self._choose_loss_kernel(type(unwrapped).__name__)
         self._liger_loss = None
         if self.loss_kernel == "liger":
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # CUDA only (NOTES)
-
-            check_liger_fused_loss(LigerFusedLinearCrossEntropyLoss)
-            self._liger_loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=self._softcap)
+            self._liger_loss = liger_linear_cross_entropy_sum(self._softcap)
         logger.info("Loss: %s", LOSS_KERNELS[self.loss_kernel])
+        reduce_gradients_in_fp32(self.accelerator)
         self.add_callback(_PreemptionCallback())
         self.add_callback(_SaveAtEndCallback())
 

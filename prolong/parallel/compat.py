@@ -8,7 +8,7 @@ versions differ (a shim) and otherwise raises one clear error naming the version
 runs the one a run needs.
 
 Supported (setup.cfg): torch 2.10-2.13 (``varlen_attn`` exists from 2.10), transformers 5.24+,
-accelerate 1.10+, liger-kernel 0.6+ (optional), flash-attn 2.7+ through transformers (optional).
+accelerate 1.14+, liger-kernel 0.6.2+ (optional), flash-attn 2.7+ through transformers (optional).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def check_fsdp2_plugin(config_paths) -> None:
     if unknown or hand_off != ["fsdp_plugin", "accelerator", "optimizer", "model", "input_dir"]:
         raise IncompatibleLibraryError(
             f"accelerate {_version('accelerate')}: does not take {unknown} (accelerate_configs) or "
-            f"load_fsdp_optimizer takes ({', '.join(hand_off)}); use accelerate>=1.10."
+            f"load_fsdp_optimizer takes ({', '.join(hand_off)}); use accelerate>=1.14."
         )
 
 

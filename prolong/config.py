@@ -22,8 +22,8 @@ import trl
 from trl import SFTConfig
 
 from prolong.errors import RecipeError  # defined there, without heavy imports, for every CLI
-from prolong.training.arguments import (apply_machine_defaults, check_training_values, refuse_generation_under_sharding,
-                                       refuse_per_device_loss_averaging)
+from prolong.training.arguments import (apply_machine_defaults, check_scheduler_kwargs, check_training_values,
+                                       refuse_generation_under_sharding, refuse_per_device_loss_averaging)
 
 
 @dataclass
@@ -99,8 +99,8 @@ class DataConfig:
             raise RecipeError(
                 f"allow_packed_shorter: {unknown} are not dataset_mixture paths; list paths exactly as in dataset_mixture."
             )
-        if self.max_length <= 0:
-            raise RecipeError(f"max_length must be positive, got {self.max_length}.")
+        if self.max_length < 2:
+            raise RecipeError(f"max_length must be at least 2 tokens (a row needs a token to predict), got {self.max_length}.")
 
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "varlen", "flex_attention", "sdpa", "eager")
@@ -130,7 +130,9 @@ class ProLongTrainingDefaults:
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
     lr_scheduler_type: SchedulerType | str = "cosine_with_min_lr"
-    lr_scheduler_kwargs: dict | str | None = field(default_factory=lambda: {"min_lr_rate": 0.1})
+    lr_scheduler_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Default {min_lr_rate: 0.1} with cosine_with_min_lr; checked against the scheduler."}
+    )
     bf16: bool | None = field(default=None, metadata={"help": "Defaults to True when CUDA is available."})
     save_steps: float = 125
     logging_steps: float = 1
@@ -153,6 +155,9 @@ class ProLongTrainingDefaults:
 
     def __post_init__(self):
         self.lr_scheduler_kwargs = _json_mapping(self.lr_scheduler_kwargs, "lr_scheduler_kwargs", '{"min_lr_rate": 0.1}')
+        if self.lr_scheduler_kwargs is None and str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) == "cosine_with_min_lr":
+            self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}  # ProLong: cosine to 10% of the peak
+        check_scheduler_kwargs(self)
         apply_machine_defaults(self)
         check_training_values(self)
         super().__post_init__()  # TrainingArguments' / SFTConfig's
@@ -214,6 +219,8 @@ class CPTConfig(ProLongTrainingDefaults, TrainingArguments):
                 "eval_recall_lengths runs generation on the main process alone, which sequence-parallel "
                 "attention cannot do; drop it and evaluate checkpoints with `python -m evaluation.run`."
             )
+        if self.eval_recall_samples < 1:
+            raise RecipeError(f"eval_recall_samples must be at least 1 sample per task and length, got {self.eval_recall_samples}.")
         if self.load_optimizer_state and not self.init_from:
             raise RecipeError("load_optimizer_state: true needs init_from: <previous stage output_dir>.")
         if self.sequence_parallel_size < 1:
@@ -265,6 +272,20 @@ def _yaml_to_argv(recipe: dict, valid: dict) -> list[str]:
     return argv
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys without a word; a recipe with both is ambiguous."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (the file sets it twice; keep one)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 class _RaisingParser(HfArgumentParser):
     def error(self, message):  # argparse exits the process; we want an exception naming the field
         raise RecipeError(f"Invalid recipe value: {message}")
@@ -282,14 +303,19 @@ def parse_recipe(types: tuple, args: list[str] | None = None, return_recipe: boo
         _RaisingParser(types).parse_args(["--help"])
     valid = _field_names(types)
     recipe_path = next((a for a in args if a.endswith((".yaml", ".yml")) and not a.startswith("-")), None)
+    if recipe_path is None and args and not args[0].startswith("-"):  # a recipe given without the suffix
+        recipe_path = args[0]
+        if not os.path.isfile(recipe_path):
+            raise RecipeError(f"Recipe file not found: {recipe_path}" + (" (a directory)" if os.path.isdir(recipe_path) else ""))
+        raise RecipeError(f"The recipe must be a .yaml or .yml file, got {recipe_path}; rename it or give the YAML recipe.")
     recipe: dict = {}
     if recipe_path is not None:
         args.remove(recipe_path)
         if not os.path.isfile(recipe_path):
-            raise RecipeError(f"Recipe file not found: {recipe_path}")
+            raise RecipeError(f"Recipe file not found: {recipe_path}" + (" (a directory)" if os.path.isdir(recipe_path) else ""))
         try:
             with open(recipe_path, encoding="utf-8") as f:
-                recipe = yaml.safe_load(f) or {}
+                recipe = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as error:
             raise RecipeError(f"{recipe_path} is not valid YAML: {error}".strip()) from None
         if not isinstance(recipe, dict):
@@ -393,5 +419,5 @@ class SFTRecipeConfig(ProLongTrainingDefaults, SFTConfig):
             raise RecipeError(
                 "packing_strategy: wrapped cuts conversations and lets them attend to each other; use bfd."
             )
-        if self.max_length is None or self.max_length <= 0:
-            raise RecipeError(f"max_length must be a positive number of tokens, got {self.max_length}.")
+        if self.max_length is None or self.max_length < 2:
+            raise RecipeError(f"max_length must be at least 2 tokens (a row needs a token to predict), got {self.max_length}.")

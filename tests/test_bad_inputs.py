@@ -245,7 +245,23 @@ RESUME_CASES: list[tuple[str, list[str], str]] = [
      "already holds checkpoint-10"),
 ]
 
-ALL_CASES = CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES + RESUME_CASES
+# values that would make a run meaningless or fail late, refused while the recipe is parsed
+PARSE_CASES = [
+    ("cpt-yaml-duplicate-key", ["run_cpt", "{tmp}/twice.yaml"], "duplicate key 'max_length'"),
+    ("cpt-recipe-without-yaml-suffix", ["run_cpt", "{tmp}/recipe.txt"], "must be a .yaml or .yml file"),
+    ("cpt-recipe-is-a-directory", ["run_cpt", "{tmp}/folder.yaml"], "(a directory)"),
+    ("cpt-bf16-and-fp16", cpt(bf16="true", fp16="true"), "bf16 and fp16 are both true"),
+    ("cpt-max-length-1", cpt(max_length=1), "max_length must be at least 2"),
+    ("sft-max-length-1", sft(max_length=1), "max_length must be at least 2"),
+    ("cpt-recall-samples-0", cpt(eval_recall_samples=0), "eval_recall_samples must be at least 1"),
+    ("cpt-linear-scheduler-with-min-lr", cpt(lr_scheduler_type="linear", lr_scheduler_kwargs='{"min_lr_rate": 0.1}'),
+     "not parameters of lr_scheduler_type linear"),
+    ("cpt-scheduler-kwarg-unknown", cpt(lr_scheduler_kwargs='{"min_lr_rate": 0.1, "cycles": 2}'), "['cycles'] are not parameters"),
+    ("cpt-report-to-not-installed", cpt(report_to="wandb"), "wandb is not installed"),
+    ("sft-report-to-unknown", sft(report_to="tensorbord"), "are not integrations"),
+]
+
+ALL_CASES = PARSE_CASES + CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES + RESUME_CASES
 
 
 def _fill(argv: list[str], places: dict[str, str]) -> list[str]:
@@ -272,6 +288,9 @@ def places(tmp_path_factory, tiny_model_dir, packed_mixture) -> dict[str, str]:
     (tmp / "bad.yaml").write_text("model_name_or_path: [unclosed\nmax_length: 128\n")
     (tmp / "list.yaml").write_text("- model_name_or_path\n- max_length\n")
     (tmp / "typo.yaml").write_text("model_name_or_path: demo_data/base-model\nrope_thetta: 1.0e6\n")
+    (tmp / "twice.yaml").write_text("model_name_or_path: demo_data/base-model\nmax_length: 128\nmax_length: 512\n")
+    (tmp / "recipe.txt").write_text("model_name_or_path: demo_data/base-model\n")
+    (tmp / "folder.yaml").mkdir()
     (tmp / "text.jsonl").write_text('{"text": "the of and"}\n{"text": "to in is"}\n')
     (tmp / "roles.jsonl").write_text(json.dumps({"messages": [{"role": "human", "content": "the"},
                                                               {"role": "gpt", "content": "of"}]}) + "\n")

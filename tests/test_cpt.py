@@ -295,3 +295,11 @@ def test_final_save_replaces_an_earlier_models_files_and_keeps_its_card(tiny_mod
     trainer = cpt_trainer(tiny_model_dir, packed_mixture, out, max_steps=1)
     trainer.create_model_card(model_name="x")
     assert (out / "README.md").read_text() == card
+
+
+def test_another_scheduler_drops_the_cosine_defaults_kwargs(tiny_model_dir, packed_mixture, tmp_path):
+    """min_lr_rate belongs to the default cosine_with_min_lr; with linear it crashed after the model loaded."""
+    out = main(cpt_argv(tiny_model_dir, packed_mixture, tmp_path / "run", lr_scheduler_type="linear", max_steps=3,
+                        warmup_steps=0))
+    rates = [entry["learning_rate"] for entry in train_log(out) if "loss" in entry]
+    assert len(rates) == 3 and rates[0] > rates[1] > rates[2]  # linear decay to 0

@@ -19,6 +19,8 @@ def apply_machine_defaults(args) -> None:
     import torch
 
     cuda = torch.cuda.is_available()
+    if args.bf16 and args.fp16:  # before bf16 is switched off on a CPU
+        raise RecipeError("bf16 and fp16 are both true; keep one (bf16 on GPUs that have it).")
     refuse_broken_cuda(args, cuda)
     if args.use_liger_kernel and cuda and importlib.util.find_spec("liger_kernel") is None:
         raise RecipeError(
@@ -85,6 +87,40 @@ def _deepspeed_stage(args) -> int | None:
     return (config or {}).get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
 
 
+def check_scheduler_kwargs(args) -> None:
+    """lr_scheduler_kwargs against the chosen scheduler's own parameters (transformers raises a
+    TypeError only when the optimizer is built, after the model loaded)."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
+
+    try:
+        kind = SchedulerType(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    except ValueError:
+        raise RecipeError(f"lr_scheduler_type: '{args.lr_scheduler_type}' is not one of "
+                          f"{', '.join(t.value for t in SchedulerType)}.") from None
+    given = set(args.lr_scheduler_kwargs or {})
+    takes = set(inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[kind]).parameters) - {
+        "optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+    if kind == SchedulerType.CONSTANT:
+        takes = set()  # get_scheduler passes it no kwargs
+    unknown = sorted(given - takes)
+    if unknown:
+        raise RecipeError(
+            f"lr_scheduler_kwargs: {unknown} are not parameters of lr_scheduler_type {kind.value} "
+            f"(it takes {sorted(takes) or 'none'}); remove them or choose the scheduler they belong to."
+        )
+
+
+def _writable(path: str) -> bool:
+    """Whether ``path`` can be created or written: it, or its nearest existing parent, is writable."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.access(path, os.W_OK)
+
+
 def check_training_values(args) -> None:
     """Values transformers accepts but fails on much later, or not at all."""
     positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"]
@@ -102,6 +138,25 @@ def check_training_values(args) -> None:
         raise RecipeError(f"global_batch_size must be a positive number of sequences, got {args.global_batch_size}.")
     if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise RecipeError(f"output_dir: {args.output_dir} is a file, not a directory; choose another output_dir.")
+    if args.output_dir and not _writable(args.output_dir):
+        raise RecipeError(f"output_dir: {args.output_dir} cannot be written (permissions); choose a writable output_dir.")
+    _check_report_to(args.report_to)
+
+
+def _check_report_to(report_to) -> None:
+    """An integration named but not installed fails only once training starts."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [name for name in names if name not in ("none", "all")]
+    unknown = [name for name in names if name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise RecipeError(f"report_to: {unknown} are not integrations; use {', '.join(sorted(INTEGRATION_TO_CALLBACK))} or none.")
+    available = get_available_reporting_integrations()
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise RecipeError(f"report_to: {', '.join(missing)} is not installed (pip install {' '.join(missing)}), "
+                          "or set report_to: none / tensorboard.")
 
 
 def refuse_per_device_loss_averaging(args) -> None:

@@ -3,9 +3,10 @@
     trainer.add_callback(RecallEvalCallback(lengths=[8192, 32768], tasks=["json_kv"], num_samples=10))
 
 On each save (rank 0 only) the in-memory model is put in eval mode, evaluated under no_grad, put back
-in train mode; the scores go to `<checkpoint>/recall_eval/` (scores.json, report.md, predictions) and
-through `trainer.log` to log_history and every `report_to` backend (TensorBoard, W&B, ...). Callbacks
-are not given the trainer, so attach it:
+in train mode; a training-only attention backend (varlen: no KV cache) is swapped for sdpa (eager for a
+model sdpa cannot run) while it generates. The scores go to `<checkpoint>/recall_eval/` (scores.json,
+report.md, predictions) and through `trainer.log` to log_history and every `report_to` backend
+(TensorBoard, W&B, ...). Callbacks are not given the trainer, so attach it:
 
     RecallEvalCallback(lengths=[8192]).attach(trainer)   # = trainer.add_callback(cb); cb.trainer = trainer
 
@@ -19,6 +20,17 @@ from transformers import TrainerCallback
 from .runner import evaluate
 
 logger = logging.getLogger(__name__)
+
+# attention implementations that generate with a KV cache; any other (varlen) is training-only
+GENERATION_BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def generation_attn_implementation(model) -> str | None:
+    """The backend to generate with when the model's own cannot (None: keep it)."""
+    if model.config._attn_implementation in GENERATION_BACKENDS:
+        return None
+    softcap = getattr(model.config.get_text_config(), "attn_logit_softcapping", None)
+    return "eager" if softcap or not getattr(model, "_supports_sdpa", True) else "sdpa"
 
 
 class RecallEvalCallback(TrainerCallback):
@@ -45,12 +57,17 @@ class RecallEvalCallback(TrainerCallback):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         out_dir = os.path.join(checkpoint if os.path.isdir(checkpoint) else args.output_dir,
                                "recall_eval" if os.path.isdir(checkpoint) else f"recall_eval-{state.global_step}")
-        was_training = model.training
+        was_training, training_attn = model.training, model.config._attn_implementation
+        generation_attn = generation_attn_implementation(model)
         model.eval()
         try:
+            if generation_attn:
+                model.set_attn_implementation(generation_attn)
             scores = evaluate(model, tokenizer=tokenizer, tasks=self.tasks, lengths=self.lengths, output_dir=out_dir,
                               max_samples=self.num_samples, **self.eval_kwargs)
         finally:
+            if generation_attn:
+                model.set_attn_implementation(training_attn)
             if was_training:
                 model.train()
         logs = {f"eval_recall/{r['task']}_{r['length']}": r["score"] for r in scores["results"] if r["score"] is not None}

@@ -123,7 +123,7 @@ def load_model(cfg: ModelConfig, max_length: int | None = None, path: str | None
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and path == cfg.model_name_or_path else {}
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
     apply_rope_settings(config, cfg.rope_theta, cfg.rope_scaling, max_length)
-    attn = choose_attn_implementation(cfg.attn_implementation)
+    attn = choose_attn_implementation(cfg.attn_implementation, config)  # refuses before the weights load
     if warning := dense_mask_warning(attn, max_length):
         logger.warning(warning)
     model = AutoModelForCausalLM.from_pretrained(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from prolong.training.attention import check_document_masking, choose_attn_implementation
+from prolong.training.attention import check_document_masking, choose_attn_implementation, flash_attention_2_problem
 from prolong.training.collator import NOT_MODEL_INPUTS, PackedCollator
 from prolong.training.loss import chunked_cross_entropy_sum
 
@@ -22,7 +22,7 @@ from prolong.training.loss import chunked_cross_entropy_sum
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 BACKENDS = ["varlen", "sdpa", "flex_attention"] + (
-    ["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []
+    ["flash_attention_2"] if flash_attention_2_problem() is None else []  # transformers' check, then an import
 )
 
 
@@ -158,15 +158,19 @@ def test_the_loss_forward_never_syncs_with_the_host(kernel):
     torch.testing.assert_close(loss.float(), reference, rtol=2e-2, atol=1.0)
 
 
-def test_the_installed_varlen_kernel_runs_with_the_shimmed_arguments():
-    """The real CUDA kernel with the arguments prolong.parallel.compat builds for this torch."""
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_the_installed_varlen_kernel_runs_with_the_shimmed_arguments(sliding_window):
+    """The real CUDA kernel with the arguments prolong.parallel.compat builds for this torch; a sliding
+    window as transformers counts it (the query and the window - 1 keys before it)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    from prolong.parallel.compat import varlen_causal_call
+    from prolong.parallel.compat import varlen_causal_call, varlen_takes_window
 
+    if sliding_window and not varlen_takes_window(varlen_attn):
+        pytest.skip("this torch's varlen_attn has no window_size")
     q = torch.randn(20, 4, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(20, 2, 64, device="cuda", dtype=torch.bfloat16)
-    kwargs, repeat_kv = varlen_causal_call(varlen_attn, 64**-0.5, 64, 4, 2)
+    kwargs, repeat_kv = varlen_causal_call(varlen_attn, 64**-0.5, 64, 4, 2, sliding_window=sliding_window)
     if repeat_kv:
         k = k.repeat_interleave(2, dim=1)
     cu = torch.tensor([0, 7, 20], device="cuda", dtype=torch.int32)
@@ -174,5 +178,7 @@ def test_the_installed_varlen_kernel_runs_with_the_shimmed_arguments():
     kv = k if repeat_kv else k.repeat_interleave(2, dim=1)  # the reference has one K/V head per query head
     for start, end in ((0, 7), (7, 20)):
         q_doc, kv_doc = (t[start:end].transpose(0, 1)[None] for t in (q, kv))
-        expected = F.scaled_dot_product_attention(q_doc, kv_doc, kv_doc, is_causal=True)[0].transpose(0, 1)
+        q_pos, k_pos = torch.arange(end - start, device="cuda")[:, None], torch.arange(end - start, device="cuda")[None]
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - (sliding_window or end))  # transformers' sliding_window_overlay
+        expected = F.scaled_dot_product_attention(q_doc, kv_doc, kv_doc, attn_mask=mask)[0].transpose(0, 1)
         torch.testing.assert_close(out[start:end].float(), expected.float(), atol=2e-2, rtol=2e-2)

@@ -32,19 +32,33 @@ def _varlen_parameters(varlen_attn) -> frozenset[str]:
     return frozenset(_parameters(varlen_attn))
 
 
-def varlen_causal_call(varlen_attn, scale: float | None, head_dim: int, num_heads: int, num_kv_heads: int):
+def varlen_takes_window(varlen_attn) -> bool:
+    """Whether the installed ``varlen_attn`` can attend over a sliding window (torch 2.11+)."""
+    return "window_size" in _varlen_parameters(varlen_attn)
+
+
+def varlen_causal_call(varlen_attn, scale: float | None, head_dim: int, num_heads: int, num_kv_heads: int,
+                       sliding_window: int | None = None):
     """Keyword arguments of a causal ``torch.nn.attention.varlen.varlen_attn`` call for the installed
     torch, and whether the caller must repeat the K/V heads itself (no ``enable_gqa``).
 
     torch 2.10: ``varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None)``
-    (no ``scale``: always 1/sqrt(head_dim); no GQA). torch 2.11+: keyword-only ``scale`` and
-    ``window_size`` ((-1, 0) = causal) replace ``is_causal``; 2.13 adds ``enable_gqa``.
+    (no ``scale``: always 1/sqrt(head_dim); no GQA; no window). torch 2.11+: keyword-only ``scale`` and
+    ``window_size`` ((-1, 0) = causal, (W, 0) = causal over the W keys before each query) replace
+    ``is_causal``; 2.13 adds ``enable_gqa``. ``sliding_window`` is transformers' (the query counts).
     """
     params = _varlen_parameters(varlen_attn)
     kwargs: dict = {}
-    if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)
+    if varlen_takes_window(varlen_attn):
+        # transformers' window W holds the query and the W - 1 keys before it (its flash path passes W - 1 too)
+        kwargs["window_size"] = (sliding_window - 1, 0) if sliding_window else (-1, 0)
     elif "is_causal" in params:
+        if sliding_window:
+            raise IncompatibleLibraryError(
+                f"torch {_version('torch')}: varlen_attn has no window_size and this model attends over a sliding "
+                f"window of {sliding_window}; use torch >= 2.11 or attn_implementation: flash_attention_2 / "
+                "flex_attention."
+            )
         kwargs["is_causal"] = True
     else:
         raise IncompatibleLibraryError(

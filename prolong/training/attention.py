@@ -1,9 +1,10 @@
 """Attention backends for packed batches, and the start-up guard that documents stay apart.
 
 Every backend here reads document boundaries from ``position_ids`` restarts (see
-``prolong/training/collator.py``). ``auto`` picks, in order: flash_attention_2 (flash-attn installed, CUDA),
+``prolong/training/collator.py``). ``auto`` picks, in order: flash_attention_2 (usable flash-attn, CUDA),
 ``varlen`` (PyTorch's own varlen flash kernel, CUDA, torch >= 2.10), flex_attention (sparse block
-mask, any device), sdpa (dense block-diagonal mask: memory grows as L^2, fine for short rows).
+mask, any device); on CPU sdpa (dense block-diagonal mask: memory grows as L^2, fine for short rows).
+It skips a backend that would ignore the model's sliding window or attention soft-capping (eager on CPU).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import logging
 
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.flash_attention import get_target_dtype
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
+from prolong.errors import RecipeError
 from prolong.training.collator import NOT_MODEL_INPUTS, PackedCollator
 from prolong.training.loss import logit_scale_of, logit_softcap_of, output_logits
 
@@ -26,13 +29,28 @@ VARLEN = "varlen"
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function over torch.nn.attention.varlen (no flash-attn package needed).
 
-    Written here because transformers ships no binding for PyTorch's varlen kernel. Needs batch 1
-    (our collator always flattens), causal attention, no padding mask.
+    Written here because transformers ships no binding for PyTorch's varlen kernel. Training only:
+    needs batch 1 (our collator always flattens), causal attention, no padding mask, no KV cache.
     """
     from torch.nn.attention.varlen import varlen_attn
 
     from prolong.parallel.compat import varlen_causal_call  # here: prolong.parallel imports this module
 
+    if kwargs.get("use_cache") or query.shape[2] != key.shape[2]:
+        # the kernel would take the queries' boundaries for the cached keys' too
+        raise RecipeError(
+            "attn_implementation: varlen is a training backend and cannot attend over a KV cache (generation): "
+            "pass use_cache=False, or generate with sdpa or flash_attention_2 (model.set_attn_implementation('sdpa')).")
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    unsupported = [name for name, used in (("attention logit soft-capping", kwargs.get("softcap") is not None),
+                                           ("attention sinks", kwargs.get("s_aux") is not None),
+                                           ("attention dropout", bool(dropout)),
+                                           ("bidirectional attention", not is_causal)) if used]
+    if unsupported:
+        raise RecipeError(f"attn_implementation: varlen does not support {', '.join(unsupported)} "
+                          f"({type(module).__name__}); use attn_implementation: auto, flash_attention_2, "
+                          "flex_attention or eager.")
     position_ids = kwargs.get("position_ids")
     if position_ids is None or query.shape[0] != 1:
         raise ValueError("varlen attention needs one flat packed row with position_ids (use PackedCollator).")
@@ -44,8 +62,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         max_len = int(max_len)
     # [1, heads, T, dim] -> [T, heads, dim]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    # the causal / scale / GQA arguments differ between torch 2.10 and 2.11+ (prolong.parallel.compat)
-    call_kwargs, repeat_kv = varlen_causal_call(varlen_attn, scaling, q.shape[-1], q.shape[1], k.shape[1])
+    # as transformers' flash path: fp32 q (fp32 weights under autocast, fp32 norms) goes to the compute dtype
+    target_dtype = get_target_dtype(q, module) if module is not None else None
+    if target_dtype is not None:
+        q, k, v = (t.to(target_dtype) for t in (q, k, v))
+    # the causal / window / scale / GQA arguments differ between torch 2.10 and 2.11+ (prolong.parallel.compat)
+    call_kwargs, repeat_kv = varlen_causal_call(varlen_attn, scaling, q.shape[-1], q.shape[1], k.shape[1],
+                                                sliding_window=kwargs.get("sliding_window"))
     if repeat_kv:
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **call_kwargs)
@@ -54,19 +77,72 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
 
 AttentionInterface.register(VARLEN, varlen_attention_forward)
 
+SLIDING_WINDOW, SOFTCAP = "sliding_window", "attn_logit_softcapping"
 
-def choose_attn_implementation(requested: str) -> str:
+
+def attention_features(config) -> dict[str, float]:
+    """The config fields of features an attention backend may silently ignore, with their values."""
+    if config is None:
+        return {}
+    text = config.get_text_config()
+    return {name: getattr(text, name) for name in (SLIDING_WINDOW, SOFTCAP) if getattr(text, name, None)}
+
+
+def flash_attention_2_problem() -> str | None:
+    """Why flash_attention_2 cannot run here, by transformers' own check plus an import (a wheel
+    built for another torch or CUDA passes the metadata check and fails to load); None if it can."""
+    import transformers.utils
+
+    if not transformers.utils.is_flash_attn_2_available():
+        return "transformers finds no flash-attn 2 it can use (needs a CUDA GPU and the flash-attn>=2.3.3 package)"
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - an ABI mismatch raises ImportError or OSError
+        return f"flash-attn is installed but does not load ({type(error).__name__}: {error})"
+    return None
+
+
+def _backend_problem(name: str, features: dict) -> str | None:
+    """Why backend ``name`` cannot run this model here, or would ignore one of its ``features``."""
+    if name == "flash_attention_2":
+        return flash_attention_2_problem()
+    ignored = []
+    if name == VARLEN:
+        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+            return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10)"
+        from torch.nn.attention.varlen import varlen_attn
+
+        from prolong.parallel.compat import varlen_takes_window
+
+        ignored = [f for f in features if f == SOFTCAP or not varlen_takes_window(varlen_attn)]
+    elif name == "sdpa":
+        ignored = [f for f in features if f == SOFTCAP]
+    if ignored:
+        return f"it ignores this model's {', '.join(f'{f}={features[f]}' for f in ignored)}"
+    return None
+
+
+def choose_attn_implementation(requested: str, config=None) -> str:
+    """The backend for ``requested`` (``auto`` or a name) and the model's ``config``; refuses, before
+    the model loads, a backend that cannot run here or would ignore the model's attention features."""
+    features = attention_features(config)
     if requested != "auto":
+        problem = _backend_problem(requested, features)
+        if problem:
+            flash = requested == "flash_attention_2"
+            fix = "install a flash-attn wheel built for this torch and CUDA, or " if flash else ""
+            raise RecipeError(f"attn_implementation: {requested} cannot train this model here: {problem}. Fix: {fix}"
+                              f"use attn_implementation: auto (picks {choose_attn_implementation('auto', config)} "
+                              "here).")
         return requested
-    if torch.cuda.is_available():
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-        if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
-            return VARLEN
-        return "flex_attention"
     # On CPU, flex_attention has no backward in torch 2.13 ("FlexAttention does not support
     # backward on CPU"); sdpa's dense block-diagonal mask is exact at the lengths a CPU can train.
-    return "sdpa"
+    # eager and flex_attention run the model's own score modifications: they honour every feature.
+    order = ("flash_attention_2", VARLEN, "flex_attention") if torch.cuda.is_available() else ("sdpa", "eager")
+    chosen = next((name for name in order[:-1] if _backend_problem(name, features) is None), order[-1])
+    if features:
+        logger.info("attn_implementation auto: %s (the model sets %s)", chosen, features)
+    return chosen
 
 
 DENSE_MASK_BACKENDS = ("sdpa", "eager")

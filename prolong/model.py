@@ -28,14 +28,47 @@ def _check_model_path(path: str, field: str = "model_name_or_path") -> None:
                            if field != "init_from" else "init_from is the output_dir of the previous stage.")
 
 
-def _rope_dicts(config: PretrainedConfig) -> list[dict]:
-    """The rope parameter dicts of a config: one, or one per layer type (e.g. Gemma 3)."""
+def _rope_dicts(config: PretrainedConfig) -> dict[str | None, dict]:
+    """The rope parameter dicts of a config: {None: params}, or one per layer type (Gemma 3, OLMo 3)."""
     params = config.rope_parameters
     if params is None:
-        return []
+        return {}
     if all(isinstance(v, dict) for v in params.values()):
-        return list(params.values())
-    return [params]
+        return dict(params)
+    return {None: params}
+
+
+GLOBAL_LAYERS = "full_attention"
+
+
+def _rope_updates(text_config, rope_theta: float | None, rope_scaling: dict | None) -> dict[str | None, dict]:
+    """What the recipe changes in each rope dict. With one dict per layer type, rope_theta and a flat
+    rope_scaling go to the full-attention layers only: a sliding layer never sees more than its window,
+    so its RoPE needs no extension (transformers applies Gemma 3 / OLMo 3's rope_scaling the same way).
+    A rope_scaling keyed by layer type sets each type explicitly."""
+    dicts, name = _rope_dicts(text_config), type(text_config).__name__
+    rope_scaling = rope_scaling or {}
+    per_type = bool(rope_scaling) and all(isinstance(v, dict) for v in rope_scaling.values())
+    updates = {}
+    if per_type:
+        if None in dicts:
+            raise RecipeError(f"rope_scaling: {name} has one RoPE for all layers, not one per layer type "
+                              f"({', '.join(rope_scaling)}); give the parameters themselves, e.g. "
+                              "{rope_type: yarn, factor: 4, original_max_position_embeddings: 32768}.")
+        if unknown := sorted(set(rope_scaling) - set(dicts)):
+            raise RecipeError(f"rope_scaling: {name} has no layer type {', '.join(unknown)}; its layer types "
+                              f"are {', '.join(dicts)}.")
+        updates = {key: dict(value) for key, value in rope_scaling.items()}
+    flat = {} if per_type else dict(rope_scaling)
+    if rope_theta:
+        flat["rope_theta"] = float(rope_theta)
+    if flat:
+        target = None if None in dicts else GLOBAL_LAYERS
+        if target not in dicts:
+            raise RecipeError(f"rope_theta / rope_scaling: {name} has no {target} layers; key rope_scaling by "
+                              f"layer type ({', '.join(dicts)}).")
+        updates[target] = {**flat, **updates.get(target, {})}
+    return updates
 
 
 def theta_warning(theta: float, max_length: int) -> str | None:
@@ -52,24 +85,28 @@ def theta_warning(theta: float, max_length: int) -> str | None:
 def apply_rope_settings(
     config: PretrainedConfig, rope_theta: float | None, rope_scaling: dict | None, max_length: int | None
 ) -> PretrainedConfig:
-    """Set the recipe's RoPE base / scaling on ``config`` and make the window cover ``max_length``."""
+    """Set the recipe's RoPE base / scaling on ``config`` and make the window cover ``max_length``;
+    refuse (RecipeError, with the model's own reason) what this model's RoPE cannot take."""
     text_config = config.get_text_config()
     if (rope_theta or rope_scaling) and text_config.rope_parameters is None:
         raise RecipeError(f"{type(config).__name__} has no rope_parameters; drop rope_theta/rope_scaling.")
+    dicts = _rope_dicts(text_config)
+    for key, update in _rope_updates(text_config, rope_theta, rope_scaling).items():
+        dicts[key].update(update)
+    original = dicts.get(None, {}).get("original_max_position_embeddings")
+    if original and hasattr(text_config, "original_max_position_embeddings"):
+        # Phi-3 keeps this at the top level too, and transformers prefers that copy when it rebuilds
+        # rope_parameters (at model init): without this, longrope would switch at the old window
+        text_config.original_max_position_embeddings = original
     original_window = getattr(text_config, "max_position_embeddings", None)
-    for params in _rope_dicts(text_config):
-        if rope_scaling:
-            params.update(rope_scaling)
-        if rope_theta:
-            params["rope_theta"] = float(rope_theta)
     if max_length and original_window and max_length > original_window:
         text_config.max_position_embeddings = max_length
-        for params in _rope_dicts(text_config):
-            if params.get("rope_type", "default") == "default":
+        for key, params in dicts.items():
+            if key in (None, GLOBAL_LAYERS) and params.get("rope_type", "default") == "default":
                 warning = theta_warning(params["rope_theta"], max_length)
                 if warning:
                     logger.warning(warning)
-    for params in _rope_dicts(text_config):
+    for params in dicts.values():
         rope_type = params.get("rope_type", "default")
         if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
             raise RecipeError(
@@ -78,7 +115,8 @@ def apply_rope_settings(
     try:
         text_config.validate_rope()
     except (KeyError, ValueError) as error:
-        raise RecipeError(f"rope_scaling / rope_theta: {error}") from error
+        raise RecipeError(f"rope_scaling / rope_theta: {type(text_config).__name__} cannot take "
+                          f"{text_config.rope_parameters}: {error}") from error
     return config
 
 

@@ -96,15 +96,14 @@ def test_model_config_check_reads_llama_and_qwen_configs():
     check_model_for_sequence_parallel(Qwen2Config(num_attention_heads=4, num_key_value_heads=2, hidden_size=64), 2)
 
 
-def test_sliding_window_models_are_refused_with_sequence_parallelism():
+def test_sliding_window_models_are_accepted_with_sequence_parallelism():
+    """Ulysses builds each layer's sliding-window mask for the whole row (tests/test_families.py checks
+    SP against one process for the windowed families)."""
     from transformers import MistralConfig, Qwen2Config
 
     small = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
-    with pytest.raises(ValueError, match="sliding-window"):  # Mistral v0.1: sliding_window alone
-        check_model_for_sequence_parallel(MistralConfig(**small, sliding_window=4096), 2)
-    with pytest.raises(ValueError, match="sliding-window"):  # Qwen2 with its window switched on
-        check_model_for_sequence_parallel(Qwen2Config(**small, use_sliding_window=True, sliding_window=4096), 2)
-    check_model_for_sequence_parallel(MistralConfig(**small, sliding_window=None), 2)  # Mistral v0.2+
+    check_model_for_sequence_parallel(MistralConfig(**small, sliding_window=4096), 2)  # Mistral v0.1
+    check_model_for_sequence_parallel(Qwen2Config(**small, use_sliding_window=True, sliding_window=4096), 2)
 
 
 def test_data_parallel_layout_of_consecutive_sp_groups():

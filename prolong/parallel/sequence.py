@@ -32,6 +32,12 @@ chunk's positions would be meaningless. The global mask is built here instead, o
 by transformers' ``create_causal_mask`` for the inner backend (dense block-diagonal for
 sdpa/eager, a sparse BlockMask for flex) or ``cu_seq_lens`` for flash-attn varlen; backends that
 have no mask builder (like ``varlen``) read the global ``position_ids`` themselves.
+
+Sliding-window layers (Mistral, Gemma 2/3, OLMo 3, Phi-3, Qwen2 with ``use_sliding_window``) pass
+their window to the attention function as ``sliding_window``: mask-built backends get the row's
+sliding-window mask (``create_sliding_window_causal_mask``, built once per window and forward),
+flash / varlen take the window as an argument. Soft-capping and other kwargs reach the inner
+backend unchanged; ``enable_sequence_parallel`` refuses an inner backend that would ignore them.
 """
 
 from __future__ import annotations
@@ -44,11 +50,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
+from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask,
+                                        create_sliding_window_causal_mask)
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from prolong.training.attention import VARLEN
+from prolong.training.attention import VARLEN, choose_attn_implementation
 from prolong.training.collator import VARLEN_KWARGS
 
 ULYSSES_PREFIX = "ulysses_"
@@ -74,16 +81,6 @@ def check_model_for_sequence_parallel(config, sp_size: int) -> None:
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     check_sequence_parallel_heads(num_heads, num_kv_heads, sp_size)
-    # Mistral v0.1 sets sliding_window alone; Qwen2 gates it with use_sliding_window; Gemma marks
-    # layers "sliding_attention". The Ulysses mask is full causal within each document.
-    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
-        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    )
-    if sliding:
-        raise ValueError(
-            f"sliding-window attention ({type(config).__name__}, sliding_window={getattr(config, 'sliding_window', None)}) "
-            "is not supported with Ulysses sequence parallelism; use sequence_parallel_size: 1 for this model."
-        )
 
 
 class _AllToAll(torch.autograd.Function):
@@ -121,6 +118,7 @@ class _GlobalRow:
     position_ids: torch.Tensor  # [1, T] per-document positions of the whole row
     attention_mask: Any  # the inner backend's mask for the row (None for flash / one document)
     varlen_kwargs: dict[str, Any] = field(default_factory=dict)  # cu_seq_lens for flash-attn
+    window_masks: dict[int, Any] = field(default_factory=dict)  # sliding window -> the row's mask
 
 
 class _InnerView:
@@ -197,7 +195,7 @@ class UlyssesAttention:
             query,
             key,
             value,
-            row.attention_mask,
+            self._layer_mask(row, kwargs.get("sliding_window"), query),
             position_ids=row.position_ids,
             **row.varlen_kwargs,
             **kwargs,
@@ -223,22 +221,36 @@ class UlyssesAttention:
         return self._row
 
     def _mask_for(self, position_ids: torch.Tensor, query: torch.Tensor) -> tuple[Any, dict[str, Any]]:
-        if self.inner.startswith("flash_attention") or self.inner == VARLEN:
+        if self._takes_varlen_arguments():
             (cu_seq_lens_q, cu_seq_lens_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
             varlen = dict(cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k)
             # one host sync per forward instead of one per layer
             return None, {**varlen, "max_length_q": int(max_q), "max_length_k": int(max_k)}
+        return self._row_mask(create_causal_mask, position_ids, query), {}
+
+    def _takes_varlen_arguments(self) -> bool:
+        return self.inner.startswith("flash_attention") or self.inner == VARLEN
+
+    def _layer_mask(self, row: _GlobalRow, sliding_window: int | None, query: torch.Tensor) -> Any:
+        """The row's mask for a layer: causal per document, within ``sliding_window`` if it has one."""
+        if not sliding_window or self._takes_varlen_arguments():  # flash / varlen take the window as a kwarg
+            return row.attention_mask
+        if sliding_window not in row.window_masks:
+            row.window_masks[sliding_window] = self._row_mask(
+                create_sliding_window_causal_mask, row.position_ids, query, sliding_window=sliding_window)
+        return row.window_masks[sliding_window]
+
+    def _row_mask(self, build, position_ids: torch.Tensor, query: torch.Tensor, **config_fields) -> Any:
         if self.inner not in ALL_MASK_ATTENTION_FUNCTIONS:
-            return None, {}
+            return None
         # transformers' own mask builder, for the inner backend and the whole row's shape and positions
-        mask = create_causal_mask(
-            config=SimpleNamespace(_attn_implementation=self.inner),
+        return build(
+            config=SimpleNamespace(_attn_implementation=self.inner, **config_fields),
             inputs_embeds=query.new_empty((position_ids.shape[0], position_ids.shape[-1], 0)),
             attention_mask=None,
             cache=None,
             position_ids=position_ids,
         )
-        return mask, {}
 
 
 def register_ulysses_attention(inner: str, group: dist.ProcessGroup) -> str:
@@ -260,6 +272,7 @@ def enable_sequence_parallel(model: PreTrainedModel, group: dist.ProcessGroup | 
         return current
     inner = inner or current.removeprefix(ULYSSES_PREFIX)
     check_model_for_sequence_parallel(model.config, dist.get_world_size(group))
+    choose_attn_implementation(inner, model.config)  # refuses a backend that ignores a window or a soft-cap
     name = register_ulysses_attention(inner, group)
     model.set_attn_implementation(name)
     return name

@@ -13,7 +13,7 @@ VENV_ARGS ?=
 OUTER_VENV_PTH = import site, sys; sys.prefix == sys.base_prefix or open(sys.argv[1], "w").write("\n".join(site.getsitepackages()) + "\n")
 DEMO := demo_data
 
-.PHONY: setup demo demo-tiny demo-model demo-data demo-base ablations test bench clean
+.PHONY: setup demo demo-tiny demo-model demo-data demo-base ablations test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -69,8 +69,16 @@ demo: $(STAMP) $(MICRO)/recall-long-1024/prolong_data.json $(DEMO)/chatterbot/st
 ablations: $(MICRO)/recall-long-1024/prolong_data.json $(DEMO)/chatterbot/state.json
 	$(PY) benchmarks/ablations.py --data $(MICRO) --out benchmarks/results/ablations
 
-test: $(STAMP)
+# Everything (CI): the linter, then the whole suite.
+test: lint
 	$(PY) -m pytest -q tests
+
+# While working: the suite without the tests marked slow (@pytest.mark.slow), under 2 minutes on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py --cpu

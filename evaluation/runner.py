@@ -432,7 +432,7 @@ def evaluate(model_or_path, tokenizer=None, tasks=None, lengths=None, output_dir
                 logger.info("evaluating %s at %d tokens", task.name, length)
                 try:
                     current.append(run_task_length(task, length, cfg, generator, builder, scorers, window, run))
-                except Exception as error:  # noqa: BLE001 - one task's failure must not lose the others' report
+                except Exception as error:  # one task's failure must not lose the others' report
                     if isinstance(error, EvaluationError):  # a refusal: its message says it all
                         logger.error("%s at %d not run: %s", task.name, length, error)
                     else:

@@ -67,7 +67,7 @@ def run_case(argv: list[str]) -> dict:
             else:  # sys.exit("message") prints the message and exits 1
                 print(exit_.code, file=sys.stderr)
                 code = 1
-        except BaseException:  # what the interpreter does with an uncaught exception
+        except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
             traceback.print_exc()
             code = 1
         finally:

@@ -194,7 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 header = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else {}
                 assert isinstance(header, dict), "the YAML header is not a mapping"
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - any parse failure is the Hub's 400 reply
                 return self._reply(400, {"error": "Invalid metadata", "errors": [{"message": str(error)}]})
             self.hub.validated.append(header)
             return self._reply(200, {"warnings": []})

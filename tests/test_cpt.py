@@ -30,6 +30,7 @@ def mixture_512(tmp_path_factory) -> dict[str, float]:
     return {long_dir: 0.6, short_dir: 0.4}
 
 
+@pytest.mark.slow
 def test_raised_theta_is_saved_and_changes_the_inverse_frequencies(tiny_model_dir, mixture_512, tmp_path):
     out = main(cpt_argv(tiny_model_dir, mixture_512, tmp_path / "run", rope_theta=1e6, max_length=512, max_steps=1))
     config = AutoConfig.from_pretrained(out)
@@ -48,6 +49,7 @@ def test_raised_theta_is_saved_and_changes_the_inverse_frequencies(tiny_model_di
     assert os.listdir(tmp_path) == ["run"]
 
 
+@pytest.mark.slow
 def test_max_length_above_the_packed_length_is_refused_or_trained_and_reported_as_packed(
         tiny_model_dir, packed_mixture, mixture_512, tmp_path, caplog):
     """Data packed at 128 with max_length 512 trains on 128-token rows: refused, unless the recipe
@@ -97,6 +99,7 @@ def test_masking_probe_packs_rows_like_the_mixture_with_the_trainers_collator(ti
         check_document_masking(model, collator=spans_ignored, sample=dataset[0])
 
 
+@pytest.mark.slow
 def test_preempted_run_resumes_with_the_uninterrupted_loss_curve(tiny_model_dir, packed_mixture, tmp_path):
     # accumulation 2: the data position must count micro-batches, not optimizer steps
     steps = dict(max_steps=6, save_steps=100, per_device_train_batch_size=1, global_batch_size=2)
@@ -196,6 +199,7 @@ def test_unknown_key_in_a_yaml_recipe(tmp_path):
         main([str(recipe)])
 
 
+@pytest.mark.slow
 def test_recall_evaluation_runs_at_checkpoints_and_reaches_the_model_card(tiny_model_dir, mixture_512, tmp_path):
     out = main(cpt_argv(tiny_model_dir, mixture_512, tmp_path / "eval", max_steps=2, save_steps=2, max_length=512,
                      eval_recall_lengths=512, eval_recall_samples=1))
@@ -297,6 +301,7 @@ def test_final_save_replaces_an_earlier_models_files_and_keeps_its_card(tiny_mod
     assert (out / "README.md").read_text() == card
 
 
+@pytest.mark.slow
 def test_another_scheduler_drops_the_cosine_defaults_kwargs(tiny_model_dir, packed_mixture, tmp_path):
     """min_lr_rate belongs to the default cosine_with_min_lr; with linear it crashed after the model loaded."""
     out = main(cpt_argv(tiny_model_dir, packed_mixture, tmp_path / "run", lr_scheduler_type="linear", max_steps=3,

@@ -295,6 +295,7 @@ def test_pack_of_a_packed_directory_is_refused_in_a_real_process(tmp_path, token
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_killed_tokenize_leaves_no_unreported_cache(tmp_path, caplog):
     tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
     with open(tmp_path / "big.jsonl", "w") as f:

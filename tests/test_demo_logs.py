@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_cpt_log_states_probe_and_mixture_once_and_dumps_no_config(tiny_model_dir, packed_mixture, tmp_path):
     command = [sys.executable, "prolong/run_cpt.py", "--model_name_or_path", tiny_model_dir,
                "--dataset_mixture", json.dumps(packed_mixture), "--max_length", "128", "--max_steps", "1",

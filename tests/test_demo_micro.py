@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "recipes", "tiny", "base-model")
 
@@ -29,6 +31,7 @@ def test_committed_base_matches_its_checksums():
     verify_checksums(BASE)
 
 
+@pytest.mark.slow
 def test_training_beyond_the_window_beats_the_base_at_4x(tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 

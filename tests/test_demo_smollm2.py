@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 pytest.importorskip("gguf")
+pytestmark = pytest.mark.slow  # a 135M-parameter model exported and trained (make test-fast skips it)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--max_length", "64", "--per_device_train_batch_size", "1", "--max_steps", "1", "--use_cpu", "true",

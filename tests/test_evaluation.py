@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from helpers import make_model, make_tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from evaluation import evaluate
 from evaluation.callback import RecallEvalCallback
@@ -46,7 +46,7 @@ def recall_samples(tokenizer, name, length, seed=42, samples=3, depths=3):
 # generated recall inputs
 
 @pytest.mark.parametrize("name", RECALL)
-@pytest.mark.parametrize("length", [16384, 32768])
+@pytest.mark.parametrize("length", [16384, pytest.param(32768, marks=pytest.mark.slow)])
 def test_generated_input_has_requested_length_and_needle_depth(tokenizer, name, length):
     task, request, samples = recall_samples(tokenizer, name, length)
     builder = PromptBuilder(tokenizer)
@@ -113,6 +113,7 @@ def test_chunked_prefill_gives_the_greedy_tokens_of_an_unchunked_generate(tokeni
 # ---------------------------------------------------------------------------------------------
 # the pipeline on a tiny random model
 
+@pytest.mark.slow
 def test_recall_pipeline_writes_predictions_scores_report_and_plots(model_dir, tmp_path):
     out = tmp_path / "run"
     scores = evaluate(model_dir, tasks=RECALL, lengths=[512, 1024, 4096], output_dir=str(out), max_samples=2,
@@ -137,6 +138,7 @@ def test_recall_pipeline_writes_predictions_scores_report_and_plots(model_dir, t
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_data_tasks_read_helmet_formats(model_dir, tmp_path):
     scores = evaluate(model_dir, tasks=["kilt_nq", "msmarco_rerank_psg", "icl_trec_coarse", "infbench_choice_eng"],
                       lengths=[1024], output_dir=str(tmp_path), max_samples=2, data_dir=FIXTURES, plots=False,
@@ -197,6 +199,7 @@ def test_interrupted_run_resumes_skipping_done_samples(model_dir, tmp_path):
     assert records[0]["output"] == "MARKER" and scores["results"][0]["n"] == 3
 
 
+@pytest.mark.slow
 def test_cli_and_compare(model_dir, tmp_path):
     for name in ("a", "b"):
         run = subprocess.run([sys.executable, "-m", "evaluation.run", "--config", "evaluation/configs/recall.yaml",
@@ -263,6 +266,7 @@ def test_longqa_and_summary_demonstrations_are_deterministic_and_never_the_sampl
         assert len(shown) == 2 and f"short {sample['id'][1:]}" not in shown
 
 
+@pytest.mark.slow
 def test_every_setting_is_one_yaml_key_and_one_flag_with_its_help(tmp_path):
     """EvalSettings is the one list of settings: `evaluation.run --help` shows each field's help text,
     a YAML file and a --flag set it, and a flag's string is read as the field declares (text kept,

@@ -41,6 +41,7 @@ def _outputs(out, name="json_kv_256"):
     return [json.loads(line)["output"] for line in (out / "predictions" / f"{name}.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_model_b_never_gets_model_a_predictions(models, tmp_path):
     model_a, model_b = models
     out = tmp_path / "shared"
@@ -63,6 +64,7 @@ def test_model_b_never_gets_model_a_predictions(models, tmp_path):
     assert (out / "predictions" / "json_kv_256.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_report_covers_every_length_in_the_output_dir_and_names_the_mode(models, tmp_path):
     model_a, _ = models
     evaluate(model_a, output_dir=str(tmp_path), **{**FAST, "lengths": [128, 256]})
@@ -115,6 +117,7 @@ def test_all_missing_data_is_listed_before_the_model_loads(models, tmp_path):
     assert not (tmp_path / "out" / "predictions").exists()
 
 
+@pytest.mark.slow
 def test_a_judge_that_is_down_marks_the_samples_and_keeps_the_predictions(models, tmp_path, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on: every judge call is refused (URLError)
         s.bind(("127.0.0.1", 0))

@@ -137,6 +137,7 @@ def plain_losses(tiny_model_dir, packed_mixture, tmp_path_factory):
     return _losses(main(_argv(tiny_model_dir, packed_mixture, tmp_path_factory.mktemp("plain") / "run", max_steps=3)))
 
 
+@pytest.mark.slow  # four short training runs
 @pytest.mark.parametrize(
     "options",
     [
@@ -233,6 +234,7 @@ class _CountingBackend:
         return graph_module.forward  # run the captured graph as is (fast on CPU)
 
 
+@pytest.mark.slow
 def test_compiled_decoder_layers_give_the_same_loss_curve(tiny_model_dir, packed_mixture, tmp_path, plain_losses):
     from torch._dynamo import register_backend, reset
 

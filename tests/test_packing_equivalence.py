@@ -18,7 +18,8 @@ DOC_LENGTHS = [7, 33, 1, 20]
 
 
 def _backends():
-    return ["sdpa", "eager", "flex_attention"]  # the CUDA-only ones: tests/test_gpu.py
+    # the CUDA-only ones: tests/test_gpu.py; flex_attention compiles on CPU (slow)
+    return ["sdpa", "eager", pytest.param("flex_attention", marks=pytest.mark.slow)]
 
 
 def _model(attn: str) -> LlamaForCausalLM:

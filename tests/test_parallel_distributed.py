@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import launch
 
+pytestmark = pytest.mark.slow  # every test reads one torchrun run (make test-fast skips them)
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "distributed" / "parallel_worker.py"
 TOLERANCE = 1e-5

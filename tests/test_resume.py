@@ -28,6 +28,8 @@ from prolong.training.mixture import MixtureDataset
 from prolong.run_cpt import main
 from helpers import cpt_argv as _argv, logged_losses as _losses
 
+pytestmark = pytest.mark.slow  # runs trained, killed and resumed (make test-fast skips them)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = dict(max_steps=6, save_steps=2, per_device_train_batch_size=2)
 

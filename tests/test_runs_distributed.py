@@ -11,6 +11,8 @@ import shutil
 import pytest
 from helpers import cpt_argv as _argv, launch, logged_losses as _losses
 
+pytestmark = pytest.mark.slow  # torchrun runs of the CLIs (make test-fast skips them)
+
 
 def _assert_same_curve(losses, reference):
     # step 1 is before any update: equal up to float summation order. Later steps go through

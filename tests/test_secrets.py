@@ -22,6 +22,8 @@ from transformers import TrainerCallback
 from hub_server import FakeHub
 from prolong.checkpoint.checkpoints import MARKER, incomplete_reason
 
+pytestmark = pytest.mark.slow  # CLI runs in subprocesses against a local Hub (make test-fast skips them)
+
 REPO = Path(__file__).resolve().parent.parent
 HUB_TOKEN = "hf_SECRETcliHubToken0123456789"
 ENV_SECRETS = {"HF_TOKEN": "hf_SECRETenvToken9876543210", "OPENAI_API_KEY": "sk-SECRETopenai0123456789",

@@ -132,6 +132,7 @@ def _sft_config(tmp_path, **overrides):
     return SFTRecipeConfig(**values)
 
 
+@pytest.mark.slow
 def test_packed_loss_equals_unpacked_token_mean(tiny_model_dir, tmp_path):
     from trl import SFTTrainer
 
@@ -164,6 +165,7 @@ def test_packed_loss_equals_unpacked_token_mean(tiny_model_dir, tmp_path):
     torch.testing.assert_close(packed, total / count, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_prepacked_prolong_data_rows_keep_boundaries_and_masks(tiny_model_dir, tmp_path):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -207,6 +209,7 @@ def cpt_checkpoint(tiny_model_dir, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_sft_keeps_the_checkpoint_rope_and_saves_the_chat_template(cpt_checkpoint, tmp_path):
     from prolong.run_sft import main
 
@@ -226,6 +229,7 @@ def test_sft_keeps_the_checkpoint_rope_and_saves_the_chat_template(cpt_checkpoin
     assert load_model(model_cfg, args.max_length).config.rope_parameters["rope_theta"] == 1e6
 
 
+@pytest.mark.slow
 def test_lora_run_saves_an_adapter_that_changes_the_output(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
@@ -244,6 +248,7 @@ def test_lora_run_saves_an_adapter_that_changes_the_output(tiny_model_dir, tmp_p
     assert (before - after).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_chat_template_path_renders_a_model_that_has_no_template(tiny_model_dir, tmp_path):
     """`chat_template_path: FILE.jinja` is applied before the assistant masks are computed, and the
     saved tokenizer carries it."""

@@ -43,7 +43,7 @@ def created_by() -> str:
         from importlib.metadata import version
 
         return f"prolong-data {version('prolong-recipes')}"
-    except Exception:  # not installed as a distribution (running from a checkout)
+    except Exception:  # noqa: BLE001 - not installed as a distribution (running from a checkout)
         return "prolong-data"
 
 

@@ -118,7 +118,7 @@ def liger_linear_cross_entropy_sum(softcap: float | None = None):
     """Liger's fused linear cross-entropy (CUDA, Triton), called as ``loss(lm_head_weight, hidden,
     labels, bias)``. ``accum_dtype`` fp32: a 64K row's lm_head gradient is summed over many chunks,
     which in bf16 loses the small ones."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # CUDA only (NOTES)
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # CUDA only (Triton kernels)
 
     from prolong.parallel.compat import check_liger_fused_loss
 

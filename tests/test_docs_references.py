@@ -181,3 +181,17 @@ def test_every_document_is_read():
     assert all(os.path.isfile(os.path.join(ROOT, d)) for d in DOCUMENTS)
     assert len(list(itertools.chain.from_iterable(references(open(os.path.join(ROOT, d)).read())
                                                   for d in DOCUMENTS))) > 100
+
+
+def test_the_evaluation_task_table_lists_every_task():
+    """docs/evaluation.md's task table names each registered task once, in its category's row."""
+    from evaluation.tasks import CATEGORIES, TASKS
+
+    with open(os.path.join(ROOT, "docs", "evaluation.md"), encoding="utf-8") as f:
+        section = f.read().split("## Tasks", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    table = {category.strip(): {t.strip() for t in tasks.split(",")} for category, tasks in rows[1:]}
+    listed = [task for tasks in table.values() for task in tasks]
+    assert sorted(listed) == sorted(TASKS), "docs/evaluation.md's task table and evaluation/tasks differ"
+    for name, task in TASKS.items():
+        assert name in table[CATEGORIES[task.category]], (name, task.category)

@@ -1,14 +1,18 @@
 """Model-judged scores through any OpenAI-compatible chat endpoint (HELMET used GPT-4o).
 
 Configured with `judge_base_url` (or env EVAL_JUDGE_BASE_URL), `judge_model` (or EVAL_JUDGE_MODEL)
-and the API key from the env var named by `judge_api_key_env` (default OPENAI_API_KEY). Without a
-base URL the judged scores are reported as "skipped"; ROUGE is always computed.
+and the API key from the env var named by `judge_api_key_env` (default OPENAI_API_KEY; `none` for a
+judge that needs no key). The variable must be set, unless the URL carries the credentials itself
+(`user:key@host`, `?api_key=...`) or the default variable is unset for a judge on this machine; the key and the URL's credentials are registered with
+prolong.redaction, so no record, score, report or log holds them. Without a base URL the judged
+scores are reported as "skipped"; ROUGE is always computed.
 
 LongQA (NarrativeQA): HELMET scripts/eval_gpt4_longqa.py, fluency x correctness.
 Summarisation (InfiniteBench Sum, Multi-LexSum): HELMET scripts/eval_gpt4_summ.py, three judge calls per
 sample (fluency 0/1; key-point recall = key points found / key points; precision = supported sentences /
 sentences against the expert summary), score = fluency x F1(recall, precision).
 """
+import base64
 import json
 import logging
 import os
@@ -16,6 +20,9 @@ import re
 import urllib.request
 from functools import lru_cache
 from importlib import resources
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from prolong.redaction import redact_url, register_secret, register_url_secrets
 
 from .metrics import parse_output
 
@@ -78,30 +85,79 @@ def summ_scores(fluency, recall_found, num_keypoints: int, precision_found, sent
     return {"judge_fluency": fluency, "judge_recall": rec, "judge_precision": prec, "judge_f1": 100 * f1}
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+NO_KEY = "none"  # judge_api_key_env for a judge that takes no key (a local server)
+
+
+def _api_key(env_name: str | None, base_url: str) -> str | None:
+    """The judge's key from the variable `env_name` (None: OPENAI_API_KEY), refusing a value that is not a
+    variable name (a key pasted there) and an unset variable, unless the URL carries credentials of its
+    own, or the default variable is unset and the judge runs on this machine (a local server takes no key)."""
+    if env_name is not None and env_name.strip().lower() == NO_KEY:
+        return None
+    if env_name is not None and not _ENV_NAME.fullmatch(env_name):
+        register_secret(env_name)  # most likely the key itself: masked wherever it would be written
+        raise ValueError("judge_api_key_env: expects the NAME of an environment variable holding the judge's API "
+                         "key (e.g. OPENAI_API_KEY), and the value given is not a variable name; it looks like the "
+                         "key itself, so it is not shown. Put the key in a variable (export JUDGE_KEY=...) and pass "
+                         "--judge_api_key_env JUDGE_KEY, or --judge_api_key_env none for a judge that takes no key.")
+    key = os.environ.get(env_name or "OPENAI_API_KEY")
+    parts = urlsplit(base_url)
+    local = env_name is None and parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if not key and not (parts.password or parts.username or parts.query or local):
+        # an all-caps name is a variable's; anything else may be a key pasted there, so it is not echoed
+        name = env_name or "OPENAI_API_KEY"
+        name = name if re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) else "named by judge_api_key_env (not shown)"
+        raise ValueError(f"judge_api_key_env: the environment variable {name} is not set, so every call to the judge "
+                         f"at {redact_url(base_url)} would be refused; nothing was run. Set it (export NAME=KEY), "
+                         "name another variable with --judge_api_key_env, or pass --judge_api_key_env none for a "
+                         "judge that takes no key (a local server).")
+    register_secret(key)
+    return key or None
+
+
 class Judge:
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float = 120):
+        register_url_secrets(base_url)
         self.base_url, self.model, self.api_key, self.timeout = base_url.rstrip("/"), model, api_key, timeout
 
     @property
     def name(self) -> str:
-        """Names the judge in each record, so a record judged by another judge is judged again."""
-        return f"{self.model}@{self.base_url}"
+        """Names the judge in each record, so a record judged by another judge is judged again (its URL's
+        credentials and query values masked: the name is written into every record)."""
+        return f"{self.model}@{redact_url(self.base_url)}"
 
     @classmethod
     def from_config(cls, cfg: dict):
+        """The configured judge, or None; raises ValueError (before any generation) for a key that cannot work."""
         base_url = cfg.get("judge_base_url") or os.environ.get("EVAL_JUDGE_BASE_URL")
         if not base_url:
             return None
+        base_url = str(base_url)
+        if urlsplit(base_url).scheme not in ("http", "https"):
+            raise ValueError(f"judge_base_url: {redact_url(base_url)!r} is not an http(s) URL; give the judge's "
+                             "OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
         model = cfg.get("judge_model") or os.environ.get("EVAL_JUDGE_MODEL", "gpt-4o-2024-05-13")
-        return cls(base_url, model, os.environ.get(cfg.get("judge_api_key_env") or "OPENAI_API_KEY"))
+        return cls(base_url, str(model), _api_key(cfg.get("judge_api_key_env"), base_url))
+
+    def _request(self, body: bytes) -> urllib.request.Request:
+        """POST {base_url}/chat/completions: the path goes before the URL's query (`?api-version=...`), and
+        credentials in the URL (`user:key@host`) become a Basic Authorization header."""
+        parts = urlsplit(self.base_url)
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        elif parts.username or parts.password:
+            pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        url = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/") + "/chat/completions",
+                          parts.query, ""))
+        return urllib.request.Request(url, data=body, headers=headers)
 
     def chat(self, prompt: str, max_tokens: int = 1024) -> str:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
                            "temperature": 0.1, "max_tokens": max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=headers)
+        request = self._request(body)
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             return json.load(response)["choices"][0]["message"]["content"]
 

@@ -4,6 +4,8 @@ import logging
 import os
 from collections import defaultdict
 
+from prolong.redaction import redact
+
 from .metrics import metric as metric_info
 from .tasks import CATEGORIES
 
@@ -161,7 +163,11 @@ def _replace_into(path: str, write) -> None:
             os.remove(tmp)
 
 
-def write_all(scores: dict, output_dir: str, plots: bool = True):
+def write_all(scores: dict, output_dir: str, plots: bool = True) -> dict:
+    """Write report.md, scores.json and the plots; returns the scores as written (redacted: a judge URL's
+    key, a key given as judge_api_key_env, any secret held in the environment)."""
+    scores = redact(scores)
+
     def text_writer(text):
         def write(path):
             with open(path, "w", encoding="utf-8") as f:
@@ -181,3 +187,4 @@ def write_all(scores: dict, output_dir: str, plots: bool = True):
         except Exception as error:  # noqa: BLE001 - the scores and report are written; say why the plots are not
             logger.warning("plots not written into %s: %s: %s", os.path.join(output_dir, "plots"),
                            type(error).__name__, error)
+    return scores

@@ -10,6 +10,7 @@ import sys
 import yaml
 
 from prolong.errors import cli_errors
+from prolong.redaction import redact_cli_output
 
 from .config import DEFAULTS, SETTINGS, TEXT_KEYS
 from .runner import evaluate
@@ -32,7 +33,11 @@ def parse_args(argv=None) -> tuple[str | None, dict]:
     for key in DEFAULTS:
         value = getattr(args, key)
         if value is not None:
-            overrides[key] = value if key in TEXT_KEYS else yaml.safe_load(value)
+            try:
+                overrides[key] = value if key in TEXT_KEYS else yaml.safe_load(value)
+            except yaml.YAMLError as error:
+                parser.error(f"--{key} {value!r}: not a value ({str(error).splitlines()[0]}); give a number, "
+                             "true/false, null or text")
     if args.update_card:  # not an evaluation setting: main() takes it out again
         overrides["update_card"] = args.update_card
     return args.config, overrides
@@ -40,6 +45,7 @@ def parse_args(argv=None) -> tuple[str | None, dict]:
 
 @cli_errors("evaluation.run")  # expected errors: one message, no traceback, exit 2
 def main(argv=None):
+    redact_cli_output()  # logs, progress and the error line: no judge key or URL credentials
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config, overrides = parse_args(argv)
     update_card = overrides.pop("update_card", None)

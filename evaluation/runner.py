@@ -18,6 +18,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from prolong.redaction import mask_secrets
+
 from . import identity, report
 from .config import load_config
 from .generation import HFGenerator, PromptBuilder, VLLMGenerator
@@ -53,7 +55,7 @@ def _rewrite(path: str, records: dict):
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for record in records.values():
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(mask_secrets(record)) + "\n")
     os.replace(tmp, path)
 
 
@@ -160,13 +162,41 @@ def task_identity(run: dict, task, length: int, cfg: dict, settings: dict) -> di
             "data_dir": os.path.abspath(cfg["data_dir"]) if not task.extra.get("builder") else None, **settings}
 
 
-def check_data(task_objects, cfg: dict, builder: PromptBuilder) -> None:
+def runnable_lengths(cfg: dict, window) -> list[int]:
+    """The lengths this run builds prompts for: those within the model window unless allow_beyond_window."""
+    return [n for n in cfg["lengths"] if window is None or n <= window or cfg["allow_beyond_window"]]
+
+
+def check_window(cfg: dict, window) -> None:
+    """Some length must fit the model window (or allow_beyond_window): else nothing would run."""
+    if not runnable_lengths(cfg, window):
+        raise EvaluationError(
+            f"lengths: every length ({', '.join(map(str, cfg['lengths']))}) exceeds the model window "
+            f"(max_position_embeddings={window}); nothing was run. Give lengths up to {window}, or set "
+            "allow_beyond_window=true for a model that runs beyond it (e.g. RoPE-scaled).")
+
+
+def check_prompt_room(task_objects, cfg: dict, window) -> None:
+    """Each length that runs must leave room for the prompt after each task's generation budget
+    (HELMET's length = input + generation)."""
+    short = []
+    for task in task_objects:
+        generation = resolved_settings(task, cfg)["generation_max_length"]
+        short += [f"{length} for {task.name} (generation_max_length {generation})"
+                  for length in runnable_lengths(cfg, window) if length <= generation]
+    if short:
+        raise EvaluationError(f"lengths: {'; '.join(short)} leave no room for the prompt: a length is the input plus "
+                              "the generated tokens. Give larger lengths (e.g. 8k) or a smaller generation_max_length.")
+
+
+def check_data(task_objects, cfg: dict, builder: PromptBuilder, window=None) -> None:
     """Load every (task, length) once, with a cheap token estimate, so that every missing data file is
     found before the model loads; raises one DataFileMissing listing them all."""
     missing = []
     for task in task_objects:
         settings = resolved_settings(task, cfg)
-        for length in cfg["lengths"]:
+        # generated tasks read no file: their prompts are built only for lengths that will run
+        for length in runnable_lengths(cfg, window) if task.extra.get("builder") else cfg["lengths"]:
             estimate = lambda sample: sum(len(str(v)) for v in sample.values()) // 4  # noqa: E731 (chars/4)
             try:
                 task.load(task, _load_request(task, length, cfg, settings, estimate, max_samples=1,
@@ -340,7 +370,7 @@ def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuil
                       "truncated_tokens": cut, "depth": sample.get("depth"), "output": output,
                       "answer": sample["answer"], "metrics": metrics, "seconds": round(elapsed, 3),
                       **_prompt_fields(builder.tokenizer, input_ids, cfg.get("save_prompts", False))}
-            out.write(json.dumps(record) + "\n")
+            out.write(json.dumps(mask_secrets(record)) + "\n")
             out.flush()  # written as each sample completes
             done[sample["id"]] = record
             tokens += len(input_ids) + len(builder.tokenizer(output, add_special_tokens=False)["input_ids"])
@@ -411,14 +441,18 @@ def evaluate(model_or_path, tokenizer=None, tasks=None, lengths=None, output_dir
         task_objects = [get_task(name) for name in cfg["tasks"]]  # unknown names fail before any work
     except KeyError as error:
         raise EvaluationError(error.args[0]) from None
+    # the judge's key is checked (and registered for redaction) before anything is loaded or generated
+    judge = Judge.from_config(cfg) if any(t.judged for t in task_objects) else None
     tokenizer = _load_tokenizer(model_or_path, tokenizer, cfg)
+    window = getattr(_model_config(model_or_path), "max_position_embeddings", None)
+    check_prompt_room(task_objects, cfg, window)
     builder = PromptBuilder(tokenizer)
-    check_data(task_objects, cfg, builder)
+    check_data(task_objects, cfg, builder, window)  # every missing file listed, before the window refusal
     run = run_identity(model_or_path, tokenizer, cfg)
     check_resume(task_objects, cfg, run)
-    window = getattr(_model_config(model_or_path), "max_position_embeddings", None)
-    scorers = {"judge": Judge.from_config(cfg),  # the citation NLI model loads only for Cite tasks
+    scorers = {"judge": judge,  # the citation NLI model loads only for Cite tasks
                "citation": CitationScorer.from_config(cfg) if any(t.category == "cite" for t in task_objects) else None}
+    check_window(cfg, window)  # after every setting's own refusal, before anything is written
     os.makedirs(cfg["output_dir"], exist_ok=True)
     generator = _make_generator(model_or_path, tokenizer, cfg)
     if run["model_fingerprint"] is None and hasattr(generator, "model"):  # a Hub id: fingerprint what was loaded
@@ -442,5 +476,4 @@ def evaluate(model_or_path, tokenizer=None, tasks=None, lengths=None, output_dir
     results, left_out = collect_results(cfg, run, current)
     scores = report.build_scores(results, model_name=run["model"], config=cfg, window=window, identity=run,
                                  left_out=left_out)
-    report.write_all(scores, cfg["output_dir"], plots=cfg["plots"])
-    return scores
+    return report.write_all(scores, cfg["output_dir"], plots=cfg["plots"])

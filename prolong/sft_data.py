@@ -20,12 +20,18 @@ conversations into padding-free rows. Conversations longer than ``max_length`` a
 counted (a truncated reply would teach the model to stop mid-answer; ProLong also drops them), as
 are conversations without an assistant token.
 
+Turns may hold OpenAI-style content parts (``[{"type": "text", "text": ...}]``), joined as
+``prolong-data tokenize`` joins them. Every map writes its Arrow cache to scratch space removed at
+exit, never into the user's dataset folder (which may be read-only, or shared).
+
 The tiny recipe's chat data: ``python -m prolong.demo chatterbot --out demo_data/chatterbot``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +41,7 @@ import numpy as np
 from prolong.training.collator import IGNORE_INDEX
 from prolong.errors import RecipeError, require_path_or_hub_id
 from prolong.data.storage import read_metadata
-from prolong.data.tokenize import tokenize_conversation
+from prolong.data.tokenize import plain_messages, tokenize_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +77,7 @@ def load_sft_dataset(name: str | None, config: str | None = None, split: str = "
         builder = _FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise RecipeError(f"dataset_name: cannot read '{name}'; use one of {sorted(_FILE_BUILDERS)}.")
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return _read(name, lambda: datasets.load_dataset(builder, data_files=str(path), split="train"))
     if path.is_dir():
         metadata = read_metadata(path) or {}
         if metadata.get("format") == "prolong-packed" and metadata.get("mode") != "sft":
@@ -80,18 +86,39 @@ def load_sft_dataset(name: str | None, config: str | None = None, split: str = "
                 "SFT needs conversations packed whole: `prolong-data pack --mode sft`."
             )
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            dataset = datasets.load_from_disk(str(path))
+            dataset = _read(name, lambda: datasets.load_from_disk(str(path)))
             if isinstance(dataset, datasets.DatasetDict):
                 if split not in dataset:
                     raise RecipeError(f"dataset_split: '{split}' is not in {name} (splits: {list(dataset)}).")
                 dataset = dataset[split]
             return dataset
-        return datasets.load_dataset(str(path), config, split=split)
+        return _read(name, lambda: datasets.load_dataset(str(path), config, split=split))
     require_path_or_hub_id(  # a missing local path fails at once, not after a minute of Hub retries
         name, "dataset_name", repo_type="dataset",
         hint="The tiny recipe's chat data is built with `python -m prolong.demo chatterbot --out demo_data/chatterbot`.",
     )
     return datasets.load_dataset(name, config, split=split)
+
+
+def _read(name: str, load):
+    """`load()`, its failure (a bad JSON line, files whose fields disagree, a damaged Arrow file) naming
+    the dataset and the reader's own message (datasets wraps it in a message naming nothing)."""
+    try:
+        return load()
+    except Exception as error:  # datasets' DatasetGenerationError is no ValueError
+        cause = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise SFTDataError(f"dataset_name: cannot read {name}: {type(cause).__name__}: {cause}. Fix the file "
+                           "(every line one JSON object, the same fields and types in every row and file).") from error
+
+
+def _scratch_cache(stem: str) -> str:
+    """An Arrow cache file in datasets' temporary folder (removed when the process exits): a map over a
+    saved dataset would otherwise write cache-*.arrow into the user's folder."""
+    from datasets.fingerprint import get_temporary_cache_files_directory
+
+    return os.path.join(get_temporary_cache_files_directory(), f"{stem}-{uuid.uuid4().hex}.arrow")
 
 
 def dataset_kind(columns: list[str]) -> str:
@@ -113,9 +140,14 @@ def dataset_kind(columns: list[str]) -> str:
 # Assistant-token masks
 
 
-def _check_messages(messages, row: int) -> None:
+def _check_messages(messages, row: int) -> list[dict]:
+    """The conversation with string contents (content parts joined), or SFTDataError naming the row."""
     if not isinstance(messages, list) or not messages:
         raise SFTDataError(f"row {row}: `messages` must be a non-empty list of {{role, content}} turns, got {messages!r:.80}.")
+    try:
+        messages = plain_messages(messages, first_turn=0)  # rows and turns count from 0 here
+    except ValueError as error:
+        raise SFTDataError(f"row {row}, {error}.") from None
     for turn, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise SFTDataError(f"row {row}, turn {turn}: each message needs `role` and `content`, got {message!r:.80}.")
@@ -124,6 +156,10 @@ def _check_messages(messages, row: int) -> None:
                 f"row {row}, turn {turn}: unknown role {message['role']!r}; roles are {', '.join(CHAT_ROLES)}. "
                 "Map the dataset's roles first (e.g. human -> user, gpt -> assistant)."
             )
+        if not isinstance(message["content"], str) and not message.get("tool_calls"):
+            raise SFTDataError(f"row {row}, turn {turn}: `content` must be text (or a list of text parts), got "
+                               f"{message['content']!r:.80}.")
+    return messages
 
 
 def conversation_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -134,8 +170,7 @@ def conversation_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], lis
 def _tokenize_messages(batch, rows, tokenizer):
     out = {"input_ids": [], "assistant_masks": []}
     for row, messages in zip(rows, batch["messages"]):
-        _check_messages(messages, row)
-        input_ids, mask = conversation_tokens(tokenizer, messages)
+        input_ids, mask = conversation_tokens(tokenizer, _check_messages(messages, row))
         out["input_ids"].append(input_ids)
         out["assistant_masks"].append(mask)
     out["length"] = [len(ids) for ids in out["input_ids"]]
@@ -178,7 +213,8 @@ def prepare_sft_dataset(
     """Tokenize, mask and filter ``dataset`` into the pre-tokenized rows SFTTrainer takes (module doc)."""
     kind = dataset_kind(dataset.column_names)
     if kind == "prompt_completion" and len(dataset) and not isinstance(dataset[0]["prompt"], str):
-        dataset = dataset.map(lambda row: {"messages": row["prompt"] + row["completion"]}, num_proc=num_proc)
+        dataset = dataset.map(lambda row: {"messages": row["prompt"] + row["completion"]}, num_proc=num_proc,
+                              cache_file_name=_scratch_cache("messages"))
         kind = "messages"
     if kind == "messages" and not tokenizer.chat_template:
         raise SFTDataError(
@@ -189,13 +225,15 @@ def prepare_sft_dataset(
     if kind == "packed":
         if "mask" not in dataset.column_names:
             logger.warning("The packed SFT dataset has no `mask` column: every token is a loss target.")
-        mapped = dataset.map(_packed_rows, batched=True, num_proc=num_proc, desc="Reading packed SFT rows")
+        mapped = dataset.map(_packed_rows, batched=True, num_proc=num_proc, desc="Reading packed SFT rows",
+                             cache_file_name=_scratch_cache("packed"))
         keep_columns = ["input_ids", "labels", "seq_lengths"]
     else:
         function = _tokenize_messages if kind == "messages" else _tokenize_prompt_completion
         mapped = dataset.map(
             function, batched=True, with_indices=True, fn_kwargs={"tokenizer": tokenizer}, num_proc=num_proc,
             remove_columns=dataset.column_names, desc="Tokenizing SFT data with assistant masks",
+            cache_file_name=_scratch_cache("tokenized"),
         )
         keep_columns = ["input_ids", "assistant_masks" if kind == "messages" else "completion_mask"]
 

@@ -261,7 +261,45 @@ PARSE_CASES = [
     ("sft-report-to-unknown", sft(report_to="tensorbord"), "are not integrations"),
 ]
 
-ALL_CASES = PARSE_CASES + CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES + RESUME_CASES
+# prolong-data and evaluation.run safety (issue 25: nothing lost or leaked, values checked before any work);
+# tests/test_data_safety.py and tests/test_redaction_eval.py hold more, on files they make
+DATA_EVAL_SAFETY_CASES: list[tuple[str, list[str], str]] = [
+    ("data-tokenize-out-inside-input", ["prolong-data", "tokenize", "--repos", "{tmp}/cwd", "--tokenizer", "{model}",
+                                        "--out", "{tmp}/cwd/tokenized"], "is inside the input"),
+    ("data-pack-length-1", ["prolong-data", "pack", "{tmp}/nope", "--mode", "short", "--length", "1",
+                            "--out", "{tmp}/d12"], "2 or more"),
+    ("data-pack-seed-negative", ["prolong-data", "pack", "{short}", "--mode", "sft", "--length", "64", "--seed", "-1",
+                                 "--out", "{tmp}/d13"], "--seed must be 0 or more"),
+    ("data-demo-max-mb-0", ["prolong-data", "demo", "--tokenizer", "{model}", "--max_mb", "0", "--out", "{tmp}/d14"],
+     "--max_mb must be a positive number"),
+    ("eval-lengths-1e9", ["evaluation.run", "--model", "{model}", "--tasks", "json_kv", "--lengths", "1e9"],
+     "is 1,000,000,000 tokens, more than any model's window"),
+    ("eval-lengths-fraction", ["evaluation.run", "--model", "{model}", "--tasks", "json_kv", "--lengths", "1.5"],
+     "lengths: '1.5' is not a length; use token counts such as 8192"),
+    ("eval-lengths-beyond-window", ["evaluation.run", "--model", "{model}", "--tasks", "json_kv", "--lengths", "64k",
+                                    "--output_dir", "{tmp}/eval-out"],
+     "every length (65536) exceeds the model window (max_position_embeddings=256)"),
+    ("eval-lengths-no-room-for-prompt", ["evaluation.run", "--model", "{model}", "--tasks", "json_kv", "--lengths", "64",
+                                         "--generation_max_length", "64", "--output_dir", "{tmp}/eval-out"],
+     "leave no room for the prompt"),
+    ("eval-max-samples-0", ["evaluation.run", "--model", "{model}", "--max_samples", "0"],
+     "'max_samples' must be 1 or more, got 0"),
+    ("eval-max-samples-negative", ["evaluation.run", "--model", "{model}", "--max_samples", "-3"],
+     "'max_samples' must be 1 or more, got -3"),
+    ("eval-num-depths-0", ["evaluation.run", "--model", "{model}", "--num_depths", "0"], "'num_depths' must be 1 or more"),
+    ("eval-judge-key-as-variable-name", ["evaluation.run", "--model", "{model}", "--tasks", "narrativeqa",
+                                         "--judge_base_url", "https://judge.example.com/v1",
+                                         "--judge_api_key_env", "sk-live-0123456789abcdef"],
+     "it looks like the key itself, so it is not shown"),
+    ("eval-judge-key-variable-unset", ["evaluation.run", "--model", "{model}", "--tasks", "narrativeqa",
+                                       "--judge_base_url", "https://judge.example.com/v1",
+                                       "--judge_api_key_env", "PROLONG_UNSET_JUDGE_KEY"],
+     "the environment variable PROLONG_UNSET_JUDGE_KEY is not set"),
+    ("eval-judge-url-not-http", ["evaluation.run", "--model", "{model}", "--tasks", "narrativeqa",
+                                 "--judge_base_url", "judge.example.com/v1"], "is not an http(s) URL"),
+]
+
+ALL_CASES = PARSE_CASES + CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES + RESUME_CASES + DATA_EVAL_SAFETY_CASES
 
 
 def _fill(argv: list[str], places: dict[str, str]) -> list[str]:

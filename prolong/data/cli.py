@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prolong.redaction import redact_cli_output
+
+    redact_cli_output()  # logs and the error line: no token of an input URL or the environment
     args = build_parser().parse_args(argv)
     args.command_line = ["prolong-data", *(sys.argv[1:] if argv is None else argv)]  # for the dataset card
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -118,6 +121,10 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--lines applies to plain-text input files, not --repos")
         if args.num_proc < 1:
             raise ValueError(f"--num_proc must be 1 or more, got {args.num_proc}")
+        from .storage import check_output_dir
+
+        check_output_dir(args.out, overwrite=args.overwrite, fmt="prolong-tokenized",
+                         inputs=list(args.inputs) + list(args.repos or []))  # before any work
         tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
         cache = scratch_cache_dir(args.out)
         try:
@@ -137,6 +144,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "pack":
         from .hub import resolve_dataset_dir
         from .pack import pack_dataset
+
+        if args.seed < 0:
+            raise ValueError(f"--seed must be 0 or more, got {args.seed}")
 
         metadata = pack_dataset(resolve_dataset_dir(args.input), args.out, mode=args.mode, length=args.length,
                                 min_length=args.min_length, seed=args.seed, overwrite=args.overwrite)
@@ -163,6 +173,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from prolong.demo.corpus import build_demo_corpus  # the demo corpus lives with the other demo builders
         from .tokenize import load_tokenizer
+
+        if not args.max_mb > 0:
+            raise ValueError(f"--max_mb must be a positive number of megabytes per domain, got {args.max_mb}")
 
         tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
         outputs = build_demo_corpus(tokenizer, args.out, length=args.length, max_bytes_per_domain=int(args.max_mb * 1e6),

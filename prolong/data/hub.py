@@ -74,7 +74,10 @@ def _config_name(directory: Path) -> str:
 
 
 def _read_part(directory: Path) -> DatasetPart:
-    metadata = read_metadata(directory) or {}
+    try:
+        metadata = read_metadata(directory) or {}
+    except ValueError as error:  # a damaged prolong_data.json: the message names it
+        raise HubPushError(str(error)) from None
     if metadata.get("format") not in FORMATS or not (directory / "state.json").is_file():
         raise HubPushError(f"{directory} is not a prolong-data dataset (no {METADATA_FILENAME} with format "
                            f"{' or '.join(FORMATS)}, or no state.json): push the output of `prolong-data "

@@ -7,11 +7,14 @@ Layout (streaming/base/format/mds/writer.py): a directory with `index.json`
 shard files. A shard is: uint32 sample count n; uint32 offsets[n + 1] (absolute byte positions);
 a JSON config; the samples. A sample is: one uint32 size per variable-size column, then each
 column's bytes, in `column_names` order. Compressed shards (`zip_data`) hold the whole shard file
-compressed with `compression` (zstd, gz, bz2; optionally `name:level`).
+compressed with `compression` (zstd, gz, bz2; optionally `name:level`). Each of `raw_data`/`zip_data`
+may list `hashes` ({algorithm: hex digest}, hashlib's or xxhash's names): every one this machine can
+compute is checked, so a damaged or replaced shard is refused, not imported.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -25,7 +28,8 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from .pack import MODES, packed_features
-from .storage import FORMAT_VERSION, ShardedDatasetWriter, atomic_output_dir, created_by, write_metadata
+from .storage import (FORMAT_VERSION, ShardedDatasetWriter, atomic_output_dir, check_output_dir, created_by,
+                      write_metadata)
 
 logger = logging.getLogger("prolong.data")
 
@@ -194,6 +198,34 @@ def default_domain(folder: Path) -> str:
     return folder.parent.name if _WORKER_FOLDER.fullmatch(folder.name) else folder.name
 
 
+def _digest(algorithm: str, data: bytes) -> str | None:
+    """Hex digest with streaming's hash names (hashlib's, xxhash's), or None if this machine lacks it."""
+    if algorithm in hashlib.algorithms_available and not algorithm.startswith("shake_"):
+        return hashlib.new(algorithm, data).hexdigest()
+    try:
+        import xxhash
+    except ImportError:
+        return None
+    function = getattr(xxhash, algorithm, None) if algorithm in getattr(xxhash, "algorithms_available", ()) else None
+    return function(data).hexdigest() if function else None
+
+
+_UNCHECKED: set[str] = set()
+
+
+def _check_hashes(path: Path, data: bytes, listed: dict, index_path: Path) -> None:
+    hashes = listed.get("hashes") or {}
+    for algorithm, expected in sorted(hashes.items()):
+        digest = _digest(algorithm, data)
+        if digest is not None and digest != str(expected).lower():
+            raise ValueError(f"{path} is damaged or was replaced: its {algorithm} hash is {digest}, {index_path} "
+                             f"says {expected}; download it again")
+        if digest is None and algorithm not in _UNCHECKED:
+            _UNCHECKED.add(algorithm)
+            logger.warning("%s lists %s hashes, which this machine cannot compute (pip install xxhash): the shards "
+                           "are imported unchecked against them", index_path, algorithm)
+
+
 def _shard_bytes(index_path: Path, shard: dict) -> tuple[Path, bytes]:
     if shard.get("format", "mds") != "mds":
         raise ValueError(f"{index_path}: shard format {shard.get('format')!r} is not 'mds'")
@@ -207,8 +239,10 @@ def _shard_bytes(index_path: Path, shard: dict) -> tuple[Path, bytes]:
     if expected is not None and len(data) != expected:
         raise ValueError(f"{path} has {len(data)} bytes but {index_path} says {expected}: the shard is "
                          "truncated or was replaced; download it again")
+    _check_hashes(path, data, listed, index_path)
     if compressed:
         data = _decompress(shard.get("compression"), data, path)
+        _check_hashes(path, data, shard["raw_data"] or {}, index_path)  # the hashes of the decompressed shard
     return path, data
 
 
@@ -316,9 +350,11 @@ def import_mds(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mode: 
     """
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    owned = {"fmt": "prolong-packed", "inputs": [mds_dir]}
     plan = plan_domains(mds_dir)
+    check_output_dir(out_dir, overwrite=overwrite, **owned)  # before any shard is read
     if None in plan:
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out_dir, overwrite=overwrite, **owned) as tmp:
             metadata = _import_domain(plan[None], tmp, mode=mode, domain=domain or default_domain(Path(mds_dir)),
                                       tokenizer=tokenizer, source=Path(mds_dir), rows_per_write=rows_per_write)
         return metadata
@@ -327,7 +363,7 @@ def import_mds(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mode: 
                          "leave it out (each domain is named after its folder) or import one domain folder")
     logger.info("%s holds %d domains (%s): writing one packed dataset per domain under %s",
                 mds_dir, len(plan), ", ".join(plan), out_dir)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, **owned) as tmp:
         result = {}
         for name, index_files in plan.items():
             (tmp / name).mkdir()

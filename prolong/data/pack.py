@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from .storage import (FORMAT_VERSION, ShardedDatasetWriter, atomic_output_dir, created_by,
-                      iter_table_chunks, load_dataset_dir, read_metadata, write_metadata)
+from .storage import (FORMAT_VERSION, ShardedDatasetWriter, atomic_output_dir, check_output_dir, created_by,
+                      dataset_dirs, iter_table_chunks, load_dataset_dir, read_metadata, write_metadata)
 
 logger = logging.getLogger("prolong.data")
 
@@ -280,13 +280,15 @@ def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str |
     """
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
-    if length <= 0:
-        raise ValueError(f"--length must be a positive number of tokens, got {length}")
+    if length < 2:  # a 1-token row has no token to predict: training on it would report loss 0
+        raise ValueError(f"--length must be a positive number of tokens, 2 or more (one token to predict from "
+                         f"the one before), got {length}")
     if min_length is not None and mode != "long":
         raise ValueError(f"--min_length applies to --mode long only (got --mode {mode}); leave it out")
-    if min_length is not None and min_length <= 0:
-        raise ValueError(f"--min_length must be a positive number of tokens, got {min_length}")
+    if min_length is not None and min_length < 2:
+        raise ValueError(f"--min_length must be a positive number of tokens, 2 or more, got {min_length}")
     source_metadata, source = {}, "the tokenized dataset"
+    inputs = dataset_dirs(tokenized) if isinstance(tokenized, datasets.Dataset) else [tokenized]
     if not isinstance(tokenized, datasets.Dataset):
         source = str(tokenized)
         source_metadata = read_metadata(tokenized) or {}
@@ -301,6 +303,7 @@ def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str |
         if column not in tokenized.column_names:
             raise ValueError(f"tokenized dataset has no `{column}` column (columns: {tokenized.column_names}); "
                              "create it with `prolong-data tokenize`")
+    check_output_dir(out_dir, overwrite=overwrite, fmt="prolong-packed", inputs=inputs)  # before any work
     if mode == "sft" and "length" not in tokenized.column_names:
         tokenized = tokenized.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
     with_mask = "mask" in tokenized.column_names
@@ -315,7 +318,7 @@ def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str |
     stats = PackStats()
     codes = _DomainCodes()
     writer_kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, fmt="prolong-packed", inputs=inputs) as tmp:
         writer = ShardedDatasetWriter(tmp, packed_features(with_mask), **writer_kwargs)
         with tqdm(total=len(tokenized), unit="doc", desc=f"pack {mode} L={length}") as progress:
             if mode == "sft":

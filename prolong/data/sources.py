@@ -29,11 +29,12 @@ SKIPPED_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".tox", ".
 
 
 def _decode_utf8(data: bytes) -> str | None:
-    """Text of a file, or None if it is binary (NUL bytes) or not valid UTF-8."""
+    """Text of a file (without a leading byte order mark), or None if it is binary (NUL bytes) or not
+    valid UTF-8."""
     if b"\0" in data[:8192]:
         return None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None
 
@@ -48,10 +49,11 @@ def _text_file_records(paths: list[str], one_per_line: bool) -> Iterator[dict]:
             yield {"text": _decode_utf8(line), "source": path, "skipped_files": 0}
 
 
-def read_repository(root: Path) -> tuple[str, int]:
+def read_repository(root: Path) -> tuple[str, int, int]:
     """One repository as one document: every UTF-8 file in sorted path order, each preceded by
     its path relative to the repository as a header line (as ProLong built its code documents).
-    Returns the text and the number of files skipped as binary or non-UTF-8."""
+    Returns the text, the number of files skipped as binary or non-UTF-8, and the number skipped as
+    empty (a header with no content teaches nothing; a repository of only those is an empty document)."""
     if root.is_file():  # a single-file repository (e.g. a top-level module)
         files = [root]
         base = root.parent
@@ -61,22 +63,24 @@ def read_repository(root: Path) -> tuple[str, int]:
             subdirs[:] = sorted(d for d in subdirs if d not in SKIPPED_DIRS)
             files.extend(Path(directory) / name for name in sorted(names))
         base = root
-    parts, skipped = [], 0
+    parts, skipped, empty = [], 0, 0
     for file in files:
         if file.is_symlink() or not file.is_file():
             continue
         text = _decode_utf8(file.read_bytes())
         if text is None:
             skipped += 1
-            continue
-        parts.append(f"{file.relative_to(base).as_posix()}\n{text}")
-    return "\n\n".join(parts), skipped
+        elif not text.strip():
+            empty += 1
+        else:
+            parts.append(f"{file.relative_to(base).as_posix()}\n{text}")
+    return "\n\n".join(parts), skipped, empty
 
 
 def _repository_records(repos: list[str]) -> Iterator[dict]:
     for repo in repos:
-        text, skipped = read_repository(Path(repo))
-        yield {"text": text, "source": repo, "skipped_files": skipped}
+        text, skipped, empty = read_repository(Path(repo))
+        yield {"text": text, "source": repo, "skipped_files": skipped, "empty_files": empty}
 
 
 def list_repositories(directories: list[str], each_is_repository: bool = False) -> list[str]:
@@ -104,8 +108,9 @@ def load_repositories(directories: list[str], each_is_repository: bool = False, 
     repos = list_repositories(directories, each_is_repository)
     if not repos:
         raise ValueError(f"--repos {directories}: no repository (sub-directory) found")
+    features = datasets.Features({**_TEXT_FEATURES, "empty_files": datasets.Value("int64")})
     return datasets.Dataset.from_generator(
-        _repository_records, gen_kwargs={"repos": repos}, features=_TEXT_FEATURES,
+        _repository_records, gen_kwargs={"repos": repos}, features=features,
         num_proc=min(num_proc, len(repos)) if num_proc > 1 else None, cache_dir=cache_dir)
 
 
@@ -164,9 +169,40 @@ def load_raw_inputs(inputs: list[str], *, text_field: str = "text", lines: bool 
             check_text_column(part, text_field, name)
     keep = [text_field, "domain", "skipped_files", "source"]
     parts = [part.remove_columns([c for c in part.column_names if c not in keep]) for part in parts]
+    for part, name in zip(parts, labels):
+        if "domain" in part.column_names and len(part) and not _is_string(part.features["domain"]):
+            raise ValueError(f"input {name}: field 'domain' holds {part.features['domain']} values; a domain is a "
+                             "name: make it a string in every row (or leave it out and pass --domain)")
     if len(parts) == 1:
         return parts[0]
-    return datasets.concatenate_datasets([_with_all_columns(part, parts) for part in parts])
+    return datasets.concatenate_datasets(_aligned([_with_all_columns(part, parts) for part in parts], labels))
+
+
+def _is_string(feature) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null")
+
+
+def _aligned(parts: list[datasets.Dataset], labels: list[str]) -> list[datasets.Dataset]:
+    """The parts cast to one set of features (the first part's; a column of nulls takes another part's
+    type), so string and large_string or a missing optional field mix; inputs whose fields cannot be
+    made alike are named, with the field and both types."""
+    target = datasets.Features({column: next((p.features[column] for p in parts
+                                              if getattr(p.features[column], "dtype", None) != "null"), feature)
+                                for column, feature in parts[0].features.items()})
+    aligned = []
+    for part, name in zip(parts, labels):
+        if part.features == target:
+            aligned.append(part)
+            continue
+        try:
+            aligned.append(part.cast(target))
+        except (ValueError, TypeError, NotImplementedError, KeyError) as error:  # pyarrow's casts raise ValueErrors
+            column = next((c for c in target if part.features.get(c) != target[c]), "?")
+            first = next(label for p, label in zip(parts, labels) if p.features.get(column) == target.get(column))
+            raise ValueError(f"inputs {first} and {name} disagree on field {column!r}: {target.get(column)} vs "
+                             f"{part.features.get(column)} ({type(error).__name__}); give it the same type in every "
+                             "file, or tokenize them separately") from None
+    return aligned
 
 
 def check_text_column(part: datasets.Dataset, text_field: str, name: str, nulls_allowed: bool = False) -> None:
@@ -207,12 +243,17 @@ def check_text_column(part: datasets.Dataset, text_field: str, name: str, nulls_
 
 
 def _check_chat_turns(part: datasets.Dataset, text_field: str, name: str) -> None:
-    """A conversation is a list of turns, each with string `role` and `content`: a turn without
-    them would fail inside the chat template, or render as an empty turn."""
-    for row, turns in enumerate(part.data.column(text_field).to_pylist()):
-        for number, turn in enumerate(turns or []):
-            if isinstance(turn, str):  # datasets keeps turns of mixed keys as JSON strings
-                turn = json.loads(turn)
+    """A conversation is a list of turns, each with string `role` and `content` (or OpenAI-style text
+    content parts): a turn without them would fail inside the chat template, or render as an empty turn."""
+    from .tokenize import plain_messages
+
+    for row, turns in enumerate(part[text_field]):  # decoded: a content of mixed types is a Json feature
+        turns = [json.loads(turn) if isinstance(turn, str) else turn for turn in turns or []]  # mixed-key turns
+        try:
+            turns = plain_messages(turns)
+        except ValueError as error:
+            raise ValueError(f"input {name} row {row + 1}, {error}; fix or remove that row") from None
+        for number, turn in enumerate(turns):
             if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)
                     and (isinstance(turn.get("content"), str) or turn.get("tool_calls"))):
                 shown = sorted(turn) if isinstance(turn, dict) else type(turn).__name__

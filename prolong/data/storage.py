@@ -2,9 +2,12 @@
 
 * `atomic_output_dir`: outputs are built in a temporary sibling directory and renamed into place
   only when complete, so a crash, Ctrl-C or full disk never leaves a half-written directory that
-  looks finished. An existing output is refused unless `overwrite=True` (`--overwrite`). Temporary
-  dirs are named `.NAME.tmp-HOST-PID-*` (scratch caches `.NAME.cache-HOST-PID-*`): the next run
-  removes those whose process is gone (a killed run) and reports any other.
+  looks finished. An existing output is refused unless `overwrite=True` (`--overwrite`), and even
+  then only a previous output of the same command (`check_output_dir`) is replaced: never the
+  command's input, a folder holding or inside it, a file, or a folder with anything else in it.
+  The output gets the permissions the umask gives (not mkdtemp's 0700). Temporary dirs are named
+  `.NAME.tmp-HOST-PID-*` (scratch caches `.NAME.cache-HOST-PID-*`): the next run removes those
+  whose process is gone (a killed run) and reports any other.
 * `ShardedDatasetWriter`: streams pyarrow tables into `data-XXXXX-of-NNNNN.arrow` shards with
   datasets' own `ArrowWriter`, then writes the `state.json` / `dataset_info.json` pair that
   `datasets.load_from_disk` reads. Memory stays bounded by one batch, whatever the corpus size.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -47,31 +51,100 @@ def created_by() -> str:
         return "prolong-data"
 
 
+# What a prolong-data output folder holds: the files it writes, and datasets' caches of maps over it.
+_OWN_FILE = re.compile(r"(prolong_data\.json|state\.json|dataset_info\.json|README\.md|\.README\.md\.tmp"
+                       r"|data-\d+-of-\d+\.arrow|cache-[\w.-]+\.arrow|tmp[\w.-]*)")
+COMMANDS = {"prolong-tokenized": "prolong-data tokenize", "prolong-packed": "prolong-data pack / import-mds"}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _not_replaceable(out: Path, fmt: str) -> str | None:
+    """Why `--overwrite` must not delete `out`, or None when it holds only a previous output of the
+    command writing `fmt` (one dataset folder, or a folder of them: import-mds of several domains)."""
+    if not out.is_dir():
+        return "it is a file, not a prolong-data output folder"
+    entries = sorted(out.iterdir())
+    if (out / METADATA_FILENAME).is_file():
+        found = read_metadata(out).get("format")
+        if found != fmt:
+            return (f"it holds a {found or 'no format'} output ({COMMANDS.get(found, 'not of prolong-data')}), "
+                    f"not a {fmt} one ({COMMANDS[fmt]})")
+        foreign = [p.name for p in entries if not (p.is_file() and _OWN_FILE.fullmatch(p.name))]
+    else:
+        foreign = [p.name for p in entries if not (p.name == "README.md" and p.is_file() or p.is_dir()
+                                                     and (p / METADATA_FILENAME).is_file()
+                                                     and _not_replaceable(p, fmt) is None)]
+        if not foreign and entries and not any(p.is_dir() for p in entries):
+            foreign = [p.name for p in entries]  # a README.md alone is not an output
+    if foreign:
+        return (f"it holds what is not a previous {fmt} output: {', '.join(foreign[:5])}"
+                f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}")
+    return None
+
+
+def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, fmt: str | None = None,
+                     inputs: list = ()) -> Path:
+    """Refuse an output location that would lose data: the command's own input, a folder inside one or
+    holding one, and (with `overwrite`) anything but a previous output of the command writing `fmt`
+    (`fmt` None: the caller has checked what it replaces). Returns the absolute output path."""
+    out = Path(out_dir).absolute()
+    real = Path(os.path.realpath(out))
+    for given in inputs:
+        if given is None or not os.path.exists(given):
+            continue  # a Hub id
+        source = Path(os.path.realpath(given))
+        if real == source or source in real.parents:
+            raise ValueError(f"--out {out} is {'the input' if real == source else 'inside the input'} {given}: "
+                             "writing there could destroy the input. Choose an --out outside it")
+        if real in source.parents:
+            raise ValueError(f"--out {out} holds the input {given}: replacing it would destroy the input. "
+                             "Choose another --out")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            what = "a complete prolong-data output" if (out / METADATA_FILENAME).exists() else "a path"
+            raise FileExistsError(f"output {out} already exists ({what}); pass --overwrite (overwrite=True) to "
+                                  "replace it, or choose another output directory")
+        problem = _not_replaceable(out, fmt) if fmt is not None else None
+        if problem:
+            raise FileExistsError(f"output {out} exists and --overwrite replaces only a previous output of "
+                                  f"{COMMANDS.get(fmt, 'prolong-data')}: {problem}. Nothing was deleted; choose "
+                                  "another --out, or move that folder away yourself")
+    return out
+
+
 @contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes `out_dir` only if the block succeeds."""
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *, fmt: str | None = None,
+                      inputs: list = ()) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes `out_dir` only if the block succeeds
+    (`fmt`, `inputs`: see `check_output_dir`)."""
     out = Path(out_dir).absolute()
     if out.parent.is_dir():
         clean_leftovers(out)
-    if out.exists() and not overwrite:
-        what = "a complete prolong-data output" if (out / METADATA_FILENAME).exists() else "a path"
-        raise FileExistsError(
-            f"output {out} already exists ({what}); pass --overwrite (overwrite=True) to replace it, "
-            "or choose another output directory"
-        )
+    check_output_dir(out, overwrite=overwrite, fmt=fmt, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "tmp"), dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would keep teammates out of the output
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():  # only reachable with overwrite=True
+    if out.exists():  # only reachable with overwrite=True, after check_output_dir allowed it
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, trash / out.name)
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, out)
     logger.info("wrote %s", out)
+
+
+def dataset_dirs(dataset) -> list[str]:
+    """The folders holding a Dataset's own Arrow files (a saved input): never an output location."""
+    return sorted({os.path.dirname(f["filename"]) for f in getattr(dataset, "cache_files", None) or []})
 
 
 def temp_prefix(out: Path, kind: str) -> str:
@@ -99,6 +172,8 @@ def clean_leftovers(out: str | os.PathLike) -> None:
     report the ones that may still be in use (another host, a running process, an older name)."""
     out = Path(out).absolute()
     for path in sorted(out.parent.glob(f".{out.name}.tmp-*")) + sorted(out.parent.glob(f".{out.name}.cache-*")):
+        if path.name.startswith(tuple(temp_prefix(out, kind) for kind in ("tmp", "cache"))):
+            continue  # this process's own (tokenize's scratch cache): neither a leftover nor another run's
         if _owner_is_gone(path, out):
             shutil.rmtree(path, ignore_errors=True)
             logger.warning("removed %s, left by an interrupted run", path)
@@ -117,8 +192,16 @@ def read_metadata(directory: str | os.PathLike) -> dict | None:
     path = Path(directory) / METADATA_FILENAME
     if not path.exists():
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): it was damaged or edited; restore it, or create "
+                         "the output again") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(metadata).__name__}: restore it, or create "
+                         "the output again")
+    return metadata
 
 
 def longest_row(dataset: datasets.Dataset) -> int:

@@ -3,7 +3,10 @@
 Output columns: `input_ids` (int32, [BOS] + tokens + EOS per document), `domain`, `length`, and for
 chat data `mask` (int8, 1 = assistant token, the loss targets). Empty documents and unreadable items
 (non-UTF-8 / binary files) are skipped and counted, and the counts are logged and stored in the
-directory's `prolong_data.json`.
+directory's `prolong_data.json`. A leading byte order mark is not text and is dropped. A document of
+any size is tokenized in pieces of at most PIECE_CHARS characters, cut where the tokenizer splits
+anyway, so a 50 MB line costs what 1 MB does. Chat turns may hold OpenAI-style content parts
+(`[{"type": "text", "text": ...}]`): their texts are joined with newlines (as vLLM's server does).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .sources import check_text_column
-from .storage import FORMAT_VERSION, temp_prefix, atomic_output_dir, clean_leftovers, created_by, write_metadata
+from .storage import (FORMAT_VERSION, atomic_output_dir, clean_leftovers, created_by, dataset_dirs, temp_prefix,
+                      write_metadata)
 
 logger = logging.getLogger("prolong.data")
 
@@ -91,11 +95,53 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase, eos_token: str | None 
     return (bos_id if adds_bos else None), eos_id
 
 
+PIECE_CHARS = 1 << 20  # a fast tokenizer holds ~170 bytes per character of one call's text (offsets, pre-tokens)
+_CUT_CONTEXT = 2000  # characters each side of a candidate cut, encoded to check that the cut changes no token
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+
+
+def _safe_cut(tokenizer, text: str, before: int, start: int) -> int | None:
+    """A position in text[start:before] where the tokens of the two sides, joined, are those of the whole:
+    just before whitespace that follows a non-space character, checked on the surrounding text."""
+    tries = 0
+    position = before
+    while tries < 16:
+        position = max(text.rfind(" ", start + 1, position), text.rfind("\n", start + 1, position))
+        if position <= start:
+            return None
+        if text[position - 1].isspace():
+            continue
+        tries += 1
+        left, right = text[max(start, position - _CUT_CONTEXT):position], text[position:position + _CUT_CONTEXT]
+        if _encode(tokenizer, [left + right])[0] == sum(_encode(tokenizer, [left, right]), []):
+            return position
+    return None
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of one text (no special tokens), the text encoded in pieces of at most PIECE_CHARS characters
+    when a safe cut exists (a text without whitespace is encoded at once)."""
+    ids, start = [], 0
+    while len(text) - start > PIECE_CHARS:
+        cut = _safe_cut(tokenizer, text, start + PIECE_CHARS, start)
+        if cut is None:
+            break
+        ids += _encode(tokenizer, [text[start:cut]])[0]
+        start = cut
+    return ids + _encode(tokenizer, [text[start:]])[0]
+
+
 def _tokenize_texts(batch, tokenizer, text_field, bos_id, eos_id, domain):
-    texts = batch[text_field]
+    texts = [text.lstrip("\ufeff") if isinstance(text, str) else text for text in batch[text_field]]
     keep = [i for i, text in enumerate(texts) if isinstance(text, str) and text.strip()]
-    # a batch whose texts are all empty: the fast tokenizer raises on an empty list
-    encoded = tokenizer([texts[i] for i in keep], add_special_tokens=False, verbose=False)["input_ids"] if keep else []
+    # short texts in one call (the fast tokenizer runs them in parallel), long ones piece by piece
+    short = [i for i in keep if len(texts[i]) <= PIECE_CHARS]
+    encoded = dict(zip(short, _encode(tokenizer, [texts[i] for i in short])))
+    encoded.update({i: encode_text(tokenizer, texts[i]) for i in keep if i not in encoded})
+    encoded = [encoded[i] for i in keep]
     prefix = [bos_id] if bos_id is not None else []
     input_ids = [prefix + ids + [eos_id] for ids in encoded]
     return {"input_ids": input_ids, "domain": _domains(batch, keep, domain),
@@ -118,6 +164,29 @@ def _render(tokenizer, messages, **kwargs) -> str:
                          f"{[m.get('role') for m in messages[:4]]}") from error
 
 
+def plain_messages(messages: list[dict], first_turn: int = 1) -> list[dict]:
+    """The turns with string content: OpenAI-style content parts (`[{"type": "text", "text": ...}]`) are
+    joined with newlines; a part that is not text (an image) cannot be trained on and is refused
+    (the message counts turns from `first_turn`)."""
+    turns = []
+    for number, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if isinstance(part, str):
+                    texts.append(part)
+                elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                else:
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ValueError(f"turn {number + first_turn}: a content part of type {kind!r}; only text parts "
+                                     "({\"type\": \"text\", \"text\": ...}) can be tokenized: drop the other parts")
+            message = {**message, "content": "\n".join(texts)}
+        turns.append(message)
+    return turns
+
+
 def tokenize_conversation(tokenizer, messages: list[dict], eos_id: int) -> tuple[list[int], list[int]]:
     """Token ids and assistant mask of one conversation rendered with the chat template.
 
@@ -125,6 +194,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], eos_id: int) -> tuple
     (with and without it); tokens holding any of those characters are loss targets. This works
     with any template, including ones without `{% generation %}` markers.
     """
+    messages = plain_messages(messages)
     text = _render(tokenizer, messages)
     assistant_spans = []
     for turn, message in enumerate(messages):
@@ -209,10 +279,10 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
         raise ValueError(f"field {text_field!r} holds conversations but tokenizer {tokenizer_name(tokenizer)} "
                          "has no chat template")
     skipped = {}
-    if "skipped_files" in raw.column_names:  # files left out of code repositories
-        skipped_files = int(pc.sum(raw.data.column("skipped_files")).as_py() or 0)
-        if skipped_files:
-            skipped["binary_or_non_utf8_files"] = skipped_files
+    for column, reason in (("skipped_files", "binary_or_non_utf8_files"), ("empty_files", "empty_files")):
+        count = int(pc.sum(raw.data.column(column)).as_py() or 0) if column in raw.column_names else 0
+        if count:  # files left out of code repositories
+            skipped[reason] = count
     # Sources store unreadable items (non-UTF-8 or binary files) as None; null texts count here too.
     unreadable = raw.data.column(text_field).null_count
     if unreadable:
@@ -255,7 +325,7 @@ def tokenize_to_disk(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
                      text_field: str = "text", domain: str = "default", num_proc: int = 1,
                      eos_token: str | None = None, overwrite: bool = False, cache_dir: str | None = None) -> dict:
     """Tokenize and save to `out_dir` atomically; returns the metadata written beside the data."""
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, fmt="prolong-tokenized", inputs=dataset_dirs(raw)) as tmp:
         tokenized, skipped = tokenize_dataset(raw, tokenizer, text_field=text_field, domain=domain,
                                               num_proc=num_proc, eos_token=eos_token, cache_dir=cache_dir)
         if not len(tokenized):

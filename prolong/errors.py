@@ -47,6 +47,9 @@ def cli_errors(prog: str):
     def wrap(main):
         @functools.wraps(main)
         def run(*args, **kwargs):
+            from prolong.redaction import redact_cli_output  # light: no torch/transformers
+
+            redact_cli_output()  # logs, progress and the error line of every CLI: no token or URL credential
             try:
                 return main(*args, **kwargs)
             except _expected_errors() as error:

@@ -251,6 +251,8 @@ PARSE_CASES = [
     ("cpt-recipe-without-yaml-suffix", ["run_cpt", "{tmp}/recipe.txt"], "must be a .yaml or .yml file"),
     ("cpt-recipe-is-a-directory", ["run_cpt", "{tmp}/folder.yaml"], "(a directory)"),
     ("cpt-bf16-and-fp16", cpt(bf16="true", fp16="true"), "bf16 and fp16 are both true"),
+    ("cpt-credentials-in-a-path", cpt(model_name_or_path="https://user:sk-abc123@example.com/m?token=sk-zzz"),
+     "not found: https://<redacted>@example.com/m?token=<redacted>"),
     ("cpt-max-length-1", cpt(max_length=1), "max_length must be at least 2"),
     ("sft-max-length-1", sft(max_length=1), "max_length must be at least 2"),
     ("cpt-recall-samples-0", cpt(eval_recall_samples=0), "eval_recall_samples must be at least 1"),

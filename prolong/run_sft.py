@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     resolve_gradient_accumulation(args)
     check_master_weights(resolve_dtype(model_cfg.dtype), args, model_cfg.low_precision_master_weights,
                          lora=model_cfg.use_peft)
-    resume = resolve_resume(args)  # before any loading: an output_dir it would refuse fails at once
+    resume = resolve_resume(args, model_cfg, stage="sft")  # before any loading: refusals come at once
     if finished_run(args):
         return args.output_dir
     set_seed(args.seed)

@@ -301,7 +301,23 @@ DATA_EVAL_SAFETY_CASES: list[tuple[str, list[str], str]] = [
                                  "--judge_base_url", "judge.example.com/v1"], "is not an http(s) URL"),
 ]
 
-ALL_CASES = PARSE_CASES + CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES + RESUME_CASES + DATA_EVAL_SAFETY_CASES
+# where a run may write (prolong/checkpoint/ownership.py): never over its inputs, never into the user's folder
+OWNERSHIP_CASES: list[tuple[str, list[str], str]] = [
+    ("cpt-output-dir-is-the-model", cpt(output_dir="{model}"), "is this run's model_name_or_path"),
+    ("cpt-output-dir-holds-the-model", cpt(model_name_or_path="demo_data/base-model", output_dir="demo_data"),
+     "contains this run's model_name_or_path"),
+    ("cpt-output-dir-is-a-mixture-domain", cpt(output_dir="{short}"), "is this run's dataset_mixture"),
+    ("cpt-output-dir-holds-the-mixture", cpt(output_dir="{packed}"), "contains this run's dataset_mixture"),
+    ("cpt-init-from-is-output-dir", cpt(init_from="demo_data/base-model", output_dir="demo_data/base-model"),
+     "is also this run's output_dir"),
+    ("cpt-output-dir-of-the-users-files", cpt(output_dir="."), "which no run of ours wrote there"),
+    ("sft-output-dir-holds-the-dataset", sft(output_dir="{tmp}"), "contains this run's dataset_name"),
+    ("sft-output-dir-is-the-tokenizer", sft(tokenizer_name_or_path="demo_data/base-model",
+                                            output_dir="demo_data/base-model"), "is this run's tokenizer_name_or_path"),
+]
+
+ALL_CASES = (PARSE_CASES + CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES + RESUME_CASES
+             + DATA_EVAL_SAFETY_CASES + OWNERSHIP_CASES)
 
 
 def _fill(argv: list[str], places: dict[str, str]) -> list[str]:

@@ -289,6 +289,9 @@ def test_final_save_replaces_an_earlier_models_files_and_keeps_its_card(tiny_mod
     (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
     (out / "adapter_model.safetensors").write_bytes(b"stale")
     (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    # as that run's final save recorded them (files no save of ours recorded are the user's, never removed)
+    (out / "_prolong_run.json").write_text(json.dumps({"stage": "continued-pretraining", "files": [
+        "adapter_config.json", "adapter_model.safetensors", "model-00001-of-00002.safetensors"]}))
     main(cpt_argv(tiny_model_dir, packed_mixture, out, max_steps=1, save_steps=1))
     assert sorted(p.name for p in out.glob("*adapter*")) == [] and not (out / "model-00001-of-00002.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -1,6 +1,8 @@
 """Crash and resume tests of run_cpt (prolong/checkpoint/checkpoints.py, prolong/checkpoint/final_save.py): a run killed at
 any point and started again with the same command, a power loss that truncated the newest
-checkpoint, a resume with another global_batch_size, and a kill at every step of the final save.
+checkpoint, a resume with another global_batch_size, a kill at every step of the final save, and
+verified state: a checkpoint with flipped bytes or an edited marker, or continued by another run (model,
+tokenizer, data, step; prolong/checkpoint/identity.py), is refused, naming what changed.
 
 Each compares with one uninterrupted run (6 steps of 2 sequences, checkpoints at 2, 4, 6): the
 resumed run must give its loss curve (a repeated or skipped sequence would change it) or, with
@@ -328,3 +330,110 @@ def test_balanced_order_resumed_at_any_position_balances_exactly_the_unseen_sequ
     for step in range(2):
         seen = sorted(tuple(balanced[step * 4 + i]["input_ids"]) for i in range(4))
         assert seen == sorted(tuple(stream[6 + step * 4 + i]["input_ids"]) for i in range(4)), step
+
+
+# -- verified state: content digests, the run's identity, the step (prolong/checkpoint/identity.py) ----------------
+def _flip_a_byte(path, at=0.5):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.pt", "model.safetensors", "trainer_state.json"])
+def test_a_checkpoint_with_flipped_bytes_is_refused_naming_the_file_and_the_way_out(
+    tiny_model_dir, packed_mixture, uninterrupted, tmp_path, caplog, damaged
+):
+    """Sizes intact, one byte flipped (disk damage, a bad copy, an edit): the resume refuses before loading
+    anything; removing the damaged checkpoint, as the message says, resumes from the one before."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    _flip_a_byte(out / "checkpoint-6" / damaged)
+    argv = _argv(tiny_model_dir, packed_mixture, out, **dict(RUN, max_steps=8))
+    with pytest.raises(RecipeError, match=rf"^resume_from_checkpoint: .*checkpoint-6: {damaged} differs from what was "
+                                          r"written at step 6 .*Remove checkpoint-6"):
+        main(argv)
+    shutil.rmtree(out / "checkpoint-6")
+    with caplog.at_level("INFO", logger="prolong.checkpoint.checkpoints"):
+        main(argv)
+    assert f"Resuming from {out / 'checkpoint-4'}" in caplog.text
+    assert sorted(_losses(out)) == list(range(1, 9))
+
+
+def _other_model(tiny_model_dir, path):
+    from transformers import LlamaForCausalLM
+
+    shutil.copytree(tiny_model_dir, path)
+    torch.manual_seed(1)
+    LlamaForCausalLM(AutoModelForCausalLM.from_pretrained(tiny_model_dir).config).save_pretrained(path)
+    return str(path)
+
+
+def _other_tokenizer(tiny_model_dir, path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("change", ["model", "tokenizer", "checkpoint renamed", "marker edited"])
+def test_resume_by_another_run_is_refused_naming_what_changed(
+    tiny_model_dir, packed_mixture, uninterrupted, tmp_path, change
+):
+    """A finished run's output_dir (or a checkpoint in it) continued with max_steps raised: another model,
+    another tokenizer, a checkpoint whose name no longer matches its step, or a marker edited to another data
+    position is refused before loading."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    values, expected = dict(RUN, max_steps=8), None
+    if change == "model":
+        values["model_name_or_path"] = _other_model(tiny_model_dir, tmp_path / "other-model")
+        expected = r"^model_name_or_path: output_dir .* holds a run of other inputs: model_name_or_path was " \
+                   r".*tiny-llama.*, this run has .*other-model"  # its tokenizer files are the same: not named
+    elif change == "tokenizer":
+        values["tokenizer_name_or_path"] = _other_tokenizer(tiny_model_dir, tmp_path / "other-tokenizer")
+        expected = r"^tokenizer_name_or_path: .*tokenizer \(tokenizer_name_or_path.* this run has .*other-tokenizer"
+    elif change == "marker edited":
+        marker = out / "checkpoint-6" / MARKER
+        marker.write_text(marker.read_text().replace('"sequences_consumed": 12', '"sequences_consumed": 10'))
+        expected = rf"^resume_from_checkpoint: .*checkpoint-6: {MARKER} was edited after it was written"
+    else:
+        (out / "checkpoint-6").rename(out / "checkpoint-8")
+        expected = r"^resume_from_checkpoint: .*checkpoint-8 disagrees on its step \(checkpoint_complete.json: 6, " \
+                   r"trainer_state.json: 6, its name: 8\)"
+    with pytest.raises(RecipeError, match=expected):
+        main(_argv(tiny_model_dir, packed_mixture, out, **values))
+    assert sorted(_losses(out)) == list(range(1, 7))  # nothing trained, nothing rewritten
+
+
+def test_a_moved_model_is_the_same_input_and_rebuilt_data_is_not(tiny_model_dir, packed_mixture, tmp_path):
+    """Inputs are compared by content: the same model at another path continues the run; a dataset rebuilt
+    at the same path with other documents is refused, naming the path."""
+    from conftest import random_documents, write_packed_dataset
+
+    data = {str(shutil.copytree(path, tmp_path / "data" / os.path.basename(path))): share
+            for path, share in packed_mixture.items()}
+    out = tmp_path / "run"
+    main(_argv(tiny_model_dir, data, out, max_steps=2, save_steps=1, per_device_train_batch_size=2))
+    moved = shutil.copytree(tiny_model_dir, tmp_path / "moved-model")
+    main(_argv(str(moved), data, out, max_steps=3, save_steps=1, per_device_train_batch_size=2))
+    assert sorted(_losses(out)) == [1, 2, 3]
+    short = next(path for path in data if path.endswith("short"))
+    shutil.rmtree(short)
+    write_packed_dataset(short, random_documents(200, 300, 5, 40, 7), 128, "short")
+    with pytest.raises(RecipeError, match=rf"^dataset_mixture: output_dir .* dataset_mixture path {short} has other "
+                                          r"content now \(rebuilt .*overwrite_output_dir: true"):
+        main(_argv(str(moved), data, out, max_steps=4, save_steps=1, per_device_train_batch_size=2))
+
+
+def test_sft_resumed_on_a_rebuilt_dataset_is_refused(tiny_model_dir, tmp_path):
+    from prolong.run_sft import main as sft_main
+    from helpers import chat_conversations, sft_argv, write_chat_jsonl
+
+    data = write_chat_jsonl(tmp_path / "chat.jsonl", chat_conversations(16, seed=1))
+    out = str(tmp_path / "sft")
+    sft_main(sft_argv(tiny_model_dir, data, out, "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "1"))
+    write_chat_jsonl(tmp_path / "chat.jsonl", chat_conversations(16, seed=2))
+    with pytest.raises(RecipeError, match=r"^dataset_name: .* dataset_name .*chat.jsonl has other content now"):
+        sft_main(sft_argv(tiny_model_dir, data, out, "--save_strategy", "steps", "--save_steps", "1"))

@@ -8,7 +8,11 @@ What transformers 5.24 does not do, and why this module exists:
   ``optimizer.pt``, and ``get_last_checkpoint`` still picks it. Here a checkpoint counts as
   complete only once ``checkpoint_complete.json`` exists, written LAST, after every file of the
   checkpoint was fsynced; it lists each file with its size, so a file truncated later (a power
-  loss before the file system flushed it) is noticed too.
+  loss before the file system flushed it) is noticed too, and its content digest (read while the
+  checkpoint is synced), so a resume never takes flipped bytes or an edited file.
+* A resume must be the same run: the marker records the run's identity (stage, model, tokenizer,
+  init_from, data; ``identity.py``) and the output_dir's record (``ownership.py``) the same; a
+  different one is refused, naming what changed.
 * The Trainer resumes by skipping ``global_step x gradient_accumulation_steps`` batches of the
   *current* run: with another ``global_batch_size`` it lands on the wrong sequence. The marker
   records the sequences consumed, and the train-time mixture starts exactly there
@@ -28,13 +32,16 @@ import os
 import re
 import shutil
 
+from prolong.checkpoint.digest import ALGORITHM, file_digest, record_digest
 from prolong.checkpoint.final_save import recover_final_save
 from prolong.checkpoint.fsync import fsync_dir, fsync_tree
+from prolong.checkpoint.identity import refuse_changes, run_identity
+from prolong.checkpoint.ownership import (MARKER, check_owner, file_states, input_paths, lock_output_dir, note_written,
+                                          read_record, refuse_inputs_inside, release_output_dir, write_record)
 from prolong.errors import RecipeError
 
 logger = logging.getLogger(__name__)
 
-MARKER = "checkpoint_complete.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _RESUME_NEWEST = ("true", "auto", "latest")
 _NO_RESUME = ("", "none", "false", "no")
@@ -49,9 +56,13 @@ def _file_sizes(path: str) -> dict[str, int]:
     return sizes
 
 
-def mark_complete(path: str, record: dict) -> None:
-    """Write the marker (after the caller fsynced the checkpoint), then sync it and its directory."""
-    record = dict(record, files=_file_sizes(path))
+def mark_complete(path: str, record: dict, digests: dict[str, str] | None = None) -> None:
+    """Write the marker (after the caller fsynced the checkpoint), then sync it and its directory.
+    ``digests``: the files' content digests from that fsync pass (any missing are read now)."""
+    sizes, digests = _file_sizes(path), dict(digests or {})
+    record = dict(record, files=sizes, **{ALGORITHM: {n: digests.get(n) or file_digest(os.path.join(path, n))
+                                                      for n in sizes}})
+    record["marker_digest"] = record_digest(record)
     tmp = os.path.join(path, MARKER + ".tmp")
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
@@ -84,14 +95,47 @@ def incomplete_reason(path: str) -> str | None:
     return None
 
 
-def checkpoint_record(path: str) -> dict:
-    """The marker of a complete checkpoint: global_step, sequences_consumed, sequences_per_step."""
+_VERIFIED: set[tuple] = set()  # checkpoints whose content this process checked (marker's path and mtime)
+
+
+def verify_content(path: str) -> None:
+    """Refuse a complete checkpoint whose files differ from the digests its marker recorded."""
+    marker = os.path.join(path, MARKER)
+    key = (os.path.realpath(path), os.stat(marker).st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    with open(marker) as f:
+        record = json.load(f)
+    written = record.pop("marker_digest", None)
+    if written is not None and written != record_digest(record):
+        raise RecipeError(
+            f"resume_from_checkpoint: {path}: {MARKER} was edited after it was written (its content no longer matches "
+            f"its digest). Restore it, remove {os.path.basename(os.path.normpath(path))} (the newest complete "
+            "checkpoint before it is then taken), or start over with overwrite_output_dir: true."
+        )
+    for name, expected in (record.get(ALGORITHM) or {}).items():
+        if file_digest(os.path.join(path, name)) != expected:
+            raise RecipeError(
+                f"resume_from_checkpoint: {path}: {name} differs from what was written at step "
+                f"{record.get('global_step')} (its size is intact: damaged on disk or in a copy, or edited). Remove "
+                f"{os.path.basename(os.path.normpath(path))} (the newest complete checkpoint before it is then taken), "
+                "or start over with overwrite_output_dir: true."
+            )
+    if ALGORITHM not in record:
+        logger.warning("%s was written without content digests: only its file sizes are checked.", path)
+    _VERIFIED.add(key)
+
+
+def checkpoint_record(path: str, verify: bool = False) -> dict:
+    """The marker of a complete checkpoint: global_step, sequences_consumed, sequences_per_step, identity."""
     reason = incomplete_reason(path)
     if reason is not None:
         raise RecipeError(
             f"resume_from_checkpoint: {path} is not a complete checkpoint: {reason}. Resume from another "
             "one, or use resume_from_checkpoint: auto (the newest complete one)."
         )
+    if verify:
+        verify_content(path)
     with open(os.path.join(path, MARKER)) as f:
         return json.load(f)
 
@@ -108,12 +152,14 @@ def checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def last_checkpoint(directory: str, log: bool = True) -> str | None:
+def last_checkpoint(directory: str, log: bool = True, verify: bool = False) -> str | None:
     """The newest complete ``checkpoint-N`` under ``directory`` (None if there is none); logs
-    each newer one it skips and why."""
+    each newer one it skips and why. ``verify``: refuse it if its content is damaged."""
     for _, path in reversed(checkpoints(directory)):
         reason = incomplete_reason(path)
         if reason is None:
+            if verify:
+                verify_content(path)
             return path
         if log:
             logger.warning("Skipping %s: %s.", path, reason)
@@ -130,13 +176,68 @@ def remove_checkpoint(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def resolve_resume(args) -> str | None:
-    """The checkpoint this run continues from (None: start at step 0), per the rules above."""
+def resolve_resume(args, *configs, stage: str) -> str | None:
+    """The checkpoint this run continues from (None: start at step 0), per the rules above, once the
+    output_dir is this run's to write (ownership.py: no input inside it, locked, ours, same stage)
+    and the run is the one its record and the checkpoint's marker name. ``configs``: the recipe's
+    other dataclasses (model, data), whose inputs the identity covers."""
     with args.main_process_first(desc="resolve resume_from_checkpoint", local=False):
-        main = args.process_index == 0
-        if main:
-            recover_final_save(args.output_dir)
-        return _resolve(args, log=main)
+        if args.process_index != 0:
+            return _resolve(args, log=False, verify=False)  # the main process checked it all
+        out = args.output_dir
+        refuse_inputs_inside(out, input_paths(args, *configs))
+        lock_output_dir(out)
+        try:
+            recover_final_save(out)
+            identity = run_identity(stage, args, *configs)
+            record = check_owner(out, identity, _checkpoint_stage(out), getattr(args, "overwrite_output_dir", False))
+            path = _resolve(args, log=True, verify=True)
+            if path is not None:
+                _check_resumed(path, identity)
+            if getattr(args, "load_optimizer_state", False) and args.init_from:
+                last_checkpoint(args.init_from, log=False, verify=True)  # the one the trainer loads
+            new = {"stage": stage, "identity": identity, "files": (record or {}).get("files", [])}
+            if new != record:
+                write_record(out, new)
+        except Exception:
+            release_output_dir(out)  # refused: nothing of this run is left beside output_dir
+            raise
+        return path
+
+
+def _checkpoint_stage(directory: str) -> str | None:
+    """The stage the newest checkpoint with a recorded identity was trained in."""
+    for _, path in reversed(checkpoints(directory)):
+        try:
+            with open(os.path.join(path, MARKER)) as f:
+                return json.load(f)["identity"]["stage"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _check_resumed(path: str, identity: dict) -> None:
+    """The checkpoint's step agrees in its marker, its trainer_state.json and its name, and it is this run's."""
+    record = checkpoint_record(path)
+    match = _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state_step = json.load(f)["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        state_step = None
+    steps = {MARKER: record["global_step"], "trainer_state.json": state_step,
+             "its name": int(match.group(1)) if match else None}
+    if len({step for step in steps.values() if step is not None}) > 1:
+        said = ", ".join(f"{where}: {step}" for where, step in steps.items())
+        raise RecipeError(
+            f"resume_from_checkpoint: {path} disagrees on its step ({said}): "
+            f"edited after it was written. Restore it, remove it (the newest complete checkpoint before it is then "
+            "taken), or start over with overwrite_output_dir: true."
+        )
+    if record.get("identity") is None:
+        logger.warning("%s was written without a run identity: its model, tokenizer and data are not checked.", path)
+    else:
+        refuse_changes(record["identity"], identity, f"{path} (step {record['global_step']}) is a checkpoint of")
 
 
 def finished_run(args) -> bool:
@@ -159,6 +260,7 @@ def finished_run(args) -> bool:
         return False
     if step < args.max_steps:
         return False
+    release_output_dir(args.output_dir)
     if args.process_index == 0:
         logger.warning(
             "%s already holds the final model of this run (step %d, max_steps %d): nothing to train. Raise "
@@ -168,7 +270,7 @@ def finished_run(args) -> bool:
     return True
 
 
-def _resolve(args, log: bool) -> str | None:
+def _resolve(args, log: bool, verify: bool) -> str | None:
     value = args.resume_from_checkpoint
     text = "" if value is None else str(value).strip()
     existing = checkpoints(args.output_dir)
@@ -194,7 +296,7 @@ def _resolve(args, log: bool) -> str | None:
             )
         return None
     if text.lower() in _RESUME_NEWEST:
-        path = last_checkpoint(args.output_dir, log=log)
+        path = last_checkpoint(args.output_dir, log=log, verify=verify)
         if log:
             if path is not None:
                 logger.info("Resuming from %s (the newest complete checkpoint).", path)
@@ -203,7 +305,7 @@ def _resolve(args, log: bool) -> str | None:
         return path
     if not os.path.isdir(text):
         raise RecipeError(f"resume_from_checkpoint: not found: {text}")
-    checkpoint_record(text)  # refuses an incomplete one, naming why
+    checkpoint_record(text, verify=verify)  # refuses an incomplete or damaged one, naming why
     match = _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(text)))
     same_dir = os.path.realpath(os.path.dirname(os.path.normpath(text))) == os.path.realpath(args.output_dir)
     newer = [p for s, p in existing if same_dir and match and s > int(match.group(1)) and incomplete_reason(p) is None]
@@ -237,7 +339,7 @@ class CompleteCheckpointsMixin:
             if resume_from_checkpoint is None:
                 raise RecipeError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}.")
         if resume_from_checkpoint:
-            record = checkpoint_record(resume_from_checkpoint)
+            record = checkpoint_record(resume_from_checkpoint, verify=self.args.process_index == 0)
             if 0 < self.args.max_steps <= record["global_step"]:
                 logger.warning(
                     "%s is at step %d, max_steps is %d: nothing left to train (the final model is saved "
@@ -283,6 +385,7 @@ class CompleteCheckpointsMixin:
         if self.args.should_save and os.path.isdir(path):  # a stale one (an abandoned run's): never mix files
             remove_checkpoint(path)
         self.accelerator.wait_for_everyone()
+        before = file_states(self.args.output_dir)  # TRL writes its card, a push model files, into output_dir
         # rotate, and push (hub_strategy), once this one is complete: the Trainer pushes from inside
         # its _save_checkpoint, so a pushed last-checkpoint/ had no marker and no resume took it
         limit, self.args.save_total_limit = self.args.save_total_limit, None
@@ -292,8 +395,9 @@ class CompleteCheckpointsMixin:
         finally:
             self.args.save_total_limit, self.args.push_to_hub = limit, push
         self.accelerator.wait_for_everyone()  # every rank's files (rng states, shards) are written
+        digests = {} if self.args.should_save else None
         if self.accelerator.is_local_main_process:
-            fsync_tree(path)
+            fsync_tree(path, digests)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             mark_complete(path, {
@@ -301,9 +405,12 @@ class CompleteCheckpointsMixin:
                 "sequences_consumed": self.sequences_consumed(),
                 "sequences_per_step": self.sequences_per_step(),
                 "data_stream": getattr(self.train_dataset, "stream_identity", lambda: None)(),
-            })
+                "identity": (read_record(self.args.output_dir) or {}).get("identity"),
+            }, digests)
         if push:
             self._push_from_checkpoint(path)
+        if self.args.should_save:  # ours: the next final save may replace them
+            note_written(self.args.output_dir, before)
         if self.args.should_save:
             self._rotate_complete_checkpoints(os.path.dirname(path))
         self.accelerator.wait_for_everyone()

@@ -3,22 +3,16 @@ atomically, and recovered after a crash mid-publish."""
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import shutil
 
 from prolong.checkpoint.fsync import fsync_dir, fsync_tree
+from prolong.checkpoint.ownership import (RECORD, file_states, note_written, ours, read_record, release_output_dir,
+                                          write_record)
 from prolong.model_card import write_trainer_model_card
 
 logger = logging.getLogger(__name__)
-
-
-# weight and adapter files of a saved model (sharded or not)
-MODEL_FILES = (
-    "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
-    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "generation_config.json",
-)
 
 
 def save_full_weights(trainer, path: str) -> None:
@@ -70,6 +64,7 @@ def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=
             trainer.state.global_step,
             trainer.state.max_steps,
         )
+        release_output_dir(output_dir)
         return output_dir
     staging, _ = _final_save_siblings(output_dir)
     if trainer.is_world_process_zero():
@@ -81,22 +76,22 @@ def save_final_model(trainer, *, base_model, stage, recipe, max_length, mixture=
         trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # the loss curve, for the record
         write_trainer_model_card(trainer, staging, base_model=base_model, stage=stage, recipe=recipe,
                                  max_length=max_length, mixture=mixture, load_path=output_dir)
+        # the files this save wrote: the only ones the next final save removes
+        record = read_record(output_dir) if os.path.isdir(output_dir) else None
+        write_record(staging, dict(record or {"stage": stage}, files=file_states(staging)))
         publish_directory(staging, output_dir)
         logger.info("Saved the final model to %s", output_dir)
     trainer.accelerator.wait_for_everyone()
     if trainer.args.push_to_hub:
+        before = file_states(output_dir)
         trainer.push_to_hub(commit_message=f"ProLong {stage}")
+        if trainer.is_world_process_zero():  # the Trainer's push saves the model into output_dir again
+            note_written(output_dir, before)
+    release_output_dir(output_dir)
     return output_dir
 
 
 # -- publishing a directory in one step ------------------------------------------------------
-# Files of a previous final model: they leave with it (a stale adapter_config.json would make
-# from_pretrained apply an old LoRA adapter to the new weights, a stale tokenizer file would mix
-# tokenizers). Everything else in output_dir (checkpoints, logs, the user's files) is kept.
-PREVIOUS_MODEL_FILES = MODEL_FILES + (
-    "config.json", "README.md", "trainer_state.json", "training_args.bin", "tokenizer*", "special_tokens_map.json",
-    "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "spiece.model",
-)
 PUBLISH_MARKER = ".final-complete"  # in the new directory once it is whole: recovery may roll forward
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
@@ -129,22 +124,41 @@ def _exchange(a: str, b: str) -> bool:
 
 def _carry_over(output_dir: str, staging: str) -> None:
     """Put output_dir's checkpoints, logs and other files into the new directory: hard links (no
-    copy, and output_dir stays whole until the swap), moved where the file system has none."""
+    copy, and output_dir stays whole until the swap), moved where the file system has none.
+
+    The files of the previous final model, as its save recorded them and unchanged since, leave with
+    it (a stale adapter_config.json would apply an old LoRA adapter to the new weights, a stale
+    tokenizer file would mix tokenizers); nothing else is dropped, and any other file whose name the
+    new model also uses (the user's) is kept under another name."""
+    previous = ours(output_dir, read_record(output_dir))
     for name in os.listdir(output_dir):
         src, dst = os.path.join(output_dir, name), os.path.join(staging, name)
-        if os.path.lexists(dst) or name == PUBLISH_MARKER:
+        if name in (PUBLISH_MARKER, RECORD) or name in previous:
             continue
+        if os.path.lexists(dst):
+            if os.path.isdir(src) and not os.path.islink(src):
+                continue
+            dst = _free_name(staging, name + ".orig")
+            logger.warning("%s in %s was not written by a save of this run and the new model has a file of that "
+                           "name: it is kept as %s.", name, output_dir, os.path.basename(dst))
         if os.path.isdir(src) and not os.path.islink(src):
             try:
                 shutil.copytree(src, dst, symlinks=True, copy_function=os.link)
             except OSError:
                 shutil.rmtree(dst, ignore_errors=True)
                 os.rename(src, dst)  # recover_final_save moves it back if the swap does not happen
-        elif not any(fnmatch.fnmatch(name, pattern) for pattern in PREVIOUS_MODEL_FILES):
+        else:
             try:
                 os.link(src, dst, follow_symlinks=False)
             except OSError:
                 shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _free_name(directory: str, name: str) -> str:
+    path, n = os.path.join(directory, name), 1
+    while os.path.lexists(path):
+        path, n = os.path.join(directory, f"{name}.{n}"), n + 1
+    return path
 
 
 def publish_directory(staging: str, output_dir: str) -> None:

@@ -119,7 +119,10 @@ def _trainer_loss_sum(model, batch) -> torch.Tensor:
                                      lm_head_bias=head.bias, logit_scale=logit_scale_of(model.config))
 
 
-CASES = [pytest.param(family, backend, id=f"{family}-{backend}") for family in FAMILIES for backend in BACKENDS]
+# make test-fast keeps eager / sdpa / varlen for every family; the flex_attention cases run in the full suite
+CASES = [pytest.param(family, backend, id=f"{family}-{backend}",
+                      marks=pytest.mark.slow if backend == "flex_attention" else ())
+         for family in FAMILIES for backend in BACKENDS]
 
 
 @pytest.mark.parametrize("family,cpu_backend", CASES, indirect=["cpu_backend"])

@@ -86,6 +86,7 @@ def _run_cpt_on(machine: str, *argv: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # two CLI processes
 @pytest.mark.parametrize("recipe", ["recipes/smollm2-135m/cpt.yaml", "recipes/prolong-8b/stage1.yaml"])
 def test_a_gpu_recipe_on_a_cuda_build_without_a_working_gpu_is_refused_before_loading(recipe, tmp_path):
     result = _run_cpt_on("broken-cuda", recipe, "--output_dir", str(tmp_path / "out"))
@@ -94,6 +95,7 @@ def test_a_gpu_recipe_on_a_cuda_build_without_a_working_gpu_is_refused_before_lo
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a CLI process
 def test_liger_asked_for_but_not_installed_is_refused_before_loading(tmp_path):
     assert importlib.util.find_spec("liger_kernel") is None  # as on this CPU machine
     result = _run_cpt_on("cuda", "recipes/smollm2-135m/cpt.yaml", "--output_dir", str(tmp_path / "out"))

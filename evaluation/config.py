@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import yaml
 
+from prolong.yaml_files import load_yaml
+
 MODES = ("helmet", "fixed")
 BACKENDS = ("hf", "vllm")
 MAX_LENGTH = 1 << 24  # 16M tokens: beyond any model's window; a larger length is a typo (1e9), not a plan
@@ -144,29 +146,11 @@ def check_keys(keys, where: str):
         raise ValueError(f"Unknown config key(s) {unknown} in {where}. Known keys: {', '.join(sorted(DEFAULTS))}")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader that refuses a key given twice (plain YAML keeps the last one, without a word)."""
-
-
-def _unique_mapping(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (keep one)",
-                                                    key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
 def read_config_file(path: str) -> dict:
     """The settings of a YAML config file; every error names the file."""
     with open(path, encoding="utf-8") as f:
         try:
-            from_file = yaml.load(f, Loader=_UniqueKeyLoader)
+            from_file = load_yaml(f)
         except yaml.YAMLError as error:
             raise ValueError(f"--config {path} is not valid YAML: {error}") from None
     if from_file is None:

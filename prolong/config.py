@@ -21,6 +21,7 @@ from transformers.trainer_utils import SchedulerType
 import trl
 from trl import SFTConfig
 
+from prolong.yaml_files import load_yaml
 from prolong.errors import RecipeError  # defined there, without heavy imports, for every CLI
 from prolong.training.arguments import (apply_machine_defaults, check_scheduler_kwargs, check_training_values,
                                        refuse_generation_under_sharding, refuse_per_device_loss_averaging)
@@ -272,20 +273,6 @@ def _yaml_to_argv(recipe: dict, valid: dict) -> list[str]:
     return argv
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML keeps the last of two equal keys without a word; a recipe with both is ambiguous."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}' (the file sets it twice; keep one)", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
 class _RaisingParser(HfArgumentParser):
     def error(self, message):  # argparse exits the process; we want an exception naming the field
         raise RecipeError(f"Invalid recipe value: {message}")
@@ -315,7 +302,7 @@ def parse_recipe(types: tuple, args: list[str] | None = None, return_recipe: boo
             raise RecipeError(f"Recipe file not found: {recipe_path}" + (" (a directory)" if os.path.isdir(recipe_path) else ""))
         try:
             with open(recipe_path, encoding="utf-8") as f:
-                recipe = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+                recipe = load_yaml(f) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as error:
             raise RecipeError(f"{recipe_path} is not valid YAML: {error}".strip()) from None
         if not isinstance(recipe, dict):

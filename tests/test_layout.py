@@ -50,7 +50,7 @@ def test_entry_point_help(command, expected, tmp_path):
 ENTRY_SCRIPTS = {"prolong.run_cpt", "prolong.run_sft", "prolong.demo.__main__", "prolong.data.cli",
                  "prolong.data.__main__", "evaluation.run"}
 # prolong modules that import nothing from training and that any CLI may use
-SHARED = {"prolong", "prolong.errors", "prolong.redaction", "prolong.model_card"}
+SHARED = {"prolong", "prolong.errors", "prolong.redaction", "prolong.model_card", "prolong.yaml_files"}
 # the training side: what the offline data tools and evaluation must not import
 TRAINING_PACKAGES = ("prolong.training", "prolong.checkpoint", "prolong.parallel")
 TRAINING_MODULES = {"prolong.config", "prolong.model", "prolong.sft_data", "prolong.runtime", "prolong.run_cpt",

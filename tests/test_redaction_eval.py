@@ -150,7 +150,7 @@ def test_judge_api_key_env_must_name_a_set_variable_before_anything_runs(value, 
     (["--lengths", "512", "--max_samples", "many"], "Config key 'max_samples' must be a whole number, got 'many'"),
     (["--lengths", "512", "--plots", "maybe"], "Config key 'plots' must be true or false, got 'maybe'"),
     (["--lengths", "512", "--max_samples", "[1"], "--max_samples '[1': not a value"),
-    (["--config", "{tmp}/twice.yaml"], "twice.yaml is not valid YAML: key 'max_samples' is given twice"),
+    (["--config", "{tmp}/twice.yaml"], "twice.yaml is not valid YAML: duplicate key 'max_samples'"),
     (["--config", "{tmp}/list.yaml"], "list.yaml must be a mapping of config keys"),
     (["--config", "{tmp}/zero.yaml"], "Config key 'max_samples' must be 1 or more, got 0 (null = the task's default) "
                                       "(in {tmp}/zero.yaml)."),

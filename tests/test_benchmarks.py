@@ -104,6 +104,7 @@ def test_gpu_check_dry_run_runs_a_step_end_to_end(tmp_path):
     assert check["meta"]["dtype"] == "float32"  # fp32 master weights
 
 
+@pytest.mark.slow
 def test_bench_train_interleaves_the_methods_and_reports_medians(monkeypatch, capsys):
     """run_all runs the methods A B A B (each run is the real worker, here in this process instead of
     a fresh one) and summarises each (method, length) by its median over the repeats."""

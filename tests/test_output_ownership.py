@@ -149,6 +149,7 @@ def test_the_final_save_removes_only_files_an_earlier_save_of_ours_recorded(tiny
     assert sorted(logged_losses(out)) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_output_dir_is_refused_at_once_and_a_crash_leaves_no_lock(
     tiny_model_dir, packed_mixture, tmp_path
 ):

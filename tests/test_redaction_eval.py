@@ -182,6 +182,7 @@ def test_redact_masks_url_credentials_queries_and_registered_secrets(monkeypatch
     assert redaction.mask_secrets(f"http://h/?q=1 {SECRET}") == f"http://h/?q=1 {REDACTED}"
 
 
+@pytest.mark.slow
 def test_a_data_cli_error_holding_a_url_with_a_key_is_redacted(model_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PROLONG_TRACEBACK"}
     env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")

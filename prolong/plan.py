@@ -451,7 +451,7 @@ def _causal_lm(model):
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    from prolong.parallel.compile import decoder_layers as layers_of
+    from prolong.training.compile import decoder_layers as layers_of
 
     return layers_of(_causal_lm(model))
 

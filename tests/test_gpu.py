@@ -160,11 +160,11 @@ def test_the_loss_forward_never_syncs_with_the_host(kernel):
 
 @pytest.mark.parametrize("sliding_window", [None, 5])
 def test_the_installed_varlen_kernel_runs_with_the_shimmed_arguments(sliding_window):
-    """The real CUDA kernel with the arguments prolong.parallel.compat builds for this torch; a sliding
+    """The real CUDA kernel with the arguments prolong.training.compat builds for this torch; a sliding
     window as transformers counts it (the query and the window - 1 keys before it)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    from prolong.parallel.compat import varlen_causal_call, varlen_takes_window
+    from prolong.training.compat import varlen_causal_call, varlen_takes_window
 
     if sliding_window and not varlen_takes_window(varlen_attn):
         pytest.skip("this torch's varlen_attn has no window_size")

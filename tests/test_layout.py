@@ -115,6 +115,9 @@ def _is_training(module: str) -> bool:
 
 def rule_violations(graph: dict[str, set[str]], exceptions=KNOWN_EXCEPTIONS) -> list[str]:
     violations = []
+    # what prolong.parallel builds on (collator, attention backends) must not reach back into it
+    under_parallel = {name for module, imported in graph.items() if module.startswith("prolong.parallel")
+                      for name in imported if not name.startswith("prolong.parallel")}
     for module, imported in sorted(graph.items()):
         for name in sorted(imported):
             if (module, name) in exceptions:
@@ -127,6 +130,8 @@ def rule_violations(graph: dict[str, set[str]], exceptions=KNOWN_EXCEPTIONS) -> 
                 violations.append(f"{module} (evaluation) imports the training module {name}")
             if module in SHARED and _is_training(name):
                 violations.append(f"{module} (shared by every CLI) imports the training module {name}")
+            if module in under_parallel and name.startswith("prolong.parallel"):
+                violations.append(f"{module} (used by prolong.parallel) imports {name} back")
     return violations
 
 
@@ -145,15 +150,19 @@ def test_import_rules_catch_each_kind_of_violation():
                "prolong.errors": {"prolong.parallel.sequence"},            # shared -> training
                "prolong.demo.__main__": {"prolong.demo.cli"},              # allowed
                "prolong.data.__main__": {"prolong.data.cli"},              # allowed: its own package's entry script
+               "prolong.parallel.sequence": {"prolong.training.attention"},  # allowed
+               "prolong.training.attention": {"prolong.parallel.compat"},  # parallel <-> training
+               "prolong.training.trainer": {"prolong.parallel.loader"},    # allowed: parallel does not use it
                "prolong.run_cpt": {"prolong.training.trainer", "prolong.data.pack"}}  # allowed
     assert sorted(rule_violations(planted, exceptions=set())) == [
         "evaluation.runner (evaluation) imports the training module prolong.model",
         "prolong.data.pack (offline data tools) imports the training module prolong.training.trainer",
         "prolong.demo.cli imports the entry script prolong.run_cpt",
         "prolong.errors (shared by every CLI) imports the training module prolong.parallel.sequence",
+        "prolong.training.attention (used by prolong.parallel) imports prolong.parallel.compat back",
     ]
     # an exception silences exactly its own pair
-    assert len(rule_violations(planted, exceptions={("evaluation.runner", "prolong.model")})) == 3
+    assert len(rule_violations(planted, exceptions={("evaluation.runner", "prolong.model")})) == 4
 
 
 def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:

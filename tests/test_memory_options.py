@@ -238,7 +238,7 @@ class _CountingBackend:
 def test_compiled_decoder_layers_give_the_same_loss_curve(tiny_model_dir, packed_mixture, tmp_path, plain_losses):
     from torch._dynamo import register_backend, reset
 
-    from prolong.parallel.compile import compile_decoder_layers
+    from prolong.training.compile import compile_decoder_layers
 
     backend = _CountingBackend()
     register_backend(backend, name="prolong_test_counting")

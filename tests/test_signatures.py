@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prolong.parallel import compat
-from prolong.parallel.compat import IncompatibleLibraryError, varlen_causal_call
+from prolong.training import compat
+from prolong.training.compat import IncompatibleLibraryError, varlen_causal_call
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,6 +19,7 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 
 from prolong.errors import RecipeError
 from prolong.training.collator import NOT_MODEL_INPUTS, PackedCollator
+from prolong.training.compat import varlen_causal_call, varlen_takes_window
 from prolong.training.loss import logit_scale_of, logit_softcap_of, output_logits
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     needs batch 1 (our collator always flattens), causal attention, no padding mask, no KV cache.
     """
     from torch.nn.attention.varlen import varlen_attn
-
-    from prolong.parallel.compat import varlen_causal_call  # here: prolong.parallel imports this module
 
     if kwargs.get("use_cache") or query.shape[2] != key.shape[2]:
         # the kernel would take the queries' boundaries for the cached keys' too
@@ -66,7 +65,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     target_dtype = get_target_dtype(q, module) if module is not None else None
     if target_dtype is not None:
         q, k, v = (t.to(target_dtype) for t in (q, k, v))
-    # the causal / window / scale / GQA arguments differ between torch 2.10 and 2.11+ (prolong.parallel.compat)
+    # the causal / window / scale / GQA arguments differ between torch 2.10 and 2.11+ (prolong.training.compat)
     call_kwargs, repeat_kv = varlen_causal_call(varlen_attn, scaling, q.shape[-1], q.shape[1], k.shape[1],
                                                 sliding_window=kwargs.get("sliding_window"))
     if repeat_kv:
@@ -111,8 +110,6 @@ def _backend_problem(name: str, features: dict) -> str | None:
         if importlib.util.find_spec("torch.nn.attention.varlen") is None:
             return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10)"
         from torch.nn.attention.varlen import varlen_attn
-
-        from prolong.parallel.compat import varlen_takes_window
 
         ignored = [f for f in features if f == SOFTCAP or not varlen_takes_window(varlen_attn)]
     elif name == "sdpa":

@@ -120,7 +120,7 @@ def liger_linear_cross_entropy_sum(softcap: float | None = None):
     which in bf16 loses the small ones."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # CUDA only (Triton kernels)
 
-    from prolong.parallel.compat import check_liger_fused_loss
+    from prolong.training.compat import check_liger_fused_loss
 
     check_liger_fused_loss(LigerFusedLinearCrossEntropyLoss)
     return LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap, accum_dtype=torch.float32)

@@ -44,7 +44,7 @@ from prolong.training.precision import reduce_gradients_in_fp32
 from prolong.parallel import sequence_parallel_dataloader
 from prolong.training.memory import activation_offload, enable_tiled_mlp
 from prolong.redaction import move_hub_token_to_environment
-from prolong.parallel.compile import compile_decoder_layers
+from prolong.training.compile import compile_decoder_layers
 
 logger = logging.getLogger(__name__)
 

@@ -3,9 +3,10 @@
 These calls only run on CUDA, so a CPU CI never executes them and an API change between the
 versions we support would first show as a TypeError on a GPU, hours into a job queue. Each
 function here reads the installed signature (``inspect``), adapts the call where supported
-versions differ (a shim) and otherwise raises one clear error naming the versions. On CPU,
-``tests/test_signatures.py`` runs every check against the installed libraries; the start-up path
-runs the one a run needs.
+versions differ (a shim) and otherwise raises one clear error naming the versions. A run calls
+``varlen_causal_call`` (every varlen forward) and ``check_liger_fused_loss`` (when it builds Liger's
+loss); the flash-attention, FSDP2-plugin and save_on_cpu checks run only in
+``tests/test_signatures.py``, which runs every check here against the installed libraries.
 
 Supported (setup.cfg): torch 2.10-2.13 (``varlen_attn`` exists from 2.10), transformers 5.24+,
 accelerate 1.14+, liger-kernel 0.6.2+ (optional), flash-attn 2.7+ through transformers (optional).

@@ -12,10 +12,8 @@ Rank 0 writes the largest differences to OUT_DIR/results.json.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the family definitions
 from families import FAMILIES, family_config, family_model
-from parallel_worker import _count_calls, count_tokens, full_gradients, global_count, max_difference, packed_examples
+from parallel_worker import (_count_calls, count_tokens, full_gradients, global_count, max_difference, packed_examples,
+                             run_cases)
 
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
 from prolong.parallel.sequence import UlyssesAttention
@@ -106,21 +105,6 @@ CASES = {**{f"sp_{family}": (lambda family=family: sequence_parallel_case(family
          "control_window_ignored": window_ignored_control, "sdpa_inner_on_gemma2": sdpa_inner_on_gemma2}
 
 
-def main(out_dir: str) -> None:
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    torch.use_deterministic_algorithms(True)
-    results = {}
-    for name, case in CASES.items():
-        try:
-            results[name] = case()
-        except Exception as error:  # noqa: BLE001 - report, so the test shows which case broke and why
-            results[name] = {"error": f"{type(error).__name__}: {error}"}
-        dist.barrier()
-    if dist.get_rank() == 0:
-        Path(out_dir, "results.json").write_text(json.dumps(results, indent=2))
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main(sys.argv[1])
+    run_cases(CASES, sys.argv[1])

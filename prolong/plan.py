@@ -498,14 +498,14 @@ def _row(opts: Options) -> dict:
 
 def _trainer_for_loss(model, opts: Options):
     """A CPTTrainer holding what ``compute_loss`` reads (a real one needs a real model)."""
-    from prolong.training.loss import logit_scale_of, logit_softcap_of
-    from prolong.training.trainer import CPTTrainer, _HiddenStateCapture
+    from prolong.training.loss import HiddenStateCapture, logit_scale_of, logit_softcap_of
+    from prolong.training.trainer import CPTTrainer
 
     lm = _causal_lm(model)
     trainer = CPTTrainer.__new__(CPTTrainer)
     trainer.args = types.SimpleNamespace(activation_offload=opts.activation_offload, loss_chunk_size=opts.loss_chunk_size)
     trainer.accelerator = types.SimpleNamespace(num_processes=opts.gpus)
-    trainer._capture = _HiddenStateCapture(lm.get_decoder())
+    trainer._capture = HiddenStateCapture(lm.get_decoder())
     trainer._lm_head = lm.get_output_embeddings()
     trainer._softcap, trainer._logit_scale = logit_softcap_of(lm.config), logit_scale_of(lm.config)
     trainer.loss_kernel = opts.loss_kernel

@@ -6,91 +6,21 @@
 
 from __future__ import annotations
 
-import logging
-
 from transformers import set_seed
 
-from prolong.training.attention import guard_document_masking, log_probe_passed
-from prolong.errors import RecipeError, cli_errors
-from prolong.training.collator import PackedCollator
+from prolong.checkpoint.checkpoints import finished_run, resolve_resume
+from prolong.checkpoint.final_save import save_final_model
 from prolong.config import CPTConfig, DataConfig, ModelConfig, parse_recipe
-from prolong.training.mixture import BalancedOrder, MixtureDataset
-from prolong.data.storage import longest_row, read_metadata
+from prolong.errors import cli_errors
 from prolong.model import check_model_paths, load_model, load_tokenizer, resolve_dtype
 from prolong.parallel import SequenceParallelCollator, enable_sequence_parallel, init_parallel_layout
-from prolong.checkpoint.final_save import save_final_model
 from prolong.runtime import close_process_group, exit_without_teardown, quiet_config_dumps, setup_logging
-from prolong.checkpoint.checkpoints import finished_run, resolve_resume
 from prolong.training.arguments import resolve_gradient_accumulation
+from prolong.training.attention import guard_document_masking, log_probe_passed
+from prolong.training.collator import PackedCollator
+from prolong.training.mixture import build_train_dataset
 from prolong.training.precision import check_master_weights, check_trainable_dtype
 from prolong.training.trainer import CPTTrainer
-
-logger = logging.getLogger("prolong.run_cpt")
-
-
-def build_train_dataset(data: DataConfig, args: CPTConfig):
-    if not data.dataset_mixture:
-        raise RecipeError("dataset_mixture is missing: map packed dataset directories to token shares.")
-    if args.max_steps <= 0:
-        raise RecipeError("max_steps must be set: the mixture is sampled by steps, not epochs.")
-    data_parallel = args.world_size // args.sequence_parallel_size
-    sequences_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * data_parallel
-    dataset = MixtureDataset(
-        data.dataset_mixture, data.max_length, num_sequences=args.max_steps * sequences_per_step, seed=args.seed
-    )
-    if data.balance_attention_cost:
-        dataset = BalancedOrder(
-            dataset, args.per_device_train_batch_size, data_parallel, args.gradient_accumulation_steps
-        )
-    return dataset
-
-
-def log_mixture_summary(mixture: MixtureDataset, shares: dict) -> None:
-    """One block at start: what each domain holds and how often the run will see it."""
-    lines = [f"Data mixture: {mixture.num_sequences} sequences of <= {mixture.max_length} tokens"]
-    for path, items, count in zip(mixture.paths, mixture.num_items, mixture.block_counts):
-        drawn = mixture.num_sequences * int(count) / mixture.block_size
-        lines.append(f"  {shares[path]:>6.1%} of tokens  {path}: {items} sequences, ~{drawn:.0f} drawn "
-                     f"({drawn / items:.2f} epochs)")
-    logger.info("\n".join(lines))
-
-
-def check_packed_lengths(mixture: MixtureDataset, data: DataConfig) -> int:
-    """Compare ``max_length`` with the length each domain was packed at; return the length trained.
-
-    A domain packed shorter than max_length gives rows of its packed length, so a context-extension
-    run would silently train short. Long data must reach max_length; short data may be packed
-    shorter only where the recipe lists it in ``allow_packed_shorter``.
-    """
-    allowed = set(data.allow_packed_shorter or [])
-    trained = 0
-    for path, local_path, dataset in zip(mixture.paths, mixture.local_paths, mixture.datasets):
-        metadata = read_metadata(local_path) or {}
-        mode = metadata.get("mode")
-        # no metadata (a dataset not written by prolong-data): its longest row, from the Arrow offsets
-        length = int(metadata.get("length") or 0) or longest_row(dataset)
-        if length < data.max_length:
-            what = f"dataset_mixture: {path} was packed at {length} tokens ({mode or 'unknown'} mode), shorter than max_length={data.max_length}"
-            if mode == "long":
-                raise RecipeError(
-                    f"{what}: its long documents were cut at {length} tokens, so the run would train at {length}, not "
-                    f"{data.max_length}. Re-pack it with `prolong-data pack --mode long --length {data.max_length}`, "
-                    f"or set max_length: {length}."
-                )
-            if path not in allowed:
-                raise RecipeError(
-                    f"{what}: its rows would train at {length} tokens. Re-pack it with `prolong-data pack --length "
-                    f"{data.max_length}`, set max_length: {length}, or, if this short data is packed shorter on "
-                    "purpose, list the path under allow_packed_shorter."
-                )
-        trained = max(trained, min(length, data.max_length))
-        logger.info("Domain %s: packed at %d tokens (%s mode), trained at %d", path, length, mode or "unknown",
-                    min(length, data.max_length))
-    if trained < data.max_length:
-        logger.warning("Every domain is packed shorter than max_length=%d: training at %d tokens per sequence.",
-                       data.max_length, trained)
-    logger.info("Training sequence length: %d tokens", trained)
-    return trained
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
@@ -105,9 +35,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     set_seed(args.seed)
 
     check_model_paths(model_cfg, args.init_from)
-    train_dataset = build_train_dataset(data_cfg, args)  # before the model: bad data fails at once
-    trained_length = check_packed_lengths(getattr(train_dataset, "dataset", train_dataset), data_cfg)
-    log_mixture_summary(getattr(train_dataset, "dataset", train_dataset), data_cfg.dataset_mixture)
+    train_dataset, trained_length = build_train_dataset(data_cfg, args)  # before the model: bad data fails at once
 
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, trained_length, path=args.init_from)

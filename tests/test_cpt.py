@@ -73,7 +73,7 @@ def test_max_length_above_the_packed_length_is_refused_or_trained_and_reported_a
                        allow_packed_shorter=short_128, max_steps=1))
     assert "training sequence length: 512 tokens" in open(os.path.join(mixed, "README.md")).read()
     # every domain shorter: the run, its card and config.json say 128
-    with caplog.at_level("INFO", logger="prolong.run_cpt"):
+    with caplog.at_level("INFO", logger="prolong.training.mixture"):
         short = main(cpt_argv(tiny_model_dir, {short_128: 1.0}, tmp_path / "short", max_length=512,
                            allow_packed_shorter=short_128, max_steps=1))
     assert "training sequence length: 128 tokens" in open(os.path.join(short, "README.md")).read()

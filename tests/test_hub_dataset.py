@@ -178,13 +178,13 @@ def test_a_pushed_mixture_trains_and_inspects_from_its_hub_id(mixture_root, tmp_
             return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in mixture[i].items()} for i in range(12)]
 
         assert rows(from_hub) == rows(from_disk)  # the same items, document spans included
-        # run_cpt's length check reads the downloaded domain's metadata (mode, packed length)
+        # the mixture's length check reads the downloaded domain's metadata (mode, packed length)
         import logging
 
         from prolong.config import DataConfig
-        from prolong.run_cpt import check_packed_lengths
+        from prolong.training.mixture import check_packed_lengths
 
-        with caplog.at_level(logging.INFO, logger="prolong.run_cpt"):
+        with caplog.at_level(logging.INFO, logger="prolong.training.mixture"):
             data = DataConfig(dataset_mixture=remote, max_length=128, allow_packed_shorter=list(remote))
             assert check_packed_lengths(from_hub, data) == 64
         assert "hf://datasets/my-org/mix/web: packed at 64 tokens (short mode)" in caplog.text

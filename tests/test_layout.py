@@ -209,3 +209,81 @@ def test_known_exceptions_still_exist():
     assert "prolong.config" in graph["prolong.run_cpt"]
     assert stale_exceptions(graph, {present, gone}) == [gone]
     assert stale_exceptions(graph, {present}) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# prolong/training/: the trainers build on one module per job, never the reverse
+
+TRAINERS = {"prolong.training.trainer", "prolong.training.sft_trainer"}
+TRAINER_PARTS = {"prolong.training.callbacks", "prolong.training.throughput", "prolong.training.hub_push",
+                 "prolong.training.stage_handoff", "prolong.training.mixture", "prolong.training.loss"}
+
+
+def trainer_part_violations(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{part} imports the trainer {name}" for part in TRAINER_PARTS
+                  for name in graph.get(part, set()) & TRAINERS)
+
+
+def private_imports(sources: dict[str, str]) -> list[str]:
+    """`from prolong... import _name` in modules of prolong.training and the entry scripts: a private
+    name used by another module belongs in its public interface."""
+    import ast
+
+    found = []
+    for module, source in sorted(sources.items()):
+        if not (module.startswith("prolong.training") or module in ("prolong.run_cpt", "prolong.run_sft")):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("prolong")):
+                found += [f"{module} imports {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+def _sources() -> dict[str, str]:
+    sources = {}
+    for folder, _, files in os.walk(os.path.join(ROOT, "prolong")):
+        for f in files:
+            if f.endswith(".py"):
+                sources[_module_name(os.path.join(folder, f))] = open(os.path.join(folder, f), encoding="utf-8").read()
+    return sources
+
+
+def test_training_modules_keep_one_job_each():
+    graph = import_graph()
+    assert TRAINER_PARTS | TRAINERS <= graph.keys()  # the modules exist
+    assert not trainer_part_violations(graph), trainer_part_violations(graph)
+    assert not private_imports(_sources()), private_imports(_sources())
+    # the rules on made-up code: each kind of violation is found
+    assert trainer_part_violations({"prolong.training.callbacks": {"prolong.training.trainer"}}) == [
+        "prolong.training.callbacks imports the trainer prolong.training.trainer"]
+    planted = {"prolong.training.sft_trainer": "from prolong.training.trainer import _PreemptionCallback, CPTTrainer\n",
+               "prolong.data.cli": "from prolong.data.hub import _private\n"}  # outside the rule's scope
+    assert private_imports(planted) == ["prolong.training.sft_trainer imports prolong.training.trainer._PreemptionCallback"]
+
+
+def mixin_overlaps(sources: dict[str, str]) -> list[str]:
+    """Methods that two mixins of one class both override: what runs would depend on the order of the bases."""
+    import ast
+
+    classes = {}  # class name -> (methods it defines, names of its bases)
+    for source in sources.values():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef):
+                methods = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+                classes[node.name] = (methods, [getattr(b, "id", getattr(b, "attr", "")) for b in node.bases])
+    found = []
+    for name, (_, bases) in sorted(classes.items()):
+        mixins = [b for b in bases if b.endswith("Mixin") and b in classes]
+        for i, first in enumerate(mixins):
+            for second in mixins[i + 1:]:
+                found += [f"{name}: {first} and {second} both override {method}"
+                          for method in sorted(classes[first][0] & classes[second][0])]
+    return found
+
+
+def test_one_mixin_owns_each_overridden_trainer_method():
+    assert not mixin_overlaps(_sources()), mixin_overlaps(_sources())
+    planted = {"m": "class AMixin:\n    def log(self): pass\n    def save(self): pass\n"
+                    "class BMixin:\n    def log(self): pass\n"
+                    "class T(AMixin, BMixin, Trainer):\n    def save(self): pass\n"}
+    assert mixin_overlaps(planted) == ["T: AMixin and BMixin both override log"]

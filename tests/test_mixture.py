@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from prolong.training.collator import PackedCollator
 from prolong.config import RecipeError
-from prolong.training.mixture import BalancedOrder, MixtureDataset
+from prolong.training.mixture import BalancedOrder, MixtureDataset, check_packed_lengths
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +112,9 @@ def _rows_dataset(path, lengths, nominal_length):
 
     rows = [{"input_ids": list(range(n)), "indices": [[0, n]], "domain": os.path.basename(path)} for n in lengths]
     Dataset.from_list(rows).save_to_disk(path)
-    with open(os.path.join(path, "prolong_data.json"), "w") as f:
-        json.dump({"length": nominal_length}, f)
+    if nominal_length is not None:  # None: a dataset not written by prolong-data (no metadata)
+        with open(os.path.join(path, "prolong_data.json"), "w") as f:
+            json.dump({"length": nominal_length}, f)
     return path
 
 
@@ -135,3 +136,17 @@ def test_token_shares_hold_when_pieces_are_uneven(tmp_path):
         example = dataset[i]
         tokens[example["domain"]] += len(example["input_ids"])
     assert tokens["a"] / sum(tokens.values()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_domain_without_metadata_is_packed_at_its_longest_row(tmp_path):
+    """No prolong-data metadata: the packed length is the longest row, not the first, so the longer
+    rows are split (no tail dropped) and the length check sees the same length as the split."""
+    from prolong.config import DataConfig
+
+    path = _rows_dataset(str(tmp_path / "plain"), [300, 1000], nominal_length=None)
+    dataset = MixtureDataset({path: 1.0}, max_length=400, num_sequences=4, seed=0, block_size=4)
+    assert sorted(len(dataset[i]["input_ids"]) for i in range(4)) == [200, 300, 400, 400]  # one pass: 1 + 3 pieces
+    assert check_packed_lengths(dataset, DataConfig(dataset_mixture={path: 1.0}, max_length=400)) == 400
+    longer = MixtureDataset({path: 1.0}, max_length=2000, num_sequences=4, seed=0)
+    with pytest.raises(RecipeError, match=r"packed at 1000 tokens \(unknown mode\), shorter than max_length=2000"):
+        check_packed_lengths(longer, DataConfig(dataset_mixture={path: 1.0}, max_length=2000))

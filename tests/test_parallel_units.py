@@ -196,11 +196,11 @@ def test_the_preemption_flag_under_an_nccl_launch_is_agreed_over_gloo_with_the_r
     import torch.distributed as dist
     from transformers import TrainerControl, TrainerState
 
-    from prolong.training.trainer import _PreemptionCallback
+    from prolong.training.callbacks import PreemptionCallback
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
                             timeout=datetime.timedelta(hours=2))
-    callback = _PreemptionCallback()
+    callback = PreemptionCallback()
     args = SimpleNamespace(ddp_timeout=7200)  # what the callback reads of TrainingArguments
     try:
         monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")

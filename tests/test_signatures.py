@@ -123,12 +123,49 @@ def test_liger_fused_loss_signature():
         compat.check_liger_fused_loss(LigerFusedLinearCrossEntropyLoss)
 
 
-def test_flash_attention_reads_the_collators_boundaries_through_transformers():
+def test_flash_attention_reads_the_collators_boundaries_through_transformers(monkeypatch):
     compat.check_flash_attention_kwargs()
+    # and choosing flash_attention_2 (a CUDA machine with a usable flash-attn) runs the check at start-up
+    import sys
+    import types
+
+    import transformers.modeling_flash_attention_utils as flash_utils
+    import transformers.utils
+
+    from prolong.training.attention import choose_attn_implementation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda *a, **k: True)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=None))
+    assert choose_attn_implementation("flash_attention_2") == "flash_attention_2"
+
+    def without_boundaries(query_states, key_states, value_states, attention_mask, query_length, is_causal=True):
+        pass
+
+    monkeypatch.setattr(flash_utils, "_flash_attention_forward", without_boundaries)
+    for requested in ("flash_attention_2", "auto"):
+        with pytest.raises(IncompatibleLibraryError, match="cu_seq_lens_q"):
+            choose_attn_implementation(requested)
 
 
 def test_accelerate_fsdp2_takes_our_configs_and_the_hand_off_call():
-    compat.check_fsdp2_plugin(sorted((ROOT / "accelerate_configs").glob("*fsdp2*.yaml")))
+    """Every ``fsdp_config`` key of our accelerate configs is an ``accelerate launch`` option (how
+    accelerate reads them) and the plugin knows ``fsdp_version`` (2 = torch's fully_shard); the
+    stage hand-off calls ``load_fsdp_optimizer(plugin, accelerator, optimizer, model, input_dir)``."""
+    import yaml
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_optimizer
+    from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2 lives here from torch 2.6)
+
+    options = launch_command_parser()._option_string_actions
+    paths = sorted((ROOT / "accelerate_configs").glob("*fsdp2*.yaml"))
+    assert paths
+    for path in paths:
+        unknown = [key for key in yaml.safe_load(path.read_text()).get("fsdp_config", {}) if f"--{key}" not in options]
+        assert not unknown, f"{path.name}: accelerate launch takes no {unknown}"
+    assert "fsdp_version" in inspect.signature(FullyShardedDataParallelPlugin).parameters
+    hand_off = list(inspect.signature(load_fsdp_optimizer).parameters)[:5]
+    assert hand_off == ["fsdp_plugin", "accelerator", "optimizer", "model", "input_dir"]
 
 
 def test_save_on_cpu_takes_pin_memory():

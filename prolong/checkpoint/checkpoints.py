@@ -415,11 +415,6 @@ class CompleteCheckpointsMixin:
             self._rotate_complete_checkpoints(os.path.dirname(path))
         self.accelerator.wait_for_everyone()
 
-    def _finish_current_push(self):
-        super()._finish_current_push()
-        if self.args.should_save:  # checkpoints that rotation kept while they were uploading
-            self._rotate_complete_checkpoints(self.args.output_dir)
-
     def _rotate_complete_checkpoints(self, directory: str) -> None:
         limit = self.args.save_total_limit
         if not limit or limit <= 0:
@@ -429,6 +424,7 @@ class CompleteCheckpointsMixin:
         keep = set(complete[-limit:]) | ({best} if best else set())
         # a checkpoint push (hub_strategy) uploads its folder in the background, and the Trainer skips the next
         # push while it runs: deleting that folder now would make the push fail. It goes at a later rotation
+        # (the next checkpoint's, or HubPushMixin's once the push is done)
         uploading = {getattr(job, "prolong_checkpoint", None) for job in getattr(getattr(self, "push_in_progress", None),
                                                                                  "jobs", []) if not job.done()}
         for _, path in checkpoints(directory):

@@ -19,8 +19,8 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 
 from prolong.errors import RecipeError
 from prolong.training.collator import NOT_MODEL_INPUTS, PackedCollator
-from prolong.training.compat import varlen_causal_call, varlen_takes_window
-from prolong.training.loss import logit_scale_of, logit_softcap_of, output_logits
+from prolong.training.compat import check_flash_attention_kwargs, varlen_causal_call, varlen_takes_window
+from prolong.training.loss import HiddenStateCapture, logit_scale_of, logit_softcap_of, output_logits
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,10 @@ def flash_attention_2_problem() -> str | None:
 def _backend_problem(name: str, features: dict) -> str | None:
     """Why backend ``name`` cannot run this model here, or would ignore one of its ``features``."""
     if name == "flash_attention_2":
-        return flash_attention_2_problem()
+        problem = flash_attention_2_problem()
+        if problem is None:  # it would run: the collator's boundaries must reach it (raises if they cannot)
+            check_flash_attention_kwargs()
+        return problem
     ignored = []
     if name == VARLEN:
         if importlib.util.find_spec("torch.nn.attention.varlen") is None:
@@ -260,28 +263,23 @@ def _probe(model, doc_len: int, seed: int, device: torch.device, collator, sampl
     gen = torch.Generator().manual_seed(seed)
     doc_a, doc_b, doc_a2 = (torch.randint(3, vocab, (doc_len,), generator=gen).tolist() for _ in range(3))
 
-    captured = {}
+    capture = HiddenStateCapture(model.get_decoder())  # where the training loss reads its hidden states
 
-    def keep_hidden(module, args, out):  # where the training loss reads its hidden states
-        captured["hidden"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
-
-    hook = model.get_decoder().register_forward_hook(keep_hidden)
-
-    def logits_of_b(first_doc):
+    def hidden_and_logits(first_doc):
         batch = collator(probe_examples(first_doc, doc_b, sample, packed))
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k not in _NOT_FORWARD_INPUTS}
         logits = model(**inputs, use_cache=False).logits.float()
-        hidden = captured["hidden"]
-        captured["flat"] = hidden.reshape(-1, hidden.shape[-1]), logits.reshape(-1, logits.shape[-1])
-        # B: tokens doc_len..2*doc_len of a flat packed row, or the second example of a batch
+        return capture.hidden, logits
+
+    def of_b(logits):  # B: tokens doc_len..2*doc_len of a flat packed row, or the second example of a batch
         return logits[0, doc_len : 2 * doc_len] if logits.shape[0] == 1 else logits[1, :doc_len]
 
     try:
-        reference = logits_of_b(doc_a)
-        _check_output_head(model, *captured["flat"])
-        changed = logits_of_b(doc_a2)
+        hidden, logits = hidden_and_logits(doc_a)
+        _check_output_head(model, hidden.reshape(-1, hidden.shape[-1]), logits.reshape(-1, logits.shape[-1]))
+        reference, changed = of_b(logits), of_b(hidden_and_logits(doc_a2)[1])
     finally:
-        hook.remove()
+        capture.handle.remove()
         model.train(was_training)
     delta = (reference - changed).abs().max().item()
     scale = reference.abs().max().item() + 1e-6

@@ -4,9 +4,11 @@ These calls only run on CUDA, so a CPU CI never executes them and an API change 
 versions we support would first show as a TypeError on a GPU, hours into a job queue. Each
 function here reads the installed signature (``inspect``), adapts the call where supported
 versions differ (a shim) and otherwise raises one clear error naming the versions. A run calls
-``varlen_causal_call`` (every varlen forward) and ``check_liger_fused_loss`` (when it builds Liger's
-loss); the flash-attention, FSDP2-plugin and save_on_cpu checks run only in
-``tests/test_signatures.py``, which runs every check here against the installed libraries.
+each where its feature is in use: ``varlen_causal_call`` (every varlen forward),
+``check_liger_fused_loss`` (when it builds Liger's loss), ``check_flash_attention_kwargs`` (when it
+picks flash_attention_2) and ``check_save_on_cpu`` (CPTTrainer, with ``activation_offload``).
+``tests/test_signatures.py`` runs every check here against the installed libraries, and checks
+the FSDP2 accelerate configs and the hand-off's ``load_fsdp_optimizer`` call.
 
 Supported (setup.cfg): torch 2.10-2.13 (``varlen_attn`` exists from 2.10), transformers 5.24+,
 accelerate 1.14+, liger-kernel 0.6.2+ (optional), flash-attn 2.7+ through transformers (optional).
@@ -17,7 +19,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from pathlib import Path
 
 
 class IncompatibleLibraryError(RuntimeError):
@@ -112,30 +113,6 @@ def check_flash_attention_kwargs() -> None:
         raise IncompatibleLibraryError(
             f"transformers {_version('transformers')}: _flash_attention_forward takes no {missing}; packed rows "
             "would attend across documents. Use transformers>=5.24,<6 or attn_implementation: varlen."
-        )
-
-
-def check_fsdp2_plugin(config_paths) -> None:
-    """Every ``fsdp_config`` key of our accelerate configs is an ``accelerate launch`` option (how
-    accelerate reads them) and the plugin knows ``fsdp_version`` (2 = torch's fully_shard); the
-    stage hand-off calls ``load_fsdp_optimizer(plugin, accelerator, optimizer, model, input_dir)``."""
-    import yaml
-    from accelerate.commands.launch import launch_command_parser
-    from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_optimizer
-    from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2 lives here from torch 2.6)
-
-    options = launch_command_parser()._option_string_actions
-    unknown = []
-    for path in config_paths:
-        config = yaml.safe_load(Path(path).read_text()).get("fsdp_config", {})
-        unknown += [f"{Path(path).name}:{key}" for key in config if f"--{key}" not in options]
-    if "fsdp_version" not in _parameters(FullyShardedDataParallelPlugin):
-        unknown.append("fsdp_version")
-    hand_off = list(_parameters(load_fsdp_optimizer))[:5]
-    if unknown or hand_off != ["fsdp_plugin", "accelerator", "optimizer", "model", "input_dir"]:
-        raise IncompatibleLibraryError(
-            f"accelerate {_version('accelerate')}: does not take {unknown} (accelerate_configs) or "
-            f"load_fsdp_optimizer takes ({', '.join(hand_off)}); use accelerate>=1.14."
         )
 
 

@@ -25,6 +25,18 @@ from torch.utils.checkpoint import checkpoint
 from prolong.training.collator import IGNORE_INDEX
 
 
+class HiddenStateCapture:
+    """Forward hook that keeps the decoder's final hidden states (post final norm): what the loss
+    reads instead of the model's logits (the trainer, and the output-head check of the probe)."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        self.hidden = None
+        self.handle = decoder.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+
 def logit_scale_of(config) -> float | None:
     """The factor some models apply to their logits after the lm_head: Granite divides by
     ``logits_scaling``, Cohere multiplies by ``logit_scale``. None when there is none."""

@@ -18,7 +18,6 @@ memory does not grow with the corpus.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,8 +28,9 @@ import pyarrow.compute as pc
 from datasets import load_from_disk
 from torch.utils.data import Dataset
 
-from prolong.errors import RecipeError
 from prolong.data.hub import resolve_dataset_dir
+from prolong.data.storage import longest_row, read_metadata
+from prolong.errors import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +41,6 @@ def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
     order = np.argsort(-(raw - counts), kind="stable")
     counts[order[: total - counts.sum()]] += 1
     return counts
-
-
-def _packed_length(path: str, dataset) -> int:
-    meta_path = os.path.join(path, "prolong_data.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            length = json.load(f).get("length")
-        if length:
-            return int(length)
-    return len(dataset[0]["input_ids"])
 
 
 def _row_lengths(dataset) -> np.ndarray:
@@ -95,6 +85,7 @@ class MixtureDataset(Dataset):
         # pieces per row) maps an item to its (row, piece), None when every row is one item
         self.datasets, self.piece_ends, self.num_items, item_tokens = [], [], [], []
         self.local_paths = []  # where each domain is on disk (a hf://datasets entry: the download)
+        self.packed_lengths, self.modes = [], []  # as prolong-data packed each domain (check_packed_lengths)
         for path in self.paths:
             path = resolve_dataset_dir(path)  # hf://datasets/ORG/NAME/CONFIG: downloaded (cached)
             self.local_paths.append(path)
@@ -117,7 +108,11 @@ class MixtureDataset(Dataset):
                     f"dataset_mixture: '{path}' is not a packed dataset (needs input_ids and indices); "
                     "run `prolong-data pack` on it."
                 )
-            length = _packed_length(path, dataset)
+            metadata = read_metadata(path) or {}
+            # no metadata (a dataset not written by prolong-data): its longest row, from the Arrow offsets
+            length = int(metadata.get("length") or 0) or longest_row(dataset)
+            self.packed_lengths.append(length)
+            self.modes.append(metadata.get("mode"))
             pieces = math.ceil(length / max_length)
             if pieces > 1:
                 logger.warning(
@@ -242,3 +237,68 @@ class BalancedOrder(Dataset):
     def __getitem__(self, index: int) -> dict:
         block, offset = divmod(index, self.block)
         return self.dataset[self._block_layout(block)[offset]]
+
+
+def build_train_dataset(data, args) -> tuple[Dataset, int]:
+    """The run's training stream (``data``: DataConfig, ``args``: CPTConfig) and the sequence length it
+    trains at; refuses a mixture whose domains were packed shorter than ``max_length`` (see
+    ``check_packed_lengths``) before any model is loaded."""
+    if not data.dataset_mixture:
+        raise RecipeError("dataset_mixture is missing: map packed dataset directories to token shares.")
+    if args.max_steps <= 0:
+        raise RecipeError("max_steps must be set: the mixture is sampled by steps, not epochs.")
+    data_parallel = args.world_size // args.sequence_parallel_size
+    sequences_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * data_parallel
+    mixture = MixtureDataset(
+        data.dataset_mixture, data.max_length, num_sequences=args.max_steps * sequences_per_step, seed=args.seed
+    )
+    trained_length = check_packed_lengths(mixture, data)
+    log_mixture_summary(mixture, data.dataset_mixture)
+    if not data.balance_attention_cost:
+        return mixture, trained_length
+    balanced = BalancedOrder(mixture, args.per_device_train_batch_size, data_parallel, args.gradient_accumulation_steps)
+    return balanced, trained_length
+
+
+def log_mixture_summary(mixture: MixtureDataset, shares: dict) -> None:
+    """One block at start: what each domain holds and how often the run will see it."""
+    lines = [f"Data mixture: {mixture.num_sequences} sequences of <= {mixture.max_length} tokens"]
+    for path, items, count in zip(mixture.paths, mixture.num_items, mixture.block_counts):
+        drawn = mixture.num_sequences * int(count) / mixture.block_size
+        lines.append(f"  {shares[path]:>6.1%} of tokens  {path}: {items} sequences, ~{drawn:.0f} drawn "
+                     f"({drawn / items:.2f} epochs)")
+    logger.info("\n".join(lines))
+
+
+def check_packed_lengths(mixture: MixtureDataset, data) -> int:
+    """Compare ``max_length`` with the length each domain was packed at; return the length trained.
+
+    A domain packed shorter than max_length gives rows of its packed length, so a context-extension
+    run would silently train short. Long data must reach max_length; short data may be packed
+    shorter only where the recipe lists it in ``allow_packed_shorter``.
+    """
+    allowed = set(data.allow_packed_shorter or [])
+    trained = 0
+    for path, length, mode in zip(mixture.paths, mixture.packed_lengths, mixture.modes):
+        if length < data.max_length:
+            what = f"dataset_mixture: {path} was packed at {length} tokens ({mode or 'unknown'} mode), shorter than max_length={data.max_length}"
+            if mode == "long":
+                raise RecipeError(
+                    f"{what}: its long documents were cut at {length} tokens, so the run would train at {length}, not "
+                    f"{data.max_length}. Re-pack it with `prolong-data pack --mode long --length {data.max_length}`, "
+                    f"or set max_length: {length}."
+                )
+            if path not in allowed:
+                raise RecipeError(
+                    f"{what}: its rows would train at {length} tokens. Re-pack it with `prolong-data pack --length "
+                    f"{data.max_length}`, set max_length: {length}, or, if this short data is packed shorter on "
+                    "purpose, list the path under allow_packed_shorter."
+                )
+        trained = max(trained, min(length, data.max_length))
+        logger.info("Domain %s: packed at %d tokens (%s mode), trained at %d", path, length, mode or "unknown",
+                    min(length, data.max_length))
+    if trained < data.max_length:
+        logger.warning("Every domain is packed shorter than max_length=%d: training at %d tokens per sequence.",
+                       data.max_length, trained)
+    logger.info("Training sequence length: %d tokens", trained)
+    return trained

@@ -8,18 +8,20 @@ import trl
 from prolong.checkpoint.checkpoints import CompleteCheckpointsMixin
 from prolong.errors import RecipeError
 from prolong.training.arguments import refuse_per_device_loss_averaging
+from prolong.training.callbacks import PreemptionCallback
+from prolong.training.hub_push import HubPushMixin
 from prolong.training.precision import reduce_gradients_in_fp32
-from prolong.training.trainer import KeepModelCardMixin, ThroughputLogMixin, _PreemptionCallback
+from prolong.training.throughput import ThroughputLogMixin
 
 
-class SFTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixin, trl.SFTTrainer):
-    """TRL's SFTTrainer with our throughput logging (the SFT stage, prolong/run_sft.py)."""
+class SFTTrainer(CompleteCheckpointsMixin, HubPushMixin, ThroughputLogMixin, trl.SFTTrainer):
+    """TRL's SFTTrainer with CPT's complete checkpoints, Hub pushes, throughput logs and preemption (prolong/run_sft.py)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._check_token_averaging()
         reduce_gradients_in_fp32(self.accelerator)
-        self.add_callback(_PreemptionCallback())  # as CPT: a requeued SLURM job continues from that checkpoint
+        self.add_callback(PreemptionCallback())  # as CPT: a requeued SLURM job continues from that checkpoint
 
     def _check_token_averaging(self) -> None:
         """The loss must be a mean over every target token of the optimizer step (all micro-batches,

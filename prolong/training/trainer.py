@@ -10,41 +10,39 @@ What it adds, and why each is not already in transformers:
 * a sequential sampler: ``MixtureDataset`` already shuffles deterministically; checkpoints
   record the sequences consumed and a resumed run continues at the next unseen one
   (``prolong.checkpoint.checkpoints``: complete checkpoints only, also with another batch size).
-* tokens/s, step time and peak memory in the logs (``ThroughputLogMixin``, shared with SFT).
-* stage hand-off: ``init_from`` + ``load_optimizer_state`` loads the previous stage's optimizer
-  state (also FSDP2's sharded one) into a fresh optimizer whose learning-rate schedule starts over.
-* preemption: SIGTERM / SIGUSR1 save a checkpoint, then stop.
 * memory knobs for the longest rows: ``activation_offload`` around the forward and
   ``tiled_mlp_tokens`` (``prolong.training.memory``), applied after the Trainer's Liger kernels;
   ``compile_decoder_layers`` (opt-in torch.compile of the decoder layers).
+
+Shared with SFT, each in its own module: tokens/s and peak memory in the logs
+(``prolong.training.throughput``), Hub pushes with our model card (``prolong.training.hub_push``),
+save-and-stop on SIGTERM / SIGUSR1 and a checkpoint of the last step (``prolong.training.callbacks``).
+CPT only: the stage hand-off (``prolong.training.stage_handoff``).
 """
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import logging
-import os
-import resource
-import signal
-import time
 
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
-from prolong.checkpoint.checkpoints import CompleteCheckpointsMixin, last_checkpoint
-from prolong.training.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
+from prolong.checkpoint.checkpoints import CompleteCheckpointsMixin
 from prolong.errors import RecipeError
-from prolong.data.hub import hub_error_message, hub_errors
-from prolong.model_card import write_trainer_model_card
-from prolong.training.loss import (chunked_cross_entropy_sum, liger_linear_cross_entropy_sum, logit_scale_of, logit_softcap_of,
-                                   trl_linear_cross_entropy_sum)
-from prolong.training.precision import reduce_gradients_in_fp32
 from prolong.parallel import sequence_parallel_dataloader
-from prolong.training.memory import activation_offload, enable_tiled_mlp
-from prolong.redaction import move_hub_token_to_environment
+from prolong.training.callbacks import PreemptionCallback, SaveAtEndCallback
+from prolong.training.collator import IGNORE_INDEX, NOT_MODEL_INPUTS
+from prolong.training.compat import check_save_on_cpu
 from prolong.training.compile import compile_decoder_layers
+from prolong.training.hub_push import HubPushMixin
+from prolong.training.loss import (HiddenStateCapture, chunked_cross_entropy_sum, liger_linear_cross_entropy_sum,
+                                   logit_scale_of, logit_softcap_of, trl_linear_cross_entropy_sum)
+from prolong.training.memory import activation_offload, enable_tiled_mlp
+from prolong.training.precision import reduce_gradients_in_fp32
+from prolong.training.stage_handoff import load_previous_stage_optimizer
+from prolong.training.throughput import ThroughputLogMixin
 
 logger = logging.getLogger(__name__)
 
@@ -55,136 +53,7 @@ LOSS_KERNELS = {  # what runs, for the log
 }
 
 
-class _HiddenStateCapture:
-    """Forward hook that keeps the decoder's final hidden states (post final norm)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.hidden = None
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-
-class ThroughputLogMixin:
-    """Adds tokens/s, step time and peak memory to the Trainer's training logs."""
-
-    _tokens_since_log = 0
-    _step_of_last_log = 0
-    _time_of_last_log = None
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._time_of_last_log is None:
-            self._time_of_last_log = time.perf_counter()
-            self._step_of_last_log = self.state.global_step  # a resumed run starts counting here
-        self._tokens_since_log += inputs["input_ids"].numel()  # per process (an SP chunk with SP)
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._time_of_last_log is not None:
-            now = time.perf_counter()
-            elapsed = max(now - self._time_of_last_log, 1e-9)
-            tokens = self._tokens_since_log * self.accelerator.num_processes
-            steps = max(self.state.global_step - self._step_of_last_log, 1)
-            logs["tokens_per_second"] = round(tokens / elapsed, 1)
-            logs["tokens_per_second_per_device"] = round(tokens / elapsed / self.accelerator.num_processes, 1)
-            logs["step_time_s"] = round(elapsed / steps, 3)
-            if torch.cuda.is_available():
-                logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            else:
-                logs["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-            self._tokens_since_log, self._time_of_last_log = 0, now
-            self._step_of_last_log = self.state.global_step
-        super().log(logs, start_time)
-
-
-class HubPushFailed(OSError):
-    """A push to the Hub failed; the message says what was kept (the CLIs print it and exit 2)."""
-
-
-class KeepModelCardMixin:
-    """Our model card on every push to the Hub, and no token in what is pushed.
-
-    ``push_to_hub`` calls ``create_model_card``, which would replace the card that
-    ``prolong.checkpoint.final_save.save_final_model`` wrote (recipe, mixture, RoPE, figures) with a generic one.
-    Checkpoint pushes during training (``hub_strategy``) upload output_dir with no card at all:
-    with ``model_card_info`` set (write_model_card's recipe arguments; run_cpt/run_sft set it) ours
-    is written there first. ``hub_token`` leaves the arguments, which the Trainer pickles into
-    training_args.bin and uploads (``prolong.redaction``).
-    """
-
-    model_card_info: dict | None = None
-
-    def __init__(self, *args, **kwargs):
-        try:
-            super().__init__(*args, **kwargs)  # creates the Hub repo (push_to_hub) with the token still there
-        except hub_errors() as error:
-            training_args = kwargs.get("args")
-            repo = getattr(training_args, "hub_model_id", None) or "the output_dir's name"
-            raise HubPushFailed(f"push_to_hub: cannot create the model repository: {hub_error_message(error, repo)}") \
-                from error
-        move_hub_token_to_environment(self.args)
-
-    def push_to_hub(self, *args, **kwargs):
-        try:
-            return super().push_to_hub(*args, **kwargs)
-        except hub_errors() as error:
-            output_dir = self.args.output_dir
-            raise HubPushFailed(
-                f"push_to_hub: {hub_error_message(error, self.hub_model_id)}. The trained model is complete in "
-                f"{output_dir}: push it later with `hf upload {self.hub_model_id} {output_dir}`") from error
-
-    def create_model_card(self, *args, **kwargs):
-        if os.path.exists(os.path.join(self.args.output_dir, "README.md")):
-            return None
-        return super().create_model_card(*args, **kwargs)
-
-    def save_model(self, output_dir=None, _internal_call=False):
-        # never push from here: prolong.checkpoint.final_save.save_final_model saves into a staging directory and
-        # pushes once the final model is complete (the Trainer's push would upload output_dir mid-save)
-        super().save_model(output_dir, _internal_call=True)
-
-    def _push_from_checkpoint(self, checkpoint_folder):
-        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
-            return
-        previous = getattr(self, "push_in_progress", None)
-        if previous is not None and not previous.is_done():
-            if not self.args.hub_always_push:  # the Trainer would skip it without a word
-                logger.warning("Step %d: the previous checkpoint push to %s is still running, so this checkpoint "
-                               "is not pushed (hub_always_push: true waits for it instead).",
-                               self.state.global_step, self.hub_model_id)
-                return
-            # transformers 5.24 would now copy this checkpoint's files into output_dir while the previous push
-            # (a background upload of output_dir) still reads them: that commit then fails on a changed file,
-            # and nobody hears of it. Wait for it instead (training pauses only while a push is late)
-            logger.info("Step %d: waiting for the previous checkpoint push to finish.", self.state.global_step)
-            self._finish_current_push()
-        self._report_failed_pushes()
-        if self.model_card_info is not None:
-            write_trainer_model_card(self, self.args.output_dir, **self.model_card_info)
-        super()._push_from_checkpoint(checkpoint_folder)
-        for job in getattr(self.push_in_progress, "jobs", []):
-            if not hasattr(job, "prolong_step"):  # for the messages, and so rotation keeps a folder still uploading
-                job.prolong_step, job.prolong_checkpoint = self.state.global_step, os.path.realpath(checkpoint_folder)
-
-    def _finish_current_push(self):
-        super()._finish_current_push()
-        self._report_failed_pushes()
-
-    def _report_failed_pushes(self):
-        """Checkpoint pushes run as futures whose errors the Trainer never reads (PushInProgress only waits)."""
-        push = getattr(self, "push_in_progress", None)
-        if push is None or not push.is_done():
-            return
-        failures = {(getattr(job, "prolong_step", "?"), hub_error_message(job.exception(), self.hub_model_id))
-                    for job in push.jobs if not job.cancelled() and job.exception() is not None}
-        for step, message in sorted(failures, key=str):  # output_dir and last-checkpoint/ often fail alike
-            logger.warning("The checkpoint push of step %s to %s failed: %s. Training goes on; the Hub keeps the "
-                           "previous push until a later one succeeds.", step, self.hub_model_id, message)
-        self.push_in_progress = None  # each failure is reported once
-
-
-class CPTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixin, Trainer):
+class CPTTrainer(CompleteCheckpointsMixin, HubPushMixin, ThroughputLogMixin, Trainer):
     # our compute_loss divides by the whole step's token count itself
     loss_is_scaled_for_ga = True
 
@@ -200,7 +69,7 @@ class CPTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixi
                 "lm_head outside the model's forward): use accelerate_configs/fsdp2.yaml. ZeRO-3 works for SFT."
             )
         unwrapped = self.model
-        self._capture = _HiddenStateCapture(unwrapped.get_decoder())
+        self._capture = HiddenStateCapture(unwrapped.get_decoder())
         self._lm_head = unwrapped.get_output_embeddings()
         self._softcap = logit_softcap_of(unwrapped.config)
         self._logit_scale = logit_scale_of(unwrapped.config)  # Granite, Cohere
@@ -209,9 +78,11 @@ class CPTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixi
         if self.loss_kernel == "liger":
             self._liger_loss = liger_linear_cross_entropy_sum(self._softcap)
         logger.info("Loss: %s", LOSS_KERNELS[self.loss_kernel])
+        if self.args.activation_offload:
+            check_save_on_cpu()  # at start-up, not as a TypeError in the first forward
         reduce_gradients_in_fp32(self.accelerator)
-        self.add_callback(_PreemptionCallback())
-        self.add_callback(_SaveAtEndCallback())
+        self.add_callback(PreemptionCallback())
+        self.add_callback(SaveAtEndCallback())
 
     def _choose_loss_kernel(self, model_name: str) -> str:
         requested, cuda = self.args.loss_kernel, torch.cuda.is_available()
@@ -317,106 +188,5 @@ class CPTTrainer(CompleteCheckpointsMixin, KeepModelCardMixin, ThroughputLogMixi
         # and before it restores a checkpoint of this run: the place to take over the previous
         # stage's moments, just before the new schedule records its starting learning rate.
         if self.args.load_optimizer_state and not getattr(self, "_resuming", False) and self.lr_scheduler is None:
-            self._load_previous_stage_optimizer(optimizer or self.optimizer)
+            load_previous_stage_optimizer(self, optimizer or self.optimizer)
         return super().create_scheduler(num_training_steps, optimizer)
-
-    def _load_previous_stage_optimizer(self, optimizer) -> None:
-        checkpoint = last_checkpoint(self.args.init_from) or self.args.init_from
-        if self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                "load_optimizer_state with DeepSpeed is not supported: use accelerate_configs/fsdp2.yaml for "
-                "the stage hand-off, or set load_optimizer_state: false to start a fresh optimizer."
-            )
-        # what the previous stage's Trainer saved: optimizer.pt (single device, DDP), or through
-        # accelerate under FSDP: optimizer_0/ (sharded state dict) or optimizer.bin (full)
-        saved = [name for name in ("optimizer.pt", "optimizer_0", "optimizer.bin")
-                 if os.path.exists(os.path.join(checkpoint, name))]
-        if not saved:
-            raise FileNotFoundError(
-                f"load_optimizer_state: no optimizer state in {checkpoint}. The previous stage must save "
-                "checkpoints (save_strategy: steps); set load_optimizer_state: false to start a fresh optimizer."
-            )
-        fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        if self.is_fsdp_enabled:
-            if saved[0] == "optimizer.pt":
-                raise ValueError(
-                    f"load_optimizer_state: {checkpoint} was saved without FSDP; run this stage with the "
-                    "previous stage's accelerate config, or set load_optimizer_state: false."
-                )
-            from accelerate.utils import load_fsdp_optimizer
-
-            # reshards to this run's world size (torch.distributed.checkpoint)
-            load_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, optimizer, self.model, checkpoint)
-        else:
-            if saved[0] != "optimizer.pt":
-                raise ValueError(
-                    f"load_optimizer_state: {checkpoint} holds an FSDP optimizer state ({saved[0]}); run this "
-                    "stage with the previous stage's FSDP accelerate config, or set load_optimizer_state: false."
-                )
-            path = os.path.join(checkpoint, "optimizer.pt")
-            optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        # keep the moments, but this stage's hyper-parameters; dropping `initial_lr` makes the
-        # new scheduler start from this stage's peak learning rate
-        for group, fresh in zip(optimizer.param_groups, fresh_groups):
-            group.pop("initial_lr", None)
-            group.update(fresh)
-        logger.info("Loaded the optimizer state of the previous stage from %s", checkpoint)
-
-
-class _PreemptionCallback(TrainerCallback):
-    """SIGTERM / SIGUSR1 (SLURM preemption, spot instances) -> save a checkpoint and stop.
-
-    The signal reaches the ranks at different moments; every step the ranks agree (a max over a
-    one-element tensor) so that all of them stop after the same step. A rank stopping alone would
-    leave the others waiting in a collective. The flag is a CPU tensor agreed over a gloo group
-    (the default group when it is gloo, else one made at the start of training): an all-reduce of a
-    CUDA tensor read with ``.item()`` made the host wait for the GPU to finish every step, which
-    empties the queue of kernels the host had launched ahead.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread (e.g. inside a notebook worker)
-                pass
-
-    def _on_signal(self, signum, frame):
-        logger.warning("Received signal %d: saving a checkpoint after this step, then stopping.", signum)
-        self.requested = True
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        dist = torch.distributed
-        self._distributed = dist.is_available() and dist.is_initialized()
-        self._group = None  # the default group
-        if self._distributed and "gloo" not in str(dist.get_backend()):
-            # every rank calls on_train_begin; the default group's timeout (ddp_timeout), not gloo's
-            # 30 min: ranks waiting here for one writing a large checkpoint must not time out first
-            self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=args.ddp_timeout))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        requested = self.requested
-        if getattr(self, "_distributed", False):
-            flag = torch.tensor([int(requested)])  # host memory: no device sync
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
-            requested = bool(flag[0])
-        if requested:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self._previous.items():  # after training, a signal ends the process again
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
-class _SaveAtEndCallback(TrainerCallback):
-    """Always checkpoint the last step: the next stage hands off from it (optimizer included)."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps and args.save_strategy != "no":
-            control.should_save = True
-        return control

@@ -199,3 +199,29 @@ def test_loss_kernel_is_validated():
 
     with pytest.raises(RecipeError, match="loss_kernel must be auto, liger, trl or chunked"):
         CPTConfig(output_dir="unused", loss_kernel="fused")
+
+
+def test_activation_offload_checks_save_on_cpu_when_the_trainer_starts(monkeypatch, tmp_path):
+    """The check runs at start-up where the feature is on, not as a TypeError in the first forward."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from prolong.config import CPTConfig
+    from prolong.training.collator import PackedCollator
+    from prolong.training.trainer import CPTTrainer
+
+    def save_on_cpu_without_pin_memory():  # a torch whose save_on_cpu lost the argument
+        pass
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", save_on_cpu_without_pin_memory)
+    rows = [{"input_ids": list(range(3, 35)), "indices": [[0, 32]]}]
+
+    def build(offload):
+        args = CPTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+                         check_document_masking=False, activation_offload=offload)
+        return CPTTrainer(model=LlamaForCausalLM(tiny_llama_config(320)), args=args, train_dataset=rows,
+                          data_collator=PackedCollator())
+
+    build(offload=False)  # off: not checked
+    with pytest.raises(IncompatibleLibraryError, match="save_on_cpu takes no pin_memory"):
+        build(offload=True)

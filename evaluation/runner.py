@@ -100,16 +100,10 @@ def _load_tokenizer(model_or_path, tokenizer, cfg):
         return tokenizer
     if not isinstance(model_or_path, str) and not cfg.get("tokenizer"):
         raise EvaluationError("evaluate() with an in-memory model needs its tokenizer (tokenizer=...)")
-    from transformers import AutoTokenizer
-    source = cfg.get("tokenizer") or model_or_path
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        problem = (f"folder {source!r} holds no loadable tokenizer ({first_line})" if os.path.isdir(source) else
-                   f"{source!r} not found: neither a local folder nor a Hub model id that can be loaded")
-        raise EvaluationError(f"model/tokenizer {problem}. Pass --model (and --tokenizer) pointing at a folder "
-                              "saved with save_pretrained.") from None
+    from prolong.io.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.get("tokenizer") or model_or_path, field="tokenizer" if cfg.get("tokenizer") else "model",
+                          hint="Pass --model (and --tokenizer) pointing at a folder saved with save_pretrained.")
 
 
 def _model_config(model_or_path):

@@ -17,15 +17,20 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from prolong.training.attention import choose_attn_implementation, dense_mask_warning
 from prolong.config import ModelConfig
-from prolong.data.tokenize import load_tokenizer as load_any_tokenizer
-from prolong.errors import RecipeError, require_path_or_hub_id
+from prolong.errors import RecipeError
+from prolong.io.hub import require_path_or_hub_id
+from prolong.io.tokenizer import load_tokenizer as load_any_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
+def _model_path_hint(field: str) -> str:
+    return "init_from is the output_dir of the previous stage." if field == "init_from" else \
+        "Fix the path (the demo's models: `make demo`)."
+
+
 def _check_model_path(path: str, field: str = "model_name_or_path") -> None:
-    require_path_or_hub_id(path, field, hint="Fix the path (the demo's models: `make demo`)."
-                           if field != "init_from" else "init_from is the output_dir of the previous stage.")
+    require_path_or_hub_id(path, field, hint=_model_path_hint(field))
 
 
 def _rope_dicts(config: PretrainedConfig) -> dict[str | None, dict]:
@@ -126,10 +131,12 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_tokenizer(cfg: ModelConfig):
+    """The recipe's tokenizer (prolong.io's loader), with an EOS token and a pad token."""
     path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
-    _check_model_path(path, "tokenizer_name_or_path" if cfg.tokenizer_name_or_path else "model_name_or_path")
+    field = "tokenizer_name_or_path" if cfg.tokenizer_name_or_path else "model_name_or_path"
     gguf_file = cfg.gguf_file if cfg.gguf_file and not cfg.tokenizer_name_or_path else None
-    tokenizer = load_any_tokenizer(path, gguf_file, trust_remote_code=cfg.trust_remote_code)  # prolong-data's loader
+    tokenizer = load_any_tokenizer(path, gguf_file, trust_remote_code=cfg.trust_remote_code, field=field,
+                                   hint=_model_path_hint(field))
     if tokenizer.eos_token_id is None:
         raise RecipeError(f"The tokenizer of '{path}' has no EOS token; documents could not be separated.")
     if tokenizer.pad_token_id is None:

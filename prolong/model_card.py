@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import yaml
 
+from prolong.io.hub import looks_like_hub_id, parse_hf_dataset_address
 from prolong.redaction import redact
 
 EVALUATION_HEADING = "## Evaluation"
 HELMET_DATASET = "princeton-nlp/HELMET"  # the Hub dataset of HELMET's benchmark data
 HELMET_SOURCE = "HELMET-style evaluation (ProLong recipes, evaluation/)"
-_CATEGORY_NAMES = {"recall": "Recall", "rag": "RAG", "rerank": "Re-rank", "icl": "ICL", "longqa": "LongQA",
-                   "summ": "Summarization", "cite": "Cite"}
 
 
 def _mixture_table(mixture: dict[str, float], tokens_by_path: dict[str, int]) -> str:
@@ -33,12 +31,14 @@ def _mixture_table(mixture: dict[str, float], tokens_by_path: dict[str, int]) ->
 
 
 def dataset_tokens(path: str) -> int:
-    meta = os.path.join(path, "prolong_data.json")
-    if match := re.fullmatch(r"hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?/([^/]+)/?", path):
+    from prolong.data.storage import METADATA_FILENAME
+
+    meta = os.path.join(path, METADATA_FILENAME)
+    if address := parse_hf_dataset_address(path):
         from huggingface_hub import try_to_load_from_cache  # the mixture downloaded it: no network here
 
-        cached = try_to_load_from_cache(match[1], f"{match[3]}/prolong_data.json", repo_type="dataset",
-                                        revision=match[2])
+        cached = address.config and try_to_load_from_cache(
+            address.repo_id, f"{address.config}/{METADATA_FILENAME}", repo_type="dataset", revision=address.revision)
         meta = cached if isinstance(cached, str) else ""
     if os.path.exists(meta):
         with open(meta) as f:
@@ -53,8 +53,8 @@ def hub_dataset_ids(mixture: dict[str, float] | None) -> list[str]:
 
     ids = []
     for path in mixture or {}:
-        if match := re.fullmatch(r"hf://datasets/([^/]+/[^/@]+).*", path):
-            ids.append(match.group(1))
+        if address := parse_hf_dataset_address(path):
+            ids.append(address.repo_id)
         elif repo_id := pushed_repo_id(path):
             ids.append(repo_id)
     return sorted(set(ids))
@@ -68,7 +68,9 @@ def _tokens(length) -> int:
 
 
 def _category_name(category: str) -> str:
-    return _CATEGORY_NAMES.get(category, category)
+    from evaluation.tasks import CATEGORY_FULL_NAMES  # evaluation owns the categories
+
+    return CATEGORY_FULL_NAMES.get(category, category)
 
 
 def _eval_result(category: str, length: int | str, score: float, mode: str):
@@ -139,7 +141,7 @@ def _card_data(*, name: str, base_model: str, stage: str, mixture: dict | None, 
 
     dataset_ids = hub_dataset_ids(mixture)
     sft_dataset = str((recipe or {}).get("dataset_name") or "")  # SFT trains on one dataset, maybe a Hub id
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", sft_dataset) and not os.path.exists(sft_dataset):
+    if looks_like_hub_id(sft_dataset) and not os.path.exists(sft_dataset):
         dataset_ids.append(sft_dataset)
 
     return ModelCardData(

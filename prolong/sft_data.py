@@ -39,14 +39,13 @@ import datasets
 import numpy as np
 
 from prolong.training.collator import IGNORE_INDEX
-from prolong.errors import RecipeError, require_path_or_hub_id
+from prolong.errors import RecipeError
 from prolong.data.storage import read_metadata
-from prolong.data.tokenize import plain_messages, tokenize_conversation
+from prolong.data.tokenize import tokenize_conversation
+from prolong.io.files import DATA_FILE_ENDINGS, chat_turns, data_file_builder, read_data_file, root_cause
+from prolong.io.hub import require_path_or_hub_id
 
 logger = logging.getLogger(__name__)
-
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 class SFTDataError(ValueError):
@@ -69,15 +68,15 @@ class SFTDataStats:
 
 
 def load_sft_dataset(name: str | None, config: str | None = None, split: str = "train") -> datasets.Dataset:
-    """A Hub id, a data file (.jsonl/.json/.parquet/.csv), a folder of data files, or a saved dataset."""
+    """A Hub id, a data file (.jsonl/.json/.parquet/.csv, json and csv also .gz/.zst), a folder of data
+    files, or a saved dataset."""
     if not name:
         raise RecipeError("dataset_name is missing: e.g. HuggingFaceH4/ultrachat_200k (dataset_split: train_sft).")
     path = Path(name)
     if path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix)
-        if builder is None:
-            raise RecipeError(f"dataset_name: cannot read '{name}'; use one of {sorted(_FILE_BUILDERS)}.")
-        return _read(name, lambda: datasets.load_dataset(builder, data_files=str(path), split="train"))
+        if data_file_builder(path) is None:
+            raise RecipeError(f"dataset_name: cannot read '{name}'; use one of {list(DATA_FILE_ENDINGS)}.")
+        return _read(name, lambda: read_data_file(path))
     if path.is_dir():
         metadata = read_metadata(path) or {}
         if metadata.get("format") == "prolong-packed" and metadata.get("mode") != "sft":
@@ -106,9 +105,7 @@ def _read(name: str, load):
     try:
         return load()
     except Exception as error:  # datasets' DatasetGenerationError is no ValueError
-        cause = error
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
+        cause = root_cause(error)
         raise SFTDataError(f"dataset_name: cannot read {name}: {type(cause).__name__}: {cause}. Fix the file "
                            "(every line one JSON object, the same fields and types in every row and file).") from error
 
@@ -145,21 +142,9 @@ def _check_messages(messages, row: int) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise SFTDataError(f"row {row}: `messages` must be a non-empty list of {{role, content}} turns, got {messages!r:.80}.")
     try:
-        messages = plain_messages(messages, first_turn=0)  # rows and turns count from 0 here
+        return chat_turns(messages, first_turn=0)  # rows and turns count from 0 here
     except ValueError as error:
         raise SFTDataError(f"row {row}, {error}.") from None
-    for turn, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise SFTDataError(f"row {row}, turn {turn}: each message needs `role` and `content`, got {message!r:.80}.")
-        if message["role"] not in CHAT_ROLES:
-            raise SFTDataError(
-                f"row {row}, turn {turn}: unknown role {message['role']!r}; roles are {', '.join(CHAT_ROLES)}. "
-                "Map the dataset's roles first (e.g. human -> user, gpt -> assistant)."
-            )
-        if not isinstance(message["content"], str) and not message.get("tool_calls"):
-            raise SFTDataError(f"row {row}, turn {turn}: `content` must be text (or a list of text parts), got "
-                               f"{message['content']!r:.80}.")
-    return messages
 
 
 def conversation_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:

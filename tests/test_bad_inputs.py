@@ -212,7 +212,7 @@ EVAL_CASES: list[tuple[str, list[str], str]] = [  # evaluation.run (engineer EB)
     ("eval-config-missing", ["evaluation.run", "--config", "{tmp}/nope.yaml", "--model", "{model}"],
      "not found: {tmp}/nope.yaml"),
     ("eval-model-not-found", ["evaluation.run", "--model", "{tmp}/no-model", "--output_dir", "{tmp}/eval-out"],
-     "model/tokenizer '{tmp}/no-model' not found: neither a local folder nor a Hub model id"),
+     "model: not found: {tmp}/no-model. Pass --model (and --tokenizer) pointing at a folder saved with"),
     ("eval-data-missing", ["evaluation.run", "--model", "{model}", "--tasks", "json_kv,kilt_nq,icl_banking77",
                            "--lengths", "1k", "--data_dir", "{tmp}/no-data", "--output_dir", "{tmp}/eval-out"],
      "data missing for 2 task(s); nothing was run"),

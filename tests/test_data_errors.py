@@ -174,7 +174,7 @@ DATA_CASES = [
     ("tokenize-text-field-mixed-types", tok("{d}/mixed_text.jsonl"),
      "{d}/mixed_text.jsonl row 2: field 'text' is not a string"),
     ("tokenize-chat-turn-without-role", tok("{d}/chat_no_role.jsonl", extra=("--text_field", "messages")),
-     "{d}/chat_no_role.jsonl row 2, turn 1 of 'messages': a chat turn needs string 'role' and 'content'"),
+     "{d}/chat_no_role.jsonl row 2, turn 1: a chat turn needs string 'role' and 'content'"),
     ("tokenize-chat-without-assistant", tok("{d}/chat_no_assistant.jsonl", tokenizer="{d}/tokenizer_chat",
                                             extra=("--text_field", "messages")),
      "no conversation of field 'messages' has an assistant turn"),

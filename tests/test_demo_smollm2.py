@@ -56,7 +56,8 @@ def test_export_refuses_a_non_empty_out_and_keeps_its_files(tmp_path):
 
 def _packed_short_docs(tokenizer_dir: str, out: str) -> str:
     from prolong.data.pack import pack_dataset
-    from prolong.data.tokenize import load_tokenizer, tokenize_dataset
+    from prolong.data.tokenize import tokenize_dataset
+    from prolong.io.tokenizer import load_tokenizer
 
     texts = [f"Document {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(24)]
     tokenized, _ = tokenize_dataset(Dataset.from_dict({"text": texts}), load_tokenizer(tokenizer_dir), domain="short")

@@ -50,7 +50,10 @@ def test_entry_point_help(command, expected, tmp_path):
 ENTRY_SCRIPTS = {"prolong.run_cpt", "prolong.run_sft", "prolong.demo.__main__", "prolong.data.cli",
                  "prolong.data.__main__", "evaluation.run"}
 # prolong modules that import nothing from training and that any CLI may use
-SHARED = {"prolong", "prolong.errors", "prolong.redaction", "prolong.model_card", "prolong.yaml_files"}
+SHARED = {"prolong", "prolong.errors", "prolong.redaction", "prolong.model_card", "prolong.yaml_files", "prolong.io"}
+# what every loader reads names and files with (prolong/io/): below the tools that use it
+IO_PACKAGE = "prolong.io"
+USES_IO = ("prolong.training", "prolong.checkpoint", "prolong.parallel", "evaluation", "prolong.demo", "prolong.data")
 # the training side: what the offline data tools and evaluation must not import
 TRAINING_PACKAGES = ("prolong.training", "prolong.checkpoint", "prolong.parallel")
 TRAINING_MODULES = {"prolong.config", "prolong.model", "prolong.sft_data", "prolong.runtime", "prolong.run_cpt",
@@ -113,6 +116,14 @@ def _is_training(module: str) -> bool:
     return module in TRAINING_MODULES or any(module == p or module.startswith(p + ".") for p in TRAINING_PACKAGES)
 
 
+def _in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _is_shared(module: str) -> bool:
+    return module in SHARED or _in_package(module, IO_PACKAGE)
+
+
 def rule_violations(graph: dict[str, set[str]], exceptions=KNOWN_EXCEPTIONS) -> list[str]:
     violations = []
     # what prolong.parallel builds on (collator, attention backends) must not reach back into it
@@ -128,8 +139,10 @@ def rule_violations(graph: dict[str, set[str]], exceptions=KNOWN_EXCEPTIONS) -> 
                 violations.append(f"{module} (offline data tools) imports the training module {name}")
             if module.startswith("evaluation") and _is_training(name):
                 violations.append(f"{module} (evaluation) imports the training module {name}")
-            if module in SHARED and _is_training(name):
+            if _is_shared(module) and _is_training(name):
                 violations.append(f"{module} (shared by every CLI) imports the training module {name}")
+            if _in_package(module, IO_PACKAGE) and (_is_training(name) or any(_in_package(name, p) for p in USES_IO)):
+                violations.append(f"{module} (prolong.io) imports {name}, which builds on it")
             if module in under_parallel and name.startswith("prolong.parallel"):
                 violations.append(f"{module} (used by prolong.parallel) imports {name} back")
     return violations
@@ -148,6 +161,9 @@ def test_import_rules_catch_each_kind_of_violation():
                "prolong.data.pack": {"prolong.training.trainer"},          # data tools -> training
                "evaluation.runner": {"prolong.model"},                     # evaluation -> training
                "prolong.errors": {"prolong.parallel.sequence"},            # shared -> training
+               "prolong.io.hub": {"prolong.data.storage", "prolong.errors"},  # io -> a tool built on it
+               "prolong.io.files": {"evaluation.tasks", "prolong.demo.cli"},  # io -> evaluation, demo
+               "prolong.io.tokenizer": {"prolong.training.attention"},     # io (shared) -> training
                "prolong.demo.__main__": {"prolong.demo.cli"},              # allowed
                "prolong.data.__main__": {"prolong.data.cli"},              # allowed: its own package's entry script
                "prolong.parallel.sequence": {"prolong.training.attention"},  # allowed
@@ -159,10 +175,15 @@ def test_import_rules_catch_each_kind_of_violation():
         "prolong.data.pack (offline data tools) imports the training module prolong.training.trainer",
         "prolong.demo.cli imports the entry script prolong.run_cpt",
         "prolong.errors (shared by every CLI) imports the training module prolong.parallel.sequence",
+        "prolong.io.files (prolong.io) imports evaluation.tasks, which builds on it",
+        "prolong.io.files (prolong.io) imports prolong.demo.cli, which builds on it",
+        "prolong.io.hub (prolong.io) imports prolong.data.storage, which builds on it",
+        "prolong.io.tokenizer (prolong.io) imports prolong.training.attention, which builds on it",
+        "prolong.io.tokenizer (shared by every CLI) imports the training module prolong.training.attention",
         "prolong.training.attention (used by prolong.parallel) imports prolong.parallel.compat back",
     ]
     # an exception silences exactly its own pair
-    assert len(rule_violations(planted, exceptions={("evaluation.runner", "prolong.model")})) == 4
+    assert len(rule_violations(planted, exceptions={("evaluation.runner", "prolong.model")})) == 9
 
 
 def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -16,8 +16,10 @@ from .icl import ICL_DATASETS, balance_labels, group_by_label, icl_shots, score_
 # the order is the report's
 TASKS: dict[str, Task] = {t.name: t for module in (recall, rag, rerank, icl, longqa, summ, cite) for t in module.TASKS}
 
+# display names, in the report's order: short in the report's tables (HELMET's columns), in full on the model card
 CATEGORIES = {"recall": "Recall", "rag": "RAG", "rerank": "Re-rank", "icl": "ICL", "longqa": "LongQA", "summ": "Summ",
               "cite": "Cite"}
+CATEGORY_FULL_NAMES = {**CATEGORIES, "summ": "Summarization"}
 
 
 def get_task(name: str) -> Task:

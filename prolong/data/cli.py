@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
+
+from prolong.errors import expected_errors, report_error
 
 logger = logging.getLogger("prolong.data")
 
@@ -89,27 +90,31 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = ["prolong-data", *(sys.argv[1:] if argv is None else argv)]  # for the dataset card
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "push":  # its own errors: one line, exit 2
-        from .hub import run_push
-
-        return run_push(args)
     try:
         return _run(args)
-    except (ValueError, RuntimeError, OSError) as error:  # expected: bad input, missing file, full disk
-        if os.environ.get("PROLONG_TRACEBACK"):
-            raise
-        logger.debug("details", exc_info=True)
-        sys.stdout.flush()
-        print(f"prolong-data {args.command}: error: {error}", file=sys.stderr, flush=True)
-        return 2  # as argparse's usage errors: every expected error exits 2, with no traceback
+    except expected_errors() as error:  # bad input, missing file, full disk: one line, exit 2
+        return report_error(f"prolong-data {args.command}", error)
+
+
+def _load_tokenizer(args: argparse.Namespace):
+    from prolong.io.tokenizer import load_tokenizer
+
+    from .tokenize import tokenizer_source
+
+    return load_tokenizer(*tokenizer_source(args.tokenizer, args.gguf_file),
+                          hint="Give a tokenizer directory, a Hub id (org/name) or 'smollm2'.")
 
 
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.command == "push":
+        from .hub import run_push
+
+        return run_push(args)
     if args.command == "tokenize":
         from .sources import load_raw_inputs, load_repositories
-        from .tokenize import load_tokenizer, remove_scratch, scratch_cache_dir, tokenize_to_disk
+        from .tokenize import remove_scratch, scratch_cache_dir, tokenize_to_disk
 
         if not args.inputs and not args.repos:
             raise ValueError("tokenize: give input files/directories/Hub ids, or --repos DIR")
@@ -125,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
 
         check_output_dir(args.out, overwrite=args.overwrite, fmt="prolong-tokenized",
                          inputs=list(args.inputs) + list(args.repos or []))  # before any work
-        tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
+        tokenizer = _load_tokenizer(args)
         cache = scratch_cache_dir(args.out)
         try:
             if args.repos:
@@ -172,12 +177,11 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(metadata, indent=2))
     elif args.command == "demo":
         from prolong.demo.corpus import build_demo_corpus  # the demo corpus lives with the other demo builders
-        from .tokenize import load_tokenizer
 
         if not args.max_mb > 0:
             raise ValueError(f"--max_mb must be a positive number of megabytes per domain, got {args.max_mb}")
 
-        tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
+        tokenizer = _load_tokenizer(args)
         outputs = build_demo_corpus(tokenizer, args.out, length=args.length, max_bytes_per_domain=int(args.max_mb * 1e6),
                                     num_proc=args.num_proc, overwrite=args.overwrite)
         print(json.dumps({name: str(path) for name, path in outputs.items()}, indent=2))

@@ -21,12 +21,13 @@ import json
 import logging
 import re
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import pyarrow.compute as pc
+
+from prolong.io.hub import hub_errors, parse_hf_dataset_address
 
 from .storage import METADATA_FILENAME, read_metadata
 
@@ -45,9 +46,6 @@ class HubPushError(ValueError):
 
 class HubDatasetError(ValueError):
     """A Hub dataset named in a mixture or a `prolong-data` command cannot be used as given."""
-
-
-HUB_URI = re.compile(r"hf://datasets/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<config>[^/]+))?/?")
 
 
 @dataclass
@@ -265,31 +263,14 @@ def hub_error_message(error: Exception, repo_id: str) -> str:
             "nothing was committed. Check the network or HF_ENDPOINT")
 
 
-def hub_errors() -> tuple[type[Exception], ...]:
-    """What a failed Hub call raises."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    return HfHubHTTPError, _transport_errors()
-
-
 def _hub_error(error: Exception, repo_id: str) -> HubPushError:
     return HubPushError(hub_error_message(error, repo_id))
-
-
-def _transport_errors() -> type[Exception]:
-    """The HTTP client's base error (huggingface_hub 2.x ships httpx2; 1.x used httpx)."""
-    try:
-        import httpx2 as client
-    except ImportError:
-        import httpx as client
-    return client.HTTPError
 
 
 def push_dataset(directories: list[str | Path], repo_id: str, *, private: bool = False, revision: str | None = None,
                  license: str = "other", token: str | None = None, commit_message: str | None = None) -> str:
     """Push the directories as one dataset repo in one commit; returns the commit URL."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
 
     check_repo_id(repo_id)
     parts = find_parts(directories)
@@ -328,7 +309,7 @@ def push_dataset(directories: list[str | Path], repo_id: str, *, private: bool =
             repo_id, repo_type="dataset", revision=revision, operations=operations,
             commit_message=commit_message or f"prolong-data push: {', '.join(p.config for p in parts)}",
         )
-    except (HfHubHTTPError, _transport_errors(), OSError) as error:
+    except (*hub_errors(), OSError) as error:
         logger.debug("push failed", exc_info=True)
         raise _hub_error(error, repo_id) from error
     for part in parts:  # so a model card can name the Hub id of a mixture domain trained from here
@@ -354,20 +335,19 @@ def resolve_dataset_dir(path: str | Path) -> str:
     config may be left out when the repository has one). A bare ORG/NAME stays a local path: a
     missing `demo_data/books` must say "not found", not try the network."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     text = str(path)
-    match = HUB_URI.fullmatch(text)
-    if not match:
+    address = parse_hf_dataset_address(text)
+    if address is None:
         if text.startswith("hf://"):
             raise HubDatasetError(f"{text} is not a Hub dataset address: use hf://datasets/ORG/NAME/CONFIG "
                                   "(the config is a folder `prolong-data push` made)")
         return text
-    repo_id, revision, config = match["repo"], match["revision"], match["config"]
+    repo_id, revision, config = address.repo_id, address.revision, address.config
     try:
         local = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
                                        allow_patterns=[f"{config}/*", CARD_FILENAME] if config else None))
-    except (HfHubHTTPError, _transport_errors(), OSError) as error:
+    except (*hub_errors(), OSError) as error:
         raise HubDatasetError(f"{text}: cannot download the Hub dataset {repo_id} ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}); check the id, the revision "
                               "and HF_TOKEN, or give a local directory") from error
@@ -392,12 +372,8 @@ def add_push_parser(commands) -> argparse.ArgumentParser:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    """The `push` subcommand: expected errors print one line and exit 2 (no traceback)."""
-    try:
-        url = push_dataset(args.directories, args.repo_id, private=args.private, revision=args.revision,
-                           license=args.license)
-    except HubPushError as error:
-        print(f"prolong-data push: error: {error}", file=sys.stderr)
-        return 2
+    """The `push` subcommand (its errors are prolong-data's: one line, exit 2)."""
+    url = push_dataset(args.directories, args.repo_id, private=args.private, revision=args.revision,
+                       license=args.license)
     print(json.dumps({"repo_id": args.repo_id, "revision": args.revision or "main", "commit_url": url}, indent=2))
     return 0

@@ -27,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from prolong.errors import ExpectedError
+
 from .pack import MODES, packed_features
 from .storage import (FORMAT_VERSION, ShardedDatasetWriter, atomic_output_dir, check_output_dir, created_by,
                       write_metadata)
@@ -60,7 +62,7 @@ def _decompress(algorithm: str, data: bytes, path: Path) -> bytes:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise RuntimeError(f"{path} is {family}-compressed and the {module_name} package is not installed: "
+        raise ExpectedError(f"{path} is {family}-compressed and the {module_name} package is not installed: "
                            f"{install} (or decompress the shards)") from error
     try:
         return decompress(module, data)

@@ -16,15 +16,13 @@ from typing import Iterator
 import datasets
 import pyarrow as pa
 
-from prolong.errors import looks_like_hub_id
+from prolong.io.files import chat_turns, data_file_builder, read_data_file
+from prolong.io.hub import looks_like_hub_id
 
 from .storage import load_dataset_dir
 
 logger = logging.getLogger("prolong.data")
 
-JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
-PARQUET_SUFFIXES = (".parquet",)
-CSV_SUFFIXES = (".csv", ".csv.gz")
 SKIPPED_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".tox", ".venv"}
 
 
@@ -129,15 +127,8 @@ def load_raw_inputs(inputs: list[str], *, text_field: str = "text", lines: bool 
             raise ValueError(f"input {path} is a directory but not a saved dataset; pass its files, or "
                              "--repos to read it as code repositories")
         elif path.is_file():
-            lowered = path.name.lower()
-            if lowered.endswith(JSON_SUFFIXES):
-                parts.append(_load_builder("json", str(path), cache_dir))
-                labels.append(name)
-            elif lowered.endswith(PARQUET_SUFFIXES):
-                parts.append(_load_builder("parquet", str(path), cache_dir))
-                labels.append(name)
-            elif lowered.endswith(CSV_SUFFIXES):  # rows, not one text document
-                parts.append(_load_builder("csv", str(path), cache_dir))
+            if data_file_builder(path):  # rows (a csv too), not one text document
+                parts.append(read_data_file(path, cache_dir))
                 labels.append(name)
             else:
                 text_files.append(str(path))
@@ -243,22 +234,13 @@ def check_text_column(part: datasets.Dataset, text_field: str, name: str, nulls_
 
 
 def _check_chat_turns(part: datasets.Dataset, text_field: str, name: str) -> None:
-    """A conversation is a list of turns, each with string `role` and `content` (or OpenAI-style text
-    content parts): a turn without them would fail inside the chat template, or render as an empty turn."""
-    from .tokenize import plain_messages
-
+    """Every conversation's turns, checked as SFT checks them (prolong.io.files.chat_turns)."""
     for row, turns in enumerate(part[text_field]):  # decoded: a content of mixed types is a Json feature
         turns = [json.loads(turn) if isinstance(turn, str) else turn for turn in turns or []]  # mixed-key turns
         try:
-            turns = plain_messages(turns)
+            chat_turns(turns)
         except ValueError as error:
             raise ValueError(f"input {name} row {row + 1}, {error}; fix or remove that row") from None
-        for number, turn in enumerate(turns):
-            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)
-                    and (isinstance(turn.get("content"), str) or turn.get("tool_calls"))):
-                shown = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
-                raise ValueError(f"input {name} row {row + 1}, turn {number + 1} of {text_field!r}: a chat turn "
-                                 f"needs string 'role' and 'content' (got {shown}); fix or remove that row")
 
 
 def _with_all_columns(part: datasets.Dataset, parts: list[datasets.Dataset]) -> datasets.Dataset:
@@ -268,16 +250,3 @@ def _with_all_columns(part: datasets.Dataset, parts: list[datasets.Dataset]) -> 
             value = 0 if column == "skipped_files" else None
             part = part.add_column(column, [value] * len(part))
     return part
-
-
-def _load_builder(builder: str, path: str, cache_dir: str | None) -> datasets.Dataset:
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"input {path} is empty (0 bytes): nothing to tokenize")
-    try:
-        return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
-    except Exception as error:
-        while error.__cause__ is not None:  # datasets wraps the reader's error in DatasetGenerationError
-            error = error.__cause__
-        raise ValueError(f"could not read {path} as {builder} ({type(error).__name__}: {error}); "
-                         "check that it is valid UTF-8 "
-                         + {"json": "JSON lines", "csv": "CSV with a header row"}.get(builder, builder)) from error

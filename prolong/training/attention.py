@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.flash_attention import get_target_dtype
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-from prolong.errors import RecipeError
+from prolong.errors import ExpectedError, RecipeError
 from prolong.training.collator import NOT_MODEL_INPUTS, PackedCollator
 from prolong.training.compat import check_flash_attention_kwargs, varlen_causal_call, varlen_takes_window
 from prolong.training.loss import HiddenStateCapture, logit_scale_of, logit_softcap_of, output_logits
@@ -161,12 +161,12 @@ def dense_mask_warning(attn: str, max_length: int | None) -> str | None:
     )
 
 
-class DocumentMaskingError(RuntimeError):
-    pass
+class DocumentMaskingError(ExpectedError):
+    """The model lets packed documents see each other; the message names the backend to use."""
 
 
-class OutputHeadError(RuntimeError):
-    pass
+class OutputHeadError(ExpectedError):
+    """The output head does not compute what the recipe's loss assumes."""
 
 
 def _check_output_head(model, hidden: torch.Tensor, logits: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from prolong.data import read_metadata
-from prolong.demo.corpus import JANEAUSTENR_DATA, build_demo_corpus, janeausten_novels, man_page_text
+from prolong.data.demo_corpus import JANEAUSTENR_DATA, build_demo_corpus, janeausten_novels, man_page_text
 
 
 def byte_level_tokenizer():

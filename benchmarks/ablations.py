@@ -74,7 +74,8 @@ def variant_runs(name: str, data: str, out: Path, steps: int | None) -> dict:
          "--save_strategy", "no", *extra, *steps_flag], runs / "cpt.log")
     run([python, "prolong/run_sft.py", "recipes/tiny/micro-sft.yaml", "--model_name_or_path", str(runs / "cpt"),
          "--output_dir", str(runs / "sft"), "--overwrite_output_dir", "true", "--report_to", "none"], runs / "sft.log")
-    from prolong.demo.cli import MICRO_FACTOR, MICRO_WINDOW, packed_loss, recall_scores
+    from prolong.demo.micro_data import MICRO_FACTOR, MICRO_WINDOW
+    from prolong.demo.micro_report import packed_loss, recall_scores
 
     recall = recall_scores(str(runs / "sft"), str(runs / "eval"), MICRO_WINDOW, MICRO_FACTOR, samples=20)
     loss = packed_loss(str(runs / "sft"), os.path.join(data, f"heldout-short-{MICRO_WINDOW}"))
@@ -100,7 +101,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="CPT steps per variant (default: the recipe's)")
     parser.add_argument("--variants", default="prolong,theta_unchanged,no_masking,long_only")
     args = parser.parse_args(argv)
-    from prolong.demo.corpus import RECALL_TASK
+    from prolong.demo.micro_data import MICRO_FACTOR, MICRO_WINDOW, RECALL_TASK
+    from prolong.demo.micro_report import plot_recall_and_loss
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,31 +127,10 @@ def main(argv=None) -> None:
         lines += [f"| {a} | {d} | {'yes' if ok else 'no'} |" for a, d, ok in directions(rows)]
     (out / "ablations.md").write_text("\n".join(lines) + "\n")
     (out / "ablations.json").write_text(json.dumps(list(rows.values()), indent=2))
-    _plot(list(rows.values()), out / "ablations.png")
+    runs = list(rows.values())
+    plot_recall_and_loss([r["variant"] for r in runs], [r["recall_native"] for r in runs], [r["recall_4x"] for r in runs],
+                         [r["short_loss"] for r in runs], MICRO_WINDOW, MICRO_FACTOR, out / "ablations.png")
     print("\n".join(lines))
-
-
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    names = [r["variant"] for r in rows]
-    xs = range(len(rows))
-    left.bar([x - 0.2 for x in xs], [r["recall_native"] for r in rows], width=0.4, label="256 (native)")
-    left.bar([x + 0.2 for x in xs], [r["recall_4x"] for r in rows], width=0.4, label="1024 (4x)")
-    left.set_xticks(list(xs), names, rotation=15)
-    left.set_ylabel("recall (%)")
-    left.set_ylim(0, 118)  # room above the bars for the legend
-    left.legend(loc="upper center", ncol=2, fontsize=8)
-    right.bar(list(xs), [r["short_loss"] for r in rows], color="gray")
-    right.set_xticks(list(xs), names, rotation=15)
-    right.set_ylabel("held-out short-text loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ What is measured, for every sequence length, on the SAME rows of the SAME random
   this method uses ``sdpa`` when ``varlen`` is asked for (the ``attn`` column says what ran).
 
 The step is built as the recipes build it. Each trainer runs ``Trainer.train()``'s own set-up and
-is stopped by a callback at ``on_train_begin``, before its first step (``set_up_as_train``): in
-transformers 5.24 ``train()``, not ``__init__``, applies Liger's layer kernels and turns on
+is stopped by a callback at ``on_train_begin``, before its first step (``set_up_as_train``):
+``train()``, not ``__init__``, applies Liger's layer kernels and turns on
 activation checkpointing (and with it ``--offload`` / ``--checkpoint-every``); our
 ``CPTTrainer._inner_training_loop`` then tiles the MLPs (``--tiled-mlp``) and ``accelerate``
 prepares the model and optimizer. A benchmark that called ``training_step`` on a trainer fresh
@@ -213,8 +213,8 @@ def trainer_arguments(ns, cuda: bool) -> dict:
     if ns.activation_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {
             "use_reentrant": False,
-            # on CPU the activations already live in host memory, and transformers 5.24's offload
-            # asks save_on_cpu for pinned memory, which a CPU-only torch refuses: a no-op there
+            # on CPU the activations already live in host memory (and pinned memory is refused:
+            # docs/versions.md), so offload is a no-op there
             "offload": ns.offload and cuda,
             "every_n_layers": ns.checkpoint_every,  # 1 = every layer; 2 = every other layer, ...
         }

@@ -8,7 +8,6 @@ Order of work, so that nothing is lost and nothing is mixed:
 3. a task that fails is reported as failed and the others still run;
 4. scores.json, report.md and the plots cover every (task, length) of this run found in output_dir.
 """
-import dataclasses
 import glob
 import json
 import logging
@@ -67,8 +66,7 @@ def resolved_settings(task, cfg: dict) -> dict:
     """The per-task settings after applying the task's (HELMET) defaults for null config keys."""
     return {"generation_max_length": _setting(cfg, "generation_max_length", task.generation_max_length),
             "use_chat_template": _setting(cfg, "use_chat_template", task.use_chat_template),
-            "stop_newline": _setting(cfg, "stop_newline", task.default_stop_newline(cfg.get("mode", "helmet"))
-                                     if hasattr(task, "default_stop_newline") else task.stop_newline),
+            "stop_newline": _setting(cfg, "stop_newline", task.default_stop_newline(cfg.get("mode", "helmet"))),
             "max_samples": _setting(cfg, "max_samples", task.default_max_samples),
             "shots": _setting(cfg, "shots", task.shots)}
 
@@ -78,12 +76,10 @@ def _load_request(task, length: int, cfg: dict, settings: dict, count_tokens, ma
     fields = dict(length=length, input_budget=length - settings["generation_max_length"],
                   max_samples=max_samples or settings["max_samples"], seed=cfg["seed"], shots=settings["shots"],
                   data_dir=cfg["data_dir"], num_depths=cfg["num_depths"], count_tokens=count_tokens)
-    known = {f.name for f in dataclasses.fields(LoadRequest)}
-    for key in ("mode", "length_tokenizer"):  # EA's HELMET-fidelity fields, when present
-        if key in known and cfg.get(key) is not None:
+    for key in ("mode", "length_tokenizer"):
+        if cfg.get(key) is not None:
             fields[key] = cfg[key]
-    if "length_tokenizer" in known:
-        fields.setdefault("length_tokenizer", tokenizer)  # HELMET's document measures: the model's tokenizer by default
+    fields.setdefault("length_tokenizer", tokenizer)  # HELMET's document measures: the model's tokenizer by default
     return LoadRequest(**fields)
 
 
@@ -357,8 +353,7 @@ def run_task_length(task, length: int, cfg: dict, generator, builder: PromptBuil
             start = time.time()
             output = generator.generate(input_ids, gen_len, stop_newline)
             elapsed = time.time() - start
-            scored = (task.score_output(output, sample, use_chat, request.mode) if hasattr(task, "score_output")
-                      else task.score(output, sample))
+            scored = task.score_output(output, sample, use_chat, request.mode)
             metrics = {**scored, **_model_scores(task, output, sample, scorers)}
             record = {"id": sample["id"], "task": task.name, "length": length, "input_tokens": len(input_ids),
                       "truncated_tokens": cut, "depth": sample.get("depth"), "output": output,

@@ -74,15 +74,24 @@ def train_tiny_tokenizer(vocab_size: int = 300):
     return fast
 
 
+def tiny_llama(vocab_size: int, *, silent: bool = False, **overrides):
+    """A tiny LlamaForCausalLM of `tiny_llama_config`, random weights seeded 0 (the one model factory of
+    the tests). `silent`: all logits equal, so greedy decoding picks id 0 at once."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size, **overrides))
+    if silent:
+        torch.nn.init.zeros_(model.lm_head.weight)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A saved tiny LlamaForCausalLM (random weights) + tokenizer, loadable by path."""
-    from transformers import LlamaForCausalLM
-
     path = str(tmp_path_factory.mktemp("tiny-llama"))
     tokenizer = train_tiny_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(VOCAB_SIZE))
+    model = tiny_llama(VOCAB_SIZE)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

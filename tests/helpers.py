@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 
-from conftest import WORDS, bpe_tokenizer
+from conftest import WORDS, bpe_tokenizer, tiny_llama
 from transformers import TrainerCallback
 
 
@@ -148,14 +148,6 @@ def make_tokenizer():
 
 
 def make_model(vocab_size: int, window: int = 2048, silent: bool = False):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window,
-                         eos_token_id=0, bos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    if silent:  # all logits equal: greedy picks id 0 = <eos> at once, so the output is empty
-        torch.nn.init.zeros_(model.lm_head.weight)
-    return model
+    """A tiny Llama for `make_tokenizer` (<eos> = 0, <bos> = 2) with a `window`-token context."""
+    return tiny_llama(vocab_size, silent=silent, hidden_size=32, intermediate_size=64, max_position_embeddings=window,
+                      eos_token_id=0, bos_token_id=2, pad_token_id=0)

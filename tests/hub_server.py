@@ -2,7 +2,7 @@
 
 No maintained library serves the Hub's write API offline, so the tests run this small HTTP
 server on 127.0.0.1 and point ``HF_ENDPOINT`` at it; the real client (huggingface_hub 2.x) then
-does the upload. Endpoints, as huggingface_hub 2.4 calls them (hf_api.py, _commit_api.py, lfs.py):
+does the upload. Endpoints, as the pinned huggingface_hub calls them (docs/versions.md):
 
 * ``POST /api/repos/create``                               create_repo
 * ``POST /api/validate-yaml``                               a README.md's YAML, before a commit

@@ -17,7 +17,7 @@ Every case runs with the scratch directory ``{tmp}/cwd`` as working directory, w
 would, ~5 s of imports saved per case); cases whose id starts with ``alone-`` run in a process of
 their own, as typed.
 
-Others append: ``CPT_CASES``/``SFT_CASES`` (V), ``DATA_CASES`` (prolong-data), ``EVAL_CASES``
+Others append: ``CPT_CASES``/``SFT_CASES``, ``DATA_CASES`` (prolong-data), ``EVAL_CASES``
 (evaluation.run), ``DEMO_CASES`` (prolong.demo). docs/bad-inputs.md lists every case and its message.
 """
 
@@ -109,6 +109,7 @@ CPT_CASES = [
     ("cpt-dtype", cpt(dtype="fp16"), "dtype"),
     ("cpt-attn-implementation", cpt(attn_implementation="flash"), "attn_implementation"),
     ("cpt-rope-type-unknown", cpt(rope_scaling='{"rope_type": "ntk", "factor": 2}'), "rope_type"),
+    ("cpt-rope-yarn-without-factor", cpt(rope_scaling='{"rope_type": "yarn"}'), "factor"),
     ("cpt-lr-scheduler-kwargs-not-json", cpt(lr_scheduler_kwargs="min_lr_rate=0.1"), "lr_scheduler_kwargs"),
     ("cpt-global-batch-0", cpt(global_batch_size=0), "global_batch_size"),
     ("cpt-max-length-0", cpt(max_length=0), "max_length"),
@@ -165,7 +166,7 @@ SFT_CASES = [
      "klingon"),
 ]
 
-# prolong-data (engineer D); tests/test_data_errors.py holds 40 more, on bad files it makes
+# prolong-data; tests/test_data_errors.py holds 40 more, on bad files it makes
 MDS_RELEASED = "{repo}/tests/fixtures/mds/released"
 DATA_CASES: list[tuple[str, list[str], str]] = [
     ("data-tokenize-input-missing", ["prolong-data", "tokenize", "{tmp}/nope.jsonl", "--tokenizer", "{model}",
@@ -191,7 +192,7 @@ DATA_CASES: list[tuple[str, list[str], str]] = [
      "is a file"),
     ("data-import-mds-domain-over-several", ["prolong-data", "import-mds", MDS_RELEASED, "--domain", "x",
                                              "--out", "{tmp}/d11"], "books, fineweb-edu"),
-    # prolong-data push (engineer H): refused before any network call
+    # prolong-data push: refused before any network call
     ("data-push-no-repo-id", ["prolong-data", "push", "{short}"], "--repo-id is required"),
     ("data-push-bad-repo-id", ["prolong-data", "push", "{short}", "--repo-id", "my org/x"],
      "'my org/x' is not a Hub repository id"),
@@ -200,7 +201,7 @@ DATA_CASES: list[tuple[str, list[str], str]] = [
     ("data-inspect-bad-hub-address", ["prolong-data", "inspect", "hf://datasets/my-org"],
      "hf://datasets/my-org is not a Hub dataset address: use hf://datasets/ORG/NAME/CONFIG"),
 ]
-EVAL_CASES: list[tuple[str, list[str], str]] = [  # evaluation.run (engineer EB)
+EVAL_CASES: list[tuple[str, list[str], str]] = [  # evaluation.run
     ("eval-no-model", ["evaluation.run", "--tasks", "json_kv"], "no model given (--model PATH"),
     ("eval-unknown-task", ["evaluation.run", "--model", "{model}", "--tasks", "json_kvv"],
      "Unknown task 'json_kvv'. Known tasks: alce_asqa"),
@@ -222,7 +223,7 @@ EVAL_CASES: list[tuple[str, list[str], str]] = [  # evaluation.run (engineer EB)
     ("eval-update-card-missing", ["evaluation.run", "--model", "{model}", "--update-card", "{tmp}/nope"],
      "not found: {tmp}/nope/README.md"),
 ]
-DEMO_CASES: list[tuple[str, list[str], str]] = [  # prolong.demo (engineer M)
+DEMO_CASES: list[tuple[str, list[str], str]] = [  # prolong.demo
     ("demo-export-out-not-empty", ["prolong.demo", "export-smollm2", "--out", "{tmp}/cwd"],
      "is not empty; pass --overwrite"),
     ("demo-export-out-is-a-file", ["prolong.demo", "export-smollm2", "--out", "{file}"], "is a file, not a directory"),
@@ -231,7 +232,7 @@ DEMO_CASES: list[tuple[str, list[str], str]] = [  # prolong.demo (engineer M)
                                          "--out", "{tmp}/report"], "expected NAME=MODEL_DIR"),
 ]
 
-# resume_from_checkpoint / overwrite_output_dir (engineer R); {tmp}/cwd/unfinished holds an
+# resume_from_checkpoint / overwrite_output_dir; {tmp}/cwd/unfinished holds an
 # incomplete checkpoint-10 (a save that never finished: no checkpoint_complete.json)
 RESUME_CASES: list[tuple[str, list[str], str]] = [
     ("cpt-output-dir-with-checkpoints-no-resume", cpt(output_dir="{tmp}/cwd/unfinished", resume_from_checkpoint="none"),

@@ -189,7 +189,7 @@ def test_benchmark_models_hold_fp32_master_weights_and_autocast_on_cuda(monkeypa
     [("prolong", True), ("trl-padding-free", True), ("hf-padded", True), ("trl-padding-free", False)],
 )
 def test_the_benchmark_step_checkpoints_exactly_when_asked(method, checkpointing):
-    """transformers 5.24 turns checkpointing on inside train(): a trainer fresh from __init__ never
+    """transformers turns checkpointing on inside train() (docs/versions.md): a trainer fresh from __init__ never
     recomputed anything, whatever its arguments said. Counted here: a checkpointed decoder layer
     runs its forward twice per step (forward + recomputation in the backward). TRL's SFTConfig
     defaults to checkpointing, so "off" must be off for it too."""

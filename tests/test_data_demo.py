@@ -2,21 +2,15 @@
 
 import datasets
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from conftest import bpe_tokenizer
 
 from prolong.data import read_metadata
-from prolong.demo.corpus import JANEAUSTENR_DATA, build_demo_corpus, janeausten_novels, man_page_text
+from prolong.data.demo_corpus import JANEAUSTENR_DATA, build_demo_corpus, janeausten_novels, man_page_text
 
 
 def byte_level_tokenizer():
-    model = Tokenizer(models.BPE())
-    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    model.decoder = decoders.ByteLevel()
-    model.train_from_iterator(["def class import return the of and to a in that is"] * 10,
-                              trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|endoftext|>")
+    return bpe_tokenizer(["def class import return the of and to a in that is"] * 10, 400, ["<|endoftext|>"],
+                         byte_alphabet=True, eos_token="<|endoftext|>")
 
 
 def test_build_demo_corpus(tmp_path):

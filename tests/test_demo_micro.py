@@ -17,16 +17,15 @@ def _passkey_rows(tokenizer, out: str, count: int, seed: str) -> str:
     """Passkey documents of 512-1024 tokens (up to 4x the window), loss on the answer, bin-packed
     whole into 1024-token rows: the demo's `recall-long-1024` domain, smaller."""
     from prolong.data.pack import pack_dataset
-    from prolong.demo.cli import _passkey_dataset
-    from prolong.demo.corpus import recall_documents
+    from prolong.demo.micro_data import passkey_dataset, recall_documents
 
     documents = recall_documents(tokenizer, count, 512, 1024, seed)
-    pack_dataset(_passkey_dataset(tokenizer, documents, True, "recall-long"), out, mode="sft", length=1024)
+    pack_dataset(passkey_dataset(tokenizer, documents, True, "recall-long"), out, mode="sft", length=1024)
     return out
 
 
 def test_committed_base_matches_its_checksums():
-    from prolong.demo.cli import verify_checksums
+    from prolong.demo.outputs import verify_checksums
 
     verify_checksums(BASE)
 
@@ -35,7 +34,8 @@ def test_committed_base_matches_its_checksums():
 def test_training_beyond_the_window_beats_the_base_at_4x(tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
-    from prolong.demo.cli import MICRO_WINDOW, recall_scores
+    from prolong.demo.micro_data import MICRO_WINDOW
+    from prolong.demo.micro_report import recall_scores
     from prolong.run_cpt import main
 
     tokenizer = AutoTokenizer.from_pretrained(BASE)

@@ -19,7 +19,7 @@ EXPECTED = sorted(glob.glob(os.path.join(FIXTURES, "expected", "*.json")))
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from prolong.demo.cli import load_smollm2_tokenizer
+    from prolong.demo.smollm2 import load_smollm2_tokenizer
     return load_smollm2_tokenizer()
 
 

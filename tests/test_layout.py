@@ -137,6 +137,8 @@ def rule_violations(graph: dict[str, set[str]], exceptions=KNOWN_EXCEPTIONS) -> 
                 violations.append(f"{module} imports the entry script {name}")
             if module.startswith("prolong.data") and _is_training(name):
                 violations.append(f"{module} (offline data tools) imports the training module {name}")
+            if module.startswith("prolong.data") and name.startswith("prolong.demo"):
+                violations.append(f"{module} (offline data tools) imports the demo module {name}")
             if module.startswith("evaluation") and _is_training(name):
                 violations.append(f"{module} (evaluation) imports the training module {name}")
             if _is_shared(module) and _is_training(name):
@@ -159,6 +161,8 @@ def test_import_rules_catch_each_kind_of_violation():
     """The rules on a made-up graph: one import breaking each rule, and imports that are allowed."""
     planted = {"prolong.demo.cli": {"prolong.run_cpt"},                    # an entry script imported
                "prolong.data.pack": {"prolong.training.trainer"},          # data tools -> training
+               "prolong.data.cli": {"prolong.demo.micro_data"},            # data tools -> demo
+               "prolong.demo.micro_data": {"prolong.data.demo_corpus"},    # allowed: demo builds on data
                "evaluation.runner": {"prolong.model"},                     # evaluation -> training
                "prolong.errors": {"prolong.parallel.sequence"},            # shared -> training
                "prolong.io.hub": {"prolong.data.storage", "prolong.errors"},  # io -> a tool built on it
@@ -172,6 +176,7 @@ def test_import_rules_catch_each_kind_of_violation():
                "prolong.run_cpt": {"prolong.training.trainer", "prolong.data.pack"}}  # allowed
     assert sorted(rule_violations(planted, exceptions=set())) == [
         "evaluation.runner (evaluation) imports the training module prolong.model",
+        "prolong.data.cli (offline data tools) imports the demo module prolong.demo.micro_data",
         "prolong.data.pack (offline data tools) imports the training module prolong.training.trainer",
         "prolong.demo.cli imports the entry script prolong.run_cpt",
         "prolong.errors (shared by every CLI) imports the training module prolong.parallel.sequence",
@@ -183,7 +188,7 @@ def test_import_rules_catch_each_kind_of_violation():
         "prolong.training.attention (used by prolong.parallel) imports prolong.parallel.compat back",
     ]
     # an exception silences exactly its own pair
-    assert len(rule_violations(planted, exceptions={("evaluation.runner", "prolong.model")})) == 9
+    assert len(rule_violations(planted, exceptions={("evaluation.runner", "prolong.model")})) == 10
 
 
 def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:

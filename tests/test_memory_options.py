@@ -201,7 +201,7 @@ def _liger_stand_in(calls):
 
 
 def test_the_mlps_are_tiled_after_the_trainers_liger_kernels(monkeypatch, tmp_path, caplog):
-    """transformers 5.24 applies Liger inside train(), after the Trainer's __init__: tiling in
+    """transformers applies Liger inside train(), after the Trainer's __init__ (docs/versions.md): tiling in
     __init__ had Liger's forward replace the tiled one (the tiles silently off)."""
     import transformers.trainer
 

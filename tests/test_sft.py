@@ -82,7 +82,7 @@ def _sentencepiece_vicuna_tokenizer():
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from prolong.demo.cli import load_smollm2_tokenizer
+    from prolong.demo.smollm2 import load_smollm2_tokenizer
 
     return load_smollm2_tokenizer()
 

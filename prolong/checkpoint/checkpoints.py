@@ -1,28 +1,5 @@
-"""Checkpoints that are complete or ignored, resuming from the newest complete one, and the data
-position (sequences consumed) stored with each checkpoint.
-
-What transformers 5.24 does not do, and why this module exists:
-
-* The Trainer writes ``checkpoint-N`` in place and never syncs it: after a kill or a power loss
-  the newest directory can hold a missing, partial or 0-byte ``trainer_state.json`` /
-  ``optimizer.pt``, and ``get_last_checkpoint`` still picks it. Here a checkpoint counts as
-  complete only once ``checkpoint_complete.json`` exists, written LAST, after every file of the
-  checkpoint was fsynced; it lists each file with its size, so a file truncated later (a power
-  loss before the file system flushed it) is noticed too, and its content digest (read while the
-  checkpoint is synced), so a resume never takes flipped bytes or an edited file.
-* A resume must be the same run: the marker records the run's identity (stage, model, tokenizer,
-  init_from, data; ``identity.py``) and the output_dir's record (``ownership.py``) the same; a
-  different one is refused, naming what changed.
-* The Trainer resumes by skipping ``global_step x gradient_accumulation_steps`` batches of the
-  *current* run: with another ``global_batch_size`` it lands on the wrong sequence. The marker
-  records the sequences consumed, and the train-time mixture starts exactly there
-  (``MixtureDataset.start_at``); datasets that cannot (SFT's) refuse a changed batch size.
-* The Trainer's rotation (``save_total_limit``) runs before anything marks the new checkpoint
-  complete and sorts by mtime; ours runs after the marker and keeps the newest complete ones.
-* One behaviour for an ``output_dir`` that already holds checkpoints: ``resume_from_checkpoint:
-  auto`` (the default) continues from the newest complete one; ``overwrite_output_dir: true``
-  removes them and starts over; anything else is refused with those two ways out.
-"""
+"""Checkpoints that are complete (a marker written last, after every file is synced) or ignored, resume
+from the newest complete one with its data position; why the Trainer's own is not enough: docs/scale-out.md."""
 
 from __future__ import annotations
 

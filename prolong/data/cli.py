@@ -176,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
         write_local_card(args.out, args.command_line)
         print(json.dumps(metadata, indent=2))
     elif args.command == "demo":
-        from prolong.demo.corpus import build_demo_corpus  # the demo corpus lives with the other demo builders
+        from .demo_corpus import build_demo_corpus
 
         if not args.max_mb > 0:
             raise ValueError(f"--max_mb must be a positive number of megabytes per domain, got {args.max_mb}")

@@ -28,9 +28,9 @@ from typing import Iterator
 
 import datasets
 
-from prolong.data.pack import pack_dataset
-from prolong.data.sources import read_repository
-from prolong.data.tokenize import tokenize_dataset, tokenizer_name
+from .pack import pack_dataset
+from .sources import read_repository
+from .tokenize import tokenize_dataset, tokenizer_name
 
 logger = logging.getLogger("prolong.data")
 
@@ -55,7 +55,8 @@ def _stdlib_entries() -> list[Path]:
     return entries
 
 
-def _capped(texts: Iterator[str], max_bytes: int) -> list[str]:
+def capped(texts: Iterator[str], max_bytes: int) -> list[str]:
+    """The non-blank texts in order until `max_bytes` of UTF-8 are kept."""
     kept, total = [], 0
     for text in texts:
         if not text.strip():
@@ -174,9 +175,9 @@ def demo_texts(max_bytes_per_domain: int, janeaustenr_data: Path = JANEAUSTENR_D
                        "the books domain uses standard-library docstrings instead")
         books = stdlib_docstring_books()
     short = man_pages() if any(MAN_ROOT.glob("man[1-8]/*")) else stdlib_docstrings()
-    return {"code_repos": _capped(stdlib_repositories(), max_bytes_per_domain),
-            "books": _capped(iter(books), max_bytes_per_domain),
-            "short": _capped(short, max_bytes_per_domain)}
+    return {"code_repos": capped(stdlib_repositories(), max_bytes_per_domain),
+            "books": capped(iter(books), max_bytes_per_domain),
+            "short": capped(short, max_bytes_per_domain)}
 
 
 DEMO_MODES = {"code_repos": "long", "books": "long", "short": "short"}
@@ -199,45 +200,3 @@ def build_demo_corpus(tokenizer, out_dir: str | os.PathLike, *, length: int = 10
                      overwrite=overwrite, tokenizer_name=tokenizer_name(tokenizer))
         outputs[domain] = out_dir / domain
     return outputs
-
-
-# ------------------------------------------------------------------------------------------------
-# Micro-ProLong (`make demo`): lookup documents in the evaluation task's own format, and man pages
-# split into training and held-out documents.
-
-RECALL_TASK = "passkey_word"  # evaluation/tasks/recall.py: a one-noun pass key in RULER's noise sentences
-
-
-def short_texts(split: str, max_bytes: int) -> list[str]:
-    """Man pages (standard-library docstrings without them): every 10th page is held out ("heldout"),
-    the others are "train", so short-text loss is measured on documents never trained on."""
-    pages = man_pages() if any(MAN_ROOT.glob("man[1-8]/*")) else stdlib_docstrings()
-    keep = (lambda i: i % 10 == 0) if split == "heldout" else (lambda i: i % 10 != 0)
-    return _capped((text for i, text in enumerate(pages) if keep(i)), max_bytes)
-
-
-def recall_documents(tokenizer, count: int, min_tokens: int, max_tokens: int, seed: str) -> list[tuple[str, str]]:
-    """`count` (prompt, answer) pairs laid out exactly like the evaluation's `RECALL_TASK` prompt (no
-    chat template), each sized to a random token count in [min_tokens, max_tokens] with the needle at a
-    random depth. The item streams are seeded by `seed` and the document index, never by the
-    evaluation's (task, length, index, seed), so training and test samples differ."""
-    import random
-
-    from evaluation.generation import PromptBuilder
-    from evaluation.synthetic import BUILDERS, fit_items_to_length, stable_seed
-    from evaluation.tasks import get_task
-
-    task = get_task(RECALL_TASK)
-    build = BUILDERS[task.extra["builder"]]
-    builder = PromptBuilder(tokenizer)
-    rng = random.Random(stable_seed("micro-prolong", seed))
-    answer_tokens = 4  # " saddle." plus EOS
-    documents = []
-    for index in range(count):
-        target = rng.randint(min_tokens, max_tokens) - answer_tokens
-        depth = rng.random()
-        sample_seed = stable_seed("micro-prolong", seed, index)
-        _, fields = fit_items_to_length(lambda n: build(sample_seed, n, depth), builder.count(task, False), target)
-        prompt, _ = builder.text(task, fields, use_chat_template=False)
-        documents.append((prompt, f" {fields['answer'][0]}."))
-    return documents

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--length", type=int, required=True, help="packed sequence length L in tokens")
     pack.add_argument("--min_length", type=int,
                       help="long mode: only documents with at least this many tokens (default: --length)")
+    pack.add_argument("--document_length", type=int,
+                      help="long mode: rows of --length tokens holding --length/D documents of D tokens each, "
+                           "every document its own attention span (ProLong's 64K documents in 512K rows)")
     pack.add_argument("--seed", type=int, default=0, help="sft mode: seed for the order of packed rows")
     pack.add_argument("--out", required=True, help="output directory")
     _add_common(pack)
@@ -154,7 +157,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--seed must be 0 or more, got {args.seed}")
 
         metadata = pack_dataset(resolve_dataset_dir(args.input), args.out, mode=args.mode, length=args.length,
-                                min_length=args.min_length, seed=args.seed, overwrite=args.overwrite)
+                                min_length=args.min_length, seed=args.seed, overwrite=args.overwrite,
+                                document_length=args.document_length)
         from .hub import write_local_card
 
         write_local_card(args.out, args.command_line)  # the card `push` uploads, readable now

@@ -4,6 +4,9 @@ ProLong's three modes (see docs/data.md):
 
 * `long`:  only documents with at least `min_length` tokens; each is cut into `length`-token
   sequences, one span each. The tail of a document (< `length` tokens) is dropped and counted.
+  With `document_length` D (ProLong's stage-2 rows, e.g. 64K documents in 512K rows): documents of
+  at least D tokens are cut into D-token pieces, and `length` / D pieces fill a row, each its own
+  span; shorter documents are dropped and counted.
 * `short`: documents are concatenated; a document that does not fit is continued in the next
   sequence (as a new span). The final partial sequence is dropped and counted.
 * `sft`:   whole conversations are bin-packed best-fit-decreasing into rows of at most `length`
@@ -116,30 +119,45 @@ def _chunk_arrays(table: pa.Table, with_mask: bool):
     return tokens, mask, lengths
 
 
-def _pack_long(chunks, writer, stats, codes, length, min_length, with_mask, progress):
+def _pack_long(chunks, writer, stats, codes, length, min_length, with_mask, progress, document_length=None):
+    """Cut each kept document into `piece`-token pieces (piece = document_length, else length), one span
+    each, and put length // piece consecutive pieces in a row; pieces that fill no whole row are carried
+    to the next chunk, and dropped (counted) at the end."""
+    piece = document_length or length
+    per_row = length // piece
+    carry_tokens, carry_mask, carry_domains = np.zeros(0, np.int32), np.zeros(0, np.int8), np.zeros(0, np.int64)
     for table in chunks:
         tokens, mask, lengths = _chunk_arrays(table, with_mask)
-        domains = codes.encode(table.column("domain").combine_chunks())
+        domains = codes.encode(table.column("domain").combine_chunks()).astype(np.int64)
         stats.documents_in += len(lengths)
         kept = lengths >= min_length
         stats.dropped_documents += int((~kept).sum())
-        rows_per_doc = np.where(kept, lengths // length, 0)
-        # Keep each token whose position in its document falls inside a whole L-token piece.
+        pieces_per_doc = np.where(kept, lengths // piece, 0)
+        # Keep each token whose position in its document falls inside a whole piece.
         doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         position_in_doc = np.arange(len(tokens)) - np.repeat(doc_starts, lengths)
-        keep = position_in_doc < np.repeat(rows_per_doc * length, lengths)
-        num_rows = int(rows_per_doc.sum())
-        row_domains = np.repeat(domains, rows_per_doc)
-        stats.dropped_tokens += int(len(tokens) - num_rows * length)
+        keep = position_in_doc < np.repeat(pieces_per_doc * piece, lengths)
+        stats.dropped_tokens += int(len(tokens) - keep.sum())
+        tokens = np.concatenate([carry_tokens, tokens[keep]])
+        mask = np.concatenate([carry_mask, mask[keep]]) if with_mask else None
+        piece_domains = np.concatenate([carry_domains, np.repeat(domains, pieces_per_doc)])
+        num_rows = len(piece_domains) // per_row
+        used = num_rows * length
         if num_rows:
-            row_offsets = np.arange(num_rows + 1) * length
-            table_out = _rows_table(tokens[keep], row_offsets, np.zeros(num_rows), np.full(num_rows, length),
-                                    np.ones(num_rows, np.int64), codes.decode(row_domains),
-                                    mask[keep] if mask is not None else None)
-            writer.write(table_out)
-            codes.count(row_domains, np.full(num_rows, length), stats.domain_tokens)
+            span_starts = np.tile(np.arange(per_row) * piece, num_rows)
+            writer.write(_rows_table(tokens[:used], np.arange(num_rows + 1) * length, span_starts,
+                                     span_starts + piece, np.full(num_rows, per_row),
+                                     codes.decode(piece_domains[:num_rows * per_row:per_row]),
+                                     mask[:used] if with_mask else None))
+            codes.count(piece_domains[:num_rows * per_row], np.full(num_rows * per_row, piece), stats.domain_tokens)
         stats.num_sequences += num_rows
+        carry_tokens, carry_domains = tokens[used:].copy(), piece_domains[num_rows * per_row:].copy()
+        carry_mask = mask[used:].copy() if with_mask else carry_mask
         progress.update(len(lengths))
+    if len(carry_tokens):
+        logger.info("long: %d piece(s) of %d tokens left over, fewer than one %d-token row: dropped",
+                    len(carry_domains), piece, length)
+    stats.dropped_tokens += len(carry_tokens)
 
 
 def _pack_short(chunks, writer, stats, codes, length, with_mask, progress):
@@ -252,12 +270,18 @@ def _pack_sft(dataset, writer, stats, codes, length, with_mask, progress, seed, 
         progress.update(len(ids))
 
 
-def _no_rows_message(source: str, mode: str, length: int, min_length: int, tokenized: datasets.Dataset) -> str:
+def _no_rows_message(source: str, mode: str, length: int, min_length: int, tokenized: datasets.Dataset,
+                     document_length: int | None = None) -> str:
     """Why packing gave no row, and what to change (an empty output would train on nothing)."""
     if not len(tokenized):
         return f"{source} holds no documents: nothing to pack"
     lengths = pc.list_value_length(tokenized.with_format("arrow", columns=["input_ids"])[:]["input_ids"])
     longest, total = pc.max(lengths).as_py() or 0, pc.sum(lengths).as_py() or 0
+    if mode == "long" and document_length:
+        return (f"--mode long --length {length} --document_length {document_length}: {source} does not hold "
+                f"{length // document_length} document piece(s) of {document_length} tokens, one row (documents of "
+                f"{min_length} tokens or more; the longest of its {len(tokenized)} has {longest}); give a smaller "
+                "--document_length or --length, or pack this data with --mode short")
     if mode == "long":
         return (f"--mode long --length {length}: no document of {source} has {max(length, min_length)} tokens "
                 f"or more (the longest of its {len(tokenized)} has {longest}); give a smaller --length, or "
@@ -269,14 +293,28 @@ def _no_rows_message(source: str, mode: str, length: int, min_length: int, token
             f"(the longest has {longest}); give a larger --length")
 
 
+def check_document_length(mode: str, length: int, document_length: int | None) -> None:
+    """--document_length D: long mode only, 2 or more, and `length` a whole number of D-token documents."""
+    if document_length is None:
+        return
+    if mode != "long":
+        raise ValueError(f"--document_length applies to --mode long only (got --mode {mode}); leave it out")
+    if document_length < 2:
+        raise ValueError(f"--document_length must be a number of tokens, 2 or more, got {document_length}")
+    if length % document_length:
+        raise ValueError(f"--length {length} is not a multiple of --document_length {document_length}: a row "
+                         f"holds a whole number of documents; give a --document_length that divides {length}")
+
+
 def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str | os.PathLike, *,
                  mode: str, length: int, min_length: int | None = None, overwrite: bool = False,
-                 seed: int = 0, tokenizer_name: str | None = None,
+                 seed: int = 0, tokenizer_name: str | None = None, document_length: int | None = None,
                  max_shard_bytes: int | None = None, chunk_rows: int = 4096) -> dict:
     """Pack a tokenized dataset (a Dataset or a `prolong-data tokenize` directory) into `out_dir`.
 
     Returns the metadata written to `out_dir/prolong_data.json`. `chunk_rows` documents (fewer if
     they hold more than ~4M tokens) are packed at a time: that bounds memory, not the result.
+    `document_length` (long mode): rows of `length` tokens made of `document_length`-token documents.
     """
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
@@ -287,6 +325,7 @@ def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str |
         raise ValueError(f"--min_length applies to --mode long only (got --mode {mode}); leave it out")
     if min_length is not None and min_length < 2:
         raise ValueError(f"--min_length must be a positive number of tokens, 2 or more, got {min_length}")
+    check_document_length(mode, length, document_length)
     source_metadata, source = {}, "the tokenized dataset"
     inputs = dataset_dirs(tokenized) if isinstance(tokenized, datasets.Dataset) else [tokenized]
     if not isinstance(tokenized, datasets.Dataset):
@@ -310,10 +349,12 @@ def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str |
     if mode == "sft" and not with_mask:
         logger.warning("sft: the tokenized dataset has no `mask` column: every token will be a loss "
                        "target (tokenize chat data from a `messages` field to get an assistant mask)")
+    piece = document_length or length
     if min_length is None:
-        min_length = length
-    if mode == "long" and min_length < length:
-        logger.info("long: documents shorter than --length %d give no sequence, whatever --min_length", length)
+        min_length = piece
+    if mode == "long" and min_length < piece:
+        flag = "--document_length" if document_length else "--length"
+        logger.info("long: documents shorter than %s %d give no sequence, whatever --min_length", flag, piece)
 
     stats = PackStats()
     codes = _DomainCodes()
@@ -327,18 +368,20 @@ def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str |
                 columns = ["input_ids", "domain"] + (["mask"] if with_mask else [])
                 chunks = iter_table_chunks(tokenized, columns, min_rows=chunk_rows, max_values=max(1 << 22, 4 * length))
                 if mode == "long":
-                    _pack_long(chunks, writer, stats, codes, length, min_length, with_mask, progress)
+                    _pack_long(chunks, writer, stats, codes, length, min_length, with_mask, progress,
+                               document_length)
                 else:
                     _pack_short(chunks, writer, stats, codes, length, with_mask, progress)
         writer.close()
         if not stats.num_sequences:
-            raise ValueError(_no_rows_message(source, mode, length, min_length, tokenized))
+            raise ValueError(_no_rows_message(source, mode, length, min_length, tokenized, document_length))
         stats.num_tokens = sum(stats.domain_tokens.values())
         metadata = {
             "format": "prolong-packed",
             "version": FORMAT_VERSION,
             "mode": mode,
             "length": length,
+            "document_length": document_length,  # long: the tokens of each document in a row (None: one per row)
             "num_sequences": stats.num_sequences,
             "num_tokens": stats.num_tokens,
             "domains": dict(sorted(stats.domain_tokens.items())),

@@ -36,10 +36,10 @@ MIXTURE_FILENAME = "dataset_mixture.json"
 TOKENIZED_DIR = "tokenized"
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Changes when the token ids would: the vocabulary and the special tokens."""
+def tokenizer_fingerprint(tokenizer, eos_token: str | None = None) -> str:
+    """Changes when the token ids would: the vocabulary and the BOS/EOS each document gets."""
     vocab = sorted(tokenizer.get_vocab().items())
-    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id]
+    specials = list(special_token_ids(tokenizer, eos_token))  # a tokenizer without EOS is refused here
     return hashlib.sha256(json.dumps([vocab, specials]).encode()).hexdigest()[:16]
 
 
@@ -187,7 +187,7 @@ def load_source(domain: DomainRecipe, num_proc: int, cache_dir: str) -> tuple[da
     return raw, domain.text_field
 
 
-def _tokenized_source(domain: DomainRecipe, tokenizer, out: Path, num_proc: int) -> Path:
+def _tokenized_source(domain: DomainRecipe, tokenizer, out: Path, num_proc: int, eos_token: str | None) -> Path:
     """The source's tokenized folder: a pushed one (hf://datasets/...), or DIR/tokenized/<source>, made
     (atomically) if a previous run did not finish it."""
     if domain.hub is not None and domain.hub.startswith("hf://"):
@@ -200,7 +200,7 @@ def _tokenized_source(domain: DomainRecipe, tokenizer, out: Path, num_proc: int)
     try:
         raw, text_field = load_source(domain, num_proc, cache)
         tokenize_to_disk(raw, tokenizer, folder, text_field=text_field, domain=source_label(domain),
-                         num_proc=num_proc, cache_dir=cache)
+                         num_proc=num_proc, eos_token=eos_token, cache_dir=cache)
     finally:
         remove_scratch(cache)
     return folder
@@ -237,12 +237,11 @@ def mixture_paths(recipe: DataRecipe, out_as_given: str) -> dict[str, float]:
 
 
 def build(recipe: DataRecipe, tokenizer, out_dir: str | os.PathLike, *, num_proc: int = 1,
-          keep_tokenized: bool = False) -> dict:
+          keep_tokenized: bool = False, eos_token: str | None = None) -> dict:
     """Build every domain of `recipe` into `out_dir`; returns the dataset_mixture written beside them."""
     out = Path(out_dir).absolute()
-    special_token_ids(tokenizer)  # a tokenizer without EOS is refused before anything is written
     name = tokenizer_name(tokenizer)
-    record, complete = plan_build(recipe, out, name, tokenizer_fingerprint(tokenizer))
+    record, complete = plan_build(recipe, out, name, tokenizer_fingerprint(tokenizer, eos_token))
     for domain in recipe.domains:
         if domain.document_length is not None and not _pack_takes_document_length():
             raise DataRecipeError(f"domain '{domain.name}': document_length needs `pack --document_length`, "
@@ -258,7 +257,7 @@ def build(recipe: DataRecipe, tokenizer, out_dir: str | os.PathLike, *, num_proc
         todo = [d for d in domains if d.name not in complete]
         if not todo:
             continue
-        tokenized = _tokenized_source(todo[0], tokenizer, out, num_proc)
+        tokenized = _tokenized_source(todo[0], tokenizer, out, num_proc, eos_token)
         for domain in todo:
             logger.info("domain %s: packing %s mode, length %d", domain.name, domain.mode, domain.length)
             _pack_domain(domain, tokenized, out, name)

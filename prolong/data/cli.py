@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--num_proc", type=int, default=1, help="processes for reading and tokenizing")
     build.add_argument("--keep_tokenized", action="store_true",
                        help="keep OUT/tokenized/ (each source's documents, tokenized) after packing")
+    build.add_argument("--eos_token", help="token to end documents with when the tokenizer defines no eos_token")
     _add_tokenizer(build)
 
     from .hub import add_push_parser  # `prolong-data push`, see prolong/data/hub.py
@@ -173,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--num_proc must be 1 or more, got {args.num_proc}")
         recipe = parse_data_recipe(args.recipe)  # every check of the recipe before the tokenizer loads
         build(recipe, load_tokenizer(args.tokenizer, args.gguf_file), args.out, num_proc=args.num_proc,
-              keep_tokenized=args.keep_tokenized)
+              keep_tokenized=args.keep_tokenized, eos_token=args.eos_token)
         from .hub import write_local_card
 
         for domain in recipe.domains:  # the card `push` uploads, with the command that made the domain

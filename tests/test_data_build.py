@@ -296,3 +296,27 @@ def test_the_prolong_recipes_give_the_stage_recipes_mixtures():
         out = os.path.dirname(next(iter(stage_recipe["dataset_mixture"])))
         assert mixture_paths(recipe, out) == stage_recipe["dataset_mixture"]
         assert {domain.length for domain in recipe.domains} == {stage_recipe["max_length"]}
+
+
+def test_a_pushed_tokenized_source_builds_from_its_hf_address(sources, built, tmp_path, monkeypatch):
+    """`hub: hf://datasets/ORG/NAME/CONFIG`: a `prolong-data tokenize` output pushed to the (local fake) Hub
+    is downloaded and packed as it is, giving the domain built from the raw file."""
+    from huggingface_hub import constants
+
+    from hub_server import FakeHub
+
+    assert cli.main(["tokenize", str(sources / "fineweb.parquet"), "--tokenizer", TOKENIZER,
+                     "--out", str(tmp_path / "tok" / "fineweb")]) == 0
+    (tmp_path / "recipe.yaml").write_text(f"length: {LENGTH}\ndomains:\n  fineweb:\n    share: 1.0\n"
+                                          "    hub: hf://datasets/my-org/tokenized/fineweb\n    mode: short\n")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with FakeHub() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        assert cli.main(["push", str(tmp_path / "tok" / "fineweb"), "--repo-id", "my-org/tokenized"]) == 0
+        assert cli.main(["build", str(tmp_path / "recipe.yaml"), "--tokenizer", TOKENIZER,
+                         "--out", str(tmp_path / "out")]) == 0
+    assert rows(tmp_path / "out" / "fineweb") == rows(built / "fineweb")

@@ -98,8 +98,10 @@ def plan_build(recipe: DataRecipe, out: Path, name_of_tokenizer: str, fingerprin
                                   f"(no {METADATA_FILENAME}); delete it to build domain '{domain.name}' again")
         if folder.exists():
             metadata = read_metadata(folder) or {}
-            mismatched = {key: (metadata.get(key), value)
-                          for key, value in _expected_metadata(domain, name_of_tokenizer).items()
+            expected = _expected_metadata(domain, name_of_tokenizer)
+            if "document_length" in metadata:  # recorded by `pack --document_length`
+                expected["document_length"] = domain.document_length
+            mismatched = {key: (metadata.get(key), value) for key, value in expected.items()
                           if metadata.get(key) != value}
             if record["domains"].get(domain.name) != wanted or mismatched:
                 differences = ", ".join(f"{key} {got!r} (recipe: {want!r})" for key, (got, want) in mismatched.items())

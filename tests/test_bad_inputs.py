@@ -317,8 +317,28 @@ OWNERSHIP_CASES: list[tuple[str, list[str], str]] = [
                                             output_dir="demo_data/base-model"), "is this run's tokenizer_name_or_path"),
 ]
 
+# prolong-data build (issue 23): a data recipe is checked whole before anything is read or written
+BUILD_RECIPES = "{repo}/tests/fixtures/data_build"
+BUILD_CASES: list[tuple[str, list[str], str]] = [
+    ("build-recipe-missing", ["prolong-data", "build", "{tmp}/nope.yaml", "--tokenizer", "{model}", "--out", "{tmp}/b0"],
+     "data recipe not found: {tmp}/nope.yaml"),
+    ("build-unknown-key", ["prolong-data", "build", BUILD_RECIPES + "/unknown-key.yaml", "--tokenizer", "{model}",
+                           "--out", "{tmp}/b1"], "unknown key 'min_lenght'; did you mean 'min_length'?"),
+    ("build-shares-not-1", ["prolong-data", "build", BUILD_RECIPES + "/shares.yaml", "--tokenizer", "{model}",
+                            "--out", "{tmp}/b2"], "the shares sum to 0.9, not 1"),
+    ("build-source-missing", ["prolong-data", "build", BUILD_RECIPES + "/missing-source.yaml", "--tokenizer", "{model}",
+                              "--out", "{tmp}/b3"], "domain 'web': files: not found:"),
+    ("build-bad-mode", ["prolong-data", "build", BUILD_RECIPES + "/bad-mode.yaml", "--tokenizer", "{model}",
+                        "--out", "{tmp}/b4"], "mode must be long or short, got 'sft'"),
+    ("build-document-length-on-short", ["prolong-data", "build", BUILD_RECIPES + "/document-length-short.yaml",
+                                        "--tokenizer", "{model}", "--out", "{tmp}/b5"],
+     "document_length applies to mode long only"),
+    ("build-out-not-a-build", ["prolong-data", "build", "{repo}/recipes/prolong-8b/data-64k.yaml", "--tokenizer",
+                               "{model}", "--out", "{model}"], "is not a `prolong-data build` folder"),
+]
+
 ALL_CASES = (PARSE_CASES + CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES + RESUME_CASES
-             + DATA_EVAL_SAFETY_CASES + OWNERSHIP_CASES)
+             + DATA_EVAL_SAFETY_CASES + OWNERSHIP_CASES + BUILD_CASES)
 
 
 def _fill(argv: list[str], places: dict[str, str]) -> list[str]:

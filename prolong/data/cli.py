@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer(demo)
     _add_common(demo)
 
+    build = commands.add_parser("build", help="a data recipe (recipes/prolong-8b/data-64k.yaml) -> every domain "
+                                              "packed + the dataset_mixture to train on")
+    build.add_argument("recipe", help="data recipe YAML: each domain's source, filters, packing and share")
+    build.add_argument("--out", required=True, help="output folder: one packed folder per domain, dataset_mixture.json; "
+                                                    "run again to resume an interrupted build")
+    build.add_argument("--num_proc", type=int, default=1, help="processes for reading and tokenizing")
+    build.add_argument("--keep_tokenized", action="store_true",
+                       help="keep OUT/tokenized/ (each source's documents, tokenized) after packing")
+    build.add_argument("--eos_token", help="token to end documents with when the tokenizer defines no eos_token")
+    _add_tokenizer(build)
+
     from .hub import add_push_parser  # `prolong-data push`, see prolong/data/hub.py
 
     add_push_parser(commands)
@@ -163,6 +174,21 @@ def _run(args: argparse.Namespace) -> int:
 
         write_local_card(args.out, args.command_line)  # the card `push` uploads, readable now
         print(json.dumps(metadata, indent=2))
+    elif args.command == "build":
+        from .build import build, summary
+        from .recipe import parse_data_recipe
+        from .tokenize import load_tokenizer
+
+        if args.num_proc < 1:
+            raise ValueError(f"--num_proc must be 1 or more, got {args.num_proc}")
+        recipe = parse_data_recipe(args.recipe)  # every check of the recipe before the tokenizer loads
+        build(recipe, load_tokenizer(args.tokenizer, args.gguf_file), args.out, num_proc=args.num_proc,
+              keep_tokenized=args.keep_tokenized, eos_token=args.eos_token)
+        from .hub import write_local_card
+
+        for domain in recipe.domains:  # the card `push` uploads, with the command that made the domain
+            write_local_card(Path(args.out) / domain.name, args.command_line)
+        print(json.dumps(summary(args.out, recipe), indent=2))
     elif args.command == "inspect":
         from .inspection import format_summary, summarize
 

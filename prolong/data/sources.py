@@ -114,8 +114,9 @@ def load_repositories(directories: list[str], each_is_repository: bool = False, 
 
 def load_raw_inputs(inputs: list[str], *, text_field: str = "text", lines: bool = False,
                     split: str = "train", hub_config: str | None = None, num_proc: int = 1,
-                    cache_dir: str | None = None) -> datasets.Dataset:
-    """Load jsonl/json/parquet/txt files, `save_to_disk` directories or Hub ids into one Dataset."""
+                    cache_dir: str | None = None, keep_columns: tuple[str, ...] = ()) -> datasets.Dataset:
+    """Load jsonl/json/parquet/txt files, `save_to_disk` directories or Hub ids into one Dataset
+    (the text field, `domain`, and `keep_columns`: what a data recipe filters or groups rows by)."""
     parts, labels = [], []  # labels: the input each part came from, for error messages
     text_files: list[str] = []
     for name in inputs:
@@ -158,7 +159,7 @@ def load_raw_inputs(inputs: list[str], *, text_field: str = "text", lines: bool 
                              "pass --text_field with the name of the text field")
         if "source" not in part.column_names:  # text files name themselves; rows of other inputs are checked
             check_text_column(part, text_field, name)
-    keep = [text_field, "domain", "skipped_files", "source"]
+    keep = [text_field, "domain", "skipped_files", "source", *keep_columns]
     parts = [part.remove_columns([c for c in part.column_names if c not in keep]) for part in parts]
     for part, name in zip(parts, labels):
         if "domain" in part.column_names and len(part) and not _is_string(part.features["domain"]):

@@ -238,8 +238,8 @@ def _pack_has_document_length() -> bool:
 @pytest.mark.skipif(not _pack_has_document_length(),
                     reason="pack_dataset(document_length=...) comes with `pack --document_length` (issue 23, piece 1)")
 def test_stage2_rows_of_shorter_documents_come_from_the_same_tokens(sources, tmp_path):
-    """512K-style rows: code of >= L tokens one per row, and code cut to D = L/2, two documents per row,
-    both from one tokenization of the source."""
+    """512K-style rows: code of >= L tokens one per row, and code cut into D-token pieces (D = L/2, as
+    long mode cuts into L-token rows), two per row, both from one tokenization of the source."""
     recipe = tmp_path / "stage2.yaml"
     recipe.write_text(f"""\
 length: {2 * LENGTH}
@@ -258,7 +258,7 @@ domains:
     assert cli.main(["build", str(recipe), "--tokenizer", TOKENIZER, "--out", str(out), "--keep_tokenized"]) == 0
     assert len(list((out / "tokenized").iterdir())) == 1  # one source, tokenized once
     documents = datasets.load_from_disk(str(next((out / "tokenized").iterdir())))["input_ids"]
-    cut = [doc[:LENGTH] for doc in documents if len(doc) >= LENGTH]
+    cut = [doc[i:i + LENGTH] for doc in documents for i in range(0, len(doc) - LENGTH + 1, LENGTH)]
     packed = datasets.load_from_disk(str(out / f"code-{LENGTH}"))
     assert all(len(row) == 2 * LENGTH for row in packed["input_ids"])
     assert all(spans == [[0, LENGTH], [LENGTH, 2 * LENGTH]] for spans in packed["indices"])

@@ -15,7 +15,7 @@ from prolong.config import DataConfig
 from prolong.data import pack_dataset, read_metadata
 from prolong.errors import RecipeError
 from prolong.parallel.batch import shard_batch_for_sequence_parallel
-from prolong.run_cpt import check_packed_lengths
+from prolong.training.mixture import check_packed_lengths
 from prolong.training.collator import NOT_MODEL_INPUTS, PackedCollator
 from prolong.training.mixture import MixtureDataset
 

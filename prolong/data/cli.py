@@ -177,12 +177,11 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "build":
         from .build import build, summary
         from .recipe import parse_data_recipe
-        from .tokenize import load_tokenizer
 
         if args.num_proc < 1:
             raise ValueError(f"--num_proc must be 1 or more, got {args.num_proc}")
         recipe = parse_data_recipe(args.recipe)  # every check of the recipe before the tokenizer loads
-        build(recipe, load_tokenizer(args.tokenizer, args.gguf_file), args.out, num_proc=args.num_proc,
+        build(recipe, _load_tokenizer(args), args.out, num_proc=args.num_proc,
               keep_tokenized=args.keep_tokenized, eos_token=args.eos_token)
         from .hub import write_local_card
 

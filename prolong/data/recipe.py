@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from prolong.errors import looks_like_hub_id
+from prolong.io.hub import looks_like_hub_id
 from prolong.yaml_files import load_yaml
 
 BUILD_MODES = ("long", "short")  # sft rows (conversations packed whole, shorter rows) train through run_sft

@@ -180,4 +180,18 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
         except ValueError as error:
             raise ValueError(f"{str(error).rstrip('.')} (in {where[key]})." if where[key] != "the command line"
                              else str(error)) from None
+    check_unread_settings(normalised, where)
     return normalised
+
+
+def check_unread_settings(cfg: dict, where: dict) -> None:
+    """A setting given for a task that never reads it would be silently ignored: refuse it instead."""
+    from .tasks import TASKS  # the registry imports no config: only here, where a parsed config needs it
+    for key in SETTINGS:
+        if cfg.get(key) is None or where[key] == "the defaults":
+            continue
+        unread = [name for name in cfg["tasks"] if key in getattr(TASKS.get(name), "unread_settings", ())]
+        if unread:
+            raise ValueError(f"Config key {key!r} ({cfg[key]!r}, in {where[key]}) is not read by task(s) "
+                             f"{', '.join(unread)}: they take no {key}. Remove {key!r}, or run those tasks with "
+                             "a config of their own.")

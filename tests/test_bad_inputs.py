@@ -290,6 +290,8 @@ DATA_EVAL_SAFETY_CASES: list[tuple[str, list[str], str]] = [
     ("eval-max-samples-negative", ["evaluation.run", "--model", "{model}", "--max_samples", "-3"],
      "'max_samples' must be 1 or more, got -3"),
     ("eval-num-depths-0", ["evaluation.run", "--model", "{model}", "--num_depths", "0"], "'num_depths' must be 1 or more"),
+    ("eval-shots-for-a-needle-task", ["evaluation.run", "--model", "{model}", "--tasks", "json_kv,ruler_mv",
+                                      "--shots", "3"], "Config key 'shots' (3, in the command line) is not read by task(s) ruler_mv"),
     ("eval-judge-key-as-variable-name", ["evaluation.run", "--model", "{model}", "--tasks", "narrativeqa",
                                          "--judge_base_url", "https://judge.example.com/v1",
                                          "--judge_api_key_env", "sk-live-0123456789abcdef"],

@@ -25,9 +25,11 @@ def smollm2_tokenizer():
 
 def our_samples(case: dict, tokenizer, mode: str = "helmet"):
     task = get_task(case["task"])
+    # shots null (ICL): HELMET's count for the length
     request = LoadRequest(length=case["length"], input_budget=case["length"] - case["gen"],
                           max_samples=case["max_samples"], seed=case["seed"], shots=case["shots"], data_dir=DATA,
-                          mode=mode, length_tokenizer=tokenizer)
+                          mode=mode, length_tokenizer=tokenizer,
+                          count_tokens=PromptBuilder(tokenizer).count(task, task.use_chat_template))
     return task, request, task.load(task, request)
 
 
@@ -65,7 +67,59 @@ def test_fixtures_cover_every_task_that_reads_data():
     covered = {json.load(open(path))["task"] for path in EXPECTED}
     assert covered == {"kilt_nq", "kilt_triviaqa", "kilt_hotpotqa", "kilt_popqa_3", "msmarco_rerank_psg",
                        "icl_trec_coarse", "icl_trec_fine", "icl_banking77", "icl_clinic150", "icl_nlu",
-                       "narrativeqa", "infbench_qa_eng", "infbench_choice_eng", "infbench_sum_eng", "multi_lexsum"}
+                       "narrativeqa", "infbench_qa_eng", "infbench_choice_eng", "infbench_sum_eng", "multi_lexsum",
+                       "json_kv", "ruler_mk_needle", "ruler_mk_uuid", "ruler_mv"}
+    cases = [json.load(open(path)) for path in EXPECTED]
+    # HELMET's demonstration draws (2 shots, two lengths in one run) and an explicit ICL shot count
+    assert {c["length"] for c in cases if c["task"] in ("narrativeqa", "multi_lexsum") and c["shots"] == 2} == {2048, 3072}
+    assert any(c["task"].startswith("icl_") and c["shots"] == 12 for c in cases)
+
+
+def test_helmets_unseeded_demo_shuffle_is_datasets_own():
+    """The draw we replay is what `Dataset.shuffle()` without a seed does after `np.random.seed`."""
+    import numpy as np
+    from datasets import Dataset
+
+    from evaluation.tasks.books import helmet_global_shuffles
+    pool = Dataset.from_dict({"i": list(range(50))})
+    np.random.seed(7)
+    theirs = [pool.shuffle().select(range(3))["i"] for _ in range(316)]  # draw 312 meets the 624-word refill
+    ours = helmet_global_shuffles(7, [0, 1, 311, 312, 313, 315], 50, 3)
+    assert ours == {i: theirs[i] for i in (0, 1, 311, 312, 313, 315)}
+
+
+def load_case(name: str) -> dict:
+    with open(os.path.join(FIXTURES, "expected", f"{name}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_fixed_mode_keeps_its_own_demonstrations(smollm2_tokenizer):
+    """`helmet` mode's NarrativeQA / Multi-LexSum demonstrations are HELMET's draw (the fixture cases
+    above); `fixed` keeps its per-sample seeded draw."""
+    for name in ("narrativeqa_2048_n2", "multi_lexsum_2048_n2"):
+        case = load_case(name)
+        helmet = [s["demo"] for s in our_samples(case, smollm2_tokenizer)[2]]
+        fixed = [s["demo"] for s in our_samples(case, smollm2_tokenizer, mode="fixed")[2]]
+        assert all(fixed) and all(helmet) and fixed != helmet
+
+
+def test_recall_reads_helmets_files_in_helmet_mode_only_and_generates_other_lengths(smollm2_tokenizer):
+    case = load_case("json_kv_4096_n3")
+    from_file = our_samples(case, smollm2_tokenizer)[2]
+    assert [s["question"] for s in from_file] == [s["question"] for s in case["samples"]]
+    for samples in (our_samples(case, smollm2_tokenizer, mode="fixed")[2],  # fixed: always generated
+                    our_samples({**case, "length": 2048}, smollm2_tokenizer)[2]):  # no HELMET file at 2K here
+        assert samples and all("depth" in s for s in samples)
+        assert not {s["question"] for s in samples} & {s["question"] for s in case["samples"]}
+
+
+def test_a_setting_a_task_does_not_read_is_refused():
+    from evaluation.config import load_config
+    with pytest.raises(ValueError, match=r"Config key 'shots' \(3, in the command line\) is not read by task\(s\) "
+                                         r"ruler_mk_needle, ruler_mv: they take no shots\. Remove 'shots'"):
+        load_config(overrides={"tasks": ["json_kv", "ruler_mk_needle", "icl_nlu", "ruler_mv"], "shots": 3})
+    assert load_config(overrides={"tasks": ["json_kv", "icl_nlu"], "shots": 3})["shots"] == 3
+    assert load_config(overrides={"tasks": ["ruler_mk_needle"], "shots": None})["shots"] is None
 
 
 @pytest.mark.parametrize("path", EXPECTED, ids=[os.path.basename(p)[:-5] for p in EXPECTED])

@@ -78,7 +78,7 @@ def test_multiple_choice_exact_match():
 
 def test_icl_labels_are_mapped_to_integers_as_helmet():
     task = get_task("icl_trec_coarse")
-    request = LoadRequest(length=1024, input_budget=1000, max_samples=3, seed=42, shots=0, data_dir=FIXTURES)
+    request = LoadRequest(length=1024, input_budget=1000, max_samples=3, seed=42, shots=None, data_dir=FIXTURES)
     samples = task.load(task, request)
     assert len(samples) == 3
     test_rows = {f"test question {i} ?": (i * 5) % 6 for i in range(3)}

@@ -6,6 +6,8 @@ import random
 from functools import lru_cache
 from typing import Callable
 
+import numpy as np
+
 from .. import synthetic
 from .common import TRUNCATION_MARKER, LoadRequest, Task, helmet_shuffle, read_jsonl
 
@@ -17,15 +19,41 @@ INFBENCH_HOW = ("download the InfiniteBench file from https://huggingface.co/dat
 
 
 def pick_demos(pool: list, exclude_id, count: int, seed: int) -> list:
-    """Deterministic demonstrations (HELMET shuffled these without a seed)."""
+    """`fixed` mode's demonstrations: seeded per sample, never the sample itself."""
     pool = [p for p in pool if p["id"] != exclude_id]
     return random.Random(synthetic.stable_seed(exclude_id, seed)).sample(pool, min(count, len(pool)))
 
 
-def add_demos(test: list, train: list, req: LoadRequest, render: Callable[[list], str]) -> None:
-    """Each test sample's `demo` field: `render` of its own deterministic demonstrations, or ''."""
-    for sample in test:
-        sample["demo"] = render(pick_demos(train, sample["id"], req.shots, req.seed)) if req.shots > 0 else ""
+def helmet_global_shuffles(seed: int, draws: list[int], pool_size: int, count: int) -> dict[int, list[int]]:
+    """HELMET's NarrativeQA / Multi-LexSum demonstrations: `train.shuffle().select(range(count))` once per
+    row, with no seed, inside one `Dataset.map`. datasets then seeds a `default_rng` permutation with the
+    next word of numpy's global generator and steps it once; HELMET seeds that generator with `seed`
+    (transformers' set_seed) when it loads the model, and datasets' cache hands every later length the
+    map computed first (tests/fixtures/helmet/README.md). {draw index: the `count` pool indices}."""
+    state, wanted, out = np.random.RandomState(seed), set(draws), {}
+    for index in range(max(draws, default=-1) + 1):
+        _, words, position, *_ = state.get_state()
+        word = words[position] if position < 624 else words[0]  # datasets' Dataset.shuffle, verbatim logic
+        state.random_sample()
+        if index in wanted:
+            out[index] = np.random.default_rng(word).permutation(pool_size)[:count].tolist()
+    return out
+
+
+def add_demos(test: list, train: list, req: LoadRequest, render: Callable[[list], str], draws: list[int]) -> None:
+    """Each test sample's `demo` field: `render` of its demonstrations, or ''. `helmet` mode: HELMET's
+    draw number `draws[i]` (the row's position in HELMET's map); `fixed`: seeded per sample."""
+    if req.shots <= 0 or not train:
+        for sample in test:
+            sample["demo"] = ""
+        return
+    if req.mode == "helmet":
+        shuffles = helmet_global_shuffles(req.seed, draws, len(train), min(req.shots, len(train)))
+        for sample, draw in zip(test, draws):
+            sample["demo"] = render([train[i] for i in shuffles[draw]])
+    else:
+        for sample in test:
+            sample["demo"] = render(pick_demos(train, sample["id"], req.shots, req.seed))
 
 
 @lru_cache(maxsize=4)

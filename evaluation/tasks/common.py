@@ -28,7 +28,7 @@ class LoadRequest:
     input_budget: int                # tokens the prompt may use (length - generation_max_length)
     max_samples: int
     seed: int
-    shots: int
+    shots: int | None                # None: the task's own count (ICL: HELMET's shots for the length)
     data_dir: str
     num_depths: int = 11
     count_tokens: Callable[[dict], int] | None = None  # renders fields with the task's template
@@ -48,7 +48,7 @@ class Task:
     generation_max_length: int
     use_chat_template: bool          # HELMET: off for Recall/RAG/Re-rank/ICL, on for QA/Summ/Cite
     stop_newline: bool               # HELMET's configs meant these; its code never applied them
-    shots: int
+    shots: int | None                # the default demonstrations; None: chosen by length (ICL)
     primary_metric: str
     load: Callable[["Task", "LoadRequest"], list]  # a category's loader, its per-task data bound with partial
     score: Callable[[str, dict], dict]  # (model output, sample) -> metrics
@@ -59,6 +59,7 @@ class Task:
     fallback_metric: str | None = None  # reported when the judge (or Cite's NLI model) is not configured
     helmet_score: Callable[[str, dict], dict] | None = None  # HELMET's scorer where `score` fixes it
     score_components: tuple = ()     # Cite: the score is the mean of these metrics (HELMET's collect_results)
+    unread_settings: tuple = ()      # config keys this task ignores: setting one is refused (config.py)
     extra: dict = field(default_factory=dict)  # category data (recall: `builder`; Cite: `answer_list`)
 
     def fields(self, sample: dict) -> dict:

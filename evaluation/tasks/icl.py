@@ -67,7 +67,8 @@ def load_icl(task: Task, req: LoadRequest, *, label_field: str, num_labels: int,
         test = read_jsonl(os.path.join(folder, f"{task.name}_test.jsonl"), how)
     if len(test) > req.max_samples:  # HELMET: shuffle, then a label-balanced subset
         test = balance_labels(helmet_shuffle(test, req.seed), label_field, req.max_samples, req.seed)
-    shots = icl_shots(task.name, req.length)
+    # an explicit count is HELMET's dataset-name count (icl_trec_coarse_200shot_balance); null: HELMET's for the length
+    shots = icl_shots(task.name, req.length) if req.shots is None else req.shots
     train_by_label = group_by_label(train, label_field)
     samples = []
     for index, x in enumerate(test):
@@ -88,7 +89,7 @@ def score_icl(output: str, sample: dict) -> dict:
 
 
 TASKS = [Task(name=name, category="icl", user_template=ICL_USER, system_template="label:", generation_max_length=20,
-              use_chat_template=False, stop_newline=True, shots=0, primary_metric="exact_match",
+              use_chat_template=False, stop_newline=True, shots=None, primary_metric="exact_match",
               load=partial(load_icl, label_field=label_field, num_labels=num_labels, hub=hub,
                            split_train=name == "icl_nlu"),
               score=score_icl, default_max_samples=500)

@@ -42,9 +42,10 @@ def load_narrativeqa(task: Task, req: LoadRequest) -> list:
     train = []
     if req.shots > 0:
         train = [_narrativeqa_row(r, i) for i, r in enumerate(read_jsonl(os.path.join(folder, "train.jsonl"), how))]
+    # HELMET draws the demonstrations row by row over the filtered, shuffled test set: `chosen` is its head
     add_demos(chosen, train, req, lambda demos: (
         "For example:\n\n" + "\n\n".join(f"Question: {d['question']}\nAnswer: {d['answer'][0]}" for d in demos)
-        + "\n\nNow, use the following story to answer the question:\n\n"))
+        + "\n\nNow, use the following story to answer the question:\n\n"), draws=list(range(len(chosen))))
     return chosen
 
 

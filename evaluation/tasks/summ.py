@@ -28,19 +28,23 @@ def load_multi_lexsum(task: Task, req: LoadRequest) -> list:
              "answer": r["summary/short"], "expert_summary": r.get("summary/long"),
              "keypoints": r.get("summary/short_keypoints") or keypoints.get(str(r.get("id", i))),
              } for i, r in enumerate(rows)]
+    position = {id(s): i for i, s in enumerate(test)}  # the row's place in HELMET's demonstration map
     test = [s for s in test if ruler.long_enough(s["context"])]
     ruler.check_any(test, os.path.join(folder, "validation.jsonl"))
     if len(test) > req.max_samples:  # HELMET shuffles only when it subsamples
         test = helmet_shuffle(test, req.seed)[:req.max_samples]
+    draws = [position[id(s)] for s in test]
     test = [{**s, "context": ruler.cut(s["context"])} for s in test]
     train = []
     if req.shots > 0:
         train = [{"id": str(r.get("id", i)), "answer": r["summary/short"]}
                  for i, r in enumerate(read_jsonl(os.path.join(folder, "train.jsonl"), how))
                  if r.get("summary/short") is not None]
+    # HELMET maps the whole DatasetDict, train split first (the Hub's order), so a validation row's draw
+    # comes after one per train row
     add_demos(test, train, req, lambda demos: (
         "Example summaries:\n\n" + "\n\n".join(f"Summary: {d['answer']}" for d in demos)
-        + "\n\nNow, write a summary of the following legal documents.\n"))
+        + "\n\nNow, write a summary of the following legal documents.\n"), draws=[len(train) + d for d in draws])
     return test
 
 

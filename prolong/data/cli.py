@@ -65,9 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     mds.add_argument("input", help="directory with index.json (or sub-directories with one each)")
     mds.add_argument("--out", required=True)
     mds.add_argument("--mode", default="long", choices=["long", "short", "sft"],
-                     help="packing mode to record in the metadata (default: long)")
+                     help="the domain's packing (default: long); with --tokenizer, how it is re-packed")
     mds.add_argument("--domain", help="domain for samples without one (default: the index.json folder's name)")
-    mds.add_argument("--tokenizer", help="name of the tokenizer the data was made with (recorded only)")
+    mds.add_argument("--tokenizer", help="re-tokenize every document for this tokenizer (directory, Hub id or "
+                                         "'smollm2'); without it the ids are imported as they are")
+    mds.add_argument("--gguf_file", help="GGUF file name inside --tokenizer's directory")
+    mds.add_argument("--source_tokenizer",
+                     help="the tokenizer that made the data (default with --tokenizer: Llama-3's, "
+                          "meta-llama/Meta-Llama-3-8B-Instruct, ProLong's release); without --tokenizer: recorded")
+    mds.add_argument("--document_length", type=int,
+                     help="long mode with --tokenizer: re-pack as rows of D-token documents (default: the first "
+                          "row's span length when all its spans have it, e.g. ProLong's book-65536 at 512K)")
+    mds.add_argument("--eos_token", help="with --tokenizer: token to end documents with when it defines no eos_token")
     _add_common(mds)
 
     demo = commands.add_parser("demo", help="build the offline demo corpus (code_repos, books, short)")
@@ -168,8 +177,14 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "import-mds":
         from .mds import import_mds
 
-        metadata = import_mds(args.input, args.out, mode=args.mode, domain=args.domain, tokenizer=args.tokenizer,
-                              overwrite=args.overwrite)
+        tokenizer = args.tokenizer
+        if tokenizer is not None and args.gguf_file:
+            from .tokenize import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer, args.gguf_file)
+        metadata = import_mds(args.input, args.out, mode=args.mode, domain=args.domain, tokenizer=tokenizer,
+                              source_tokenizer=args.source_tokenizer, document_length=args.document_length,
+                              eos_token=args.eos_token, overwrite=args.overwrite)
         from .hub import write_local_card
 
         write_local_card(args.out, args.command_line)

@@ -76,29 +76,35 @@ def expected_rows(documents, target, mode: str, document_length: int | None = No
             for r in range(0, len(pieces) - per_row + 1, per_row)]
 
 
+@pytest.fixture(scope="module")
+def retokenized(smollm2, tmp_path_factory) -> Path:
+    """The whole SmolLM2 release moved to the micro base's tokenizer in one command, each domain's packing
+    found in its rows (no --mode, no --document_length)."""
+    out = tmp_path_factory.mktemp("retokenized") / "out"
+    assert main(["import-mds", str(FIXTURES / "smollm2"), "--out", str(out), "--tokenizer", MICRO,
+                 "--source_tokenizer", smollm2]) == 0
+    return out
+
+
 @pytest.mark.parametrize("domain, mode, document_length", [("books", "long", None), ("book-16", "long", 16),
                                                              ("fineweb-edu", "short", None)])
-def test_retokenized_release_is_the_targets_encoding_of_every_document(smollm2, source_and_target, tmp_path, domain,
-                                                                       mode, document_length):
-    release = FIXTURES / "smollm2" / domain
-    out = tmp_path / "out"
-    # book-16's 16-token documents are found in its rows: no --document_length given
-    assert main(["import-mds", str(release), "--out", str(out), "--mode", mode, "--tokenizer", MICRO,
-                 "--source_tokenizer", smollm2]) == 0
+def test_retokenized_release_is_the_targets_encoding_of_every_document(retokenized, smollm2, source_and_target,
+                                                                       domain, mode, document_length):
     source, target = source_and_target
-    documents = source_documents(release, source)
+    documents = source_documents(FIXTURES / "smollm2" / domain, source)
     expected = expected_rows(documents, target, mode, document_length)
-    rows = datasets.load_from_disk(str(out)).select_columns(["input_ids", "indices"]).to_list()
-    assert rows == expected and len(rows) >= 5
+    rows = datasets.load_from_disk(str(retokenized / domain)).to_list()
+    assert [{"input_ids": r["input_ids"], "indices": r["indices"]} for r in rows] == expected and len(rows) >= 5
+    assert {r["domain"] for r in rows} == {domain}
     # the round trip: every document's target ids decode to the text its source ids decode to
     mismatches = sum(target.decode(target(text, add_special_tokens=False)["input_ids"],
                                    clean_up_tokenization_spaces=False) != text for text, _ in documents)
-    metadata = read_metadata(out)
+    metadata = read_metadata(retokenized / domain)
     assert mismatches == 0 and metadata["round_trip_mismatches"] == 0
     assert domain == "books" or any(not text.isascii() for text, _ in documents)  # accents, CJK, emoji
     assert (metadata["mode"], metadata["length"], metadata["document_length"]) == (mode, LENGTH, document_length)
     assert metadata["tokenizer"] == MICRO and metadata["source_tokenizer"] == smollm2
-    assert not list(tmp_path.glob(".out.*"))  # the work folder is gone
+    assert not list(retokenized.parent.glob(".out.*"))  # the work folder is gone
 
 
 def test_a_normalising_target_is_counted_as_mismatches(smollm2, tmp_path):

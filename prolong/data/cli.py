@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     mds = commands.add_parser("import-mds", help="mosaicml-streaming MDS shards (ProLong's release) -> packed dataset")
     mds.add_argument("input", help="directory with index.json (or sub-directories with one each)")
     mds.add_argument("--out", required=True)
-    mds.add_argument("--mode", default="long", choices=["long", "short", "sft"],
-                     help="the domain's packing (default: long); with --tokenizer, how it is re-packed")
+    mds.add_argument("--mode", choices=["auto", "long", "short", "sft"],
+                     help="the data's packing, recorded (default: long); with --tokenizer, the rules to pack the "
+                          "re-tokenized documents with (default: auto, each domain's found in its first rows)")
     mds.add_argument("--domain", help="domain for samples without one (default: the index.json folder's name)")
     mds.add_argument("--tokenizer", help="re-tokenize every document for this tokenizer (directory, Hub id or "
                                          "'smollm2'); without it the ids are imported as they are")
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the tokenizer that made the data (default with --tokenizer: Llama-3's, "
                           "meta-llama/Meta-Llama-3-8B-Instruct, ProLong's release); without --tokenizer: recorded")
     mds.add_argument("--document_length", type=int,
-                     help="long mode with --tokenizer: re-pack as rows of D-token documents (default: the first "
-                          "row's span length when all its spans have it, e.g. ProLong's book-65536 at 512K)")
+                     help="long mode with --tokenizer: re-pack as rows of D-token documents (default: the span "
+                          "length of a first row of equal spans, e.g. ProLong's book-65536 at 512K)")
     mds.add_argument("--eos_token", help="with --tokenizer: token to end documents with when it defines no eos_token")
     _add_common(mds)
 

@@ -339,7 +339,7 @@ def _rows_to_table(rows: list[dict], with_mask: bool) -> pa.Table:
     return pa.table(columns)
 
 
-def import_mds(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mode: str = "long",
+def import_mds(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mode: str | None = None,
                domain: str | None = None, tokenizer=None, source_tokenizer=None, document_length: int | None = None,
                eos_token: str | None = None, overwrite: bool = False, rows_per_write: int = 64) -> dict:
     """Convert the MDS shards under `mds_dir` into packed datasets; returns the metadata written.
@@ -351,15 +351,18 @@ def import_mds(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mode: 
     recipe's mixture weights domains by directory; the return value is then {domain: metadata}.
 
     `domain` is used for samples without a `domain` column (default: the domain folder's name).
-    `mode` is the domain's packing (ProLong's data: long or short). Without `tokenizer` the ids are
-    kept as they are (`source_tokenizer`, the name of the tokenizer that made them, is recorded).
-    With `tokenizer` (a name or a loaded tokenizer) every document span is re-tokenized from
-    `source_tokenizer` (default: Llama-3's, the release's) to it and re-packed with the domain's rules
-    at the rows' length: long, one document per row or, with `document_length` (default: the first
-    row's span length when all its spans have one), D-token documents; short, concatenated.
+    Without `tokenizer` the ids are kept as they are, `mode` (default long) and `source_tokenizer` (the
+    name of the tokenizer that made them) are recorded. With `tokenizer` (a name or a loaded tokenizer)
+    every document span is re-tokenized from `source_tokenizer` (default: Llama-3's, the release's) to
+    it and packed again at the rows' length with the domain's rules, `mode` (default auto: each domain's
+    found in its first rows): long, one document per row or, with `document_length` (default: the
+    span length of a first row of equal spans), D-token documents; short, concatenated.
     """
-    if mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    if mode is None:
+        mode = "long" if tokenizer is None or document_length is not None else "auto"
+    if mode not in MODES + ("auto",) or mode == "auto" and tokenizer is None:
+        raise ValueError(f"--mode must be one of {MODES}" + (", or auto with --tokenizer" if mode == "auto" else "")
+                         + f", got {mode!r}")
     if document_length is not None and mode != "long":
         raise ValueError(f"--document_length applies to --mode long only (got --mode {mode}); leave it out")
     if tokenizer is None and (document_length is not None or eos_token is not None):

@@ -15,6 +15,7 @@ had not finished. The work folder is removed once the output is complete, and on
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ logger = logging.getLogger("prolong.data")
 DEFAULT_SOURCE_TOKENIZER = "meta-llama/Meta-Llama-3-8B-Instruct"
 CHECKED_DOCUMENTS = 8  # the first documents re-encoded with the source tokenizer: does it make these ids?
 CUT_TOLERANCE = 16  # tokens at a span's edges that a cut through a word or a character may change
+SHAPE_ROWS = 16  # the first rows that tell a domain's packing (mode auto)
 BATCH_TOKENS = 1 << 20  # source tokens decoded and encoded per call (the fast tokenizers run a batch in parallel)
 
 
@@ -126,32 +128,37 @@ def load_retokenizer(tokenizer, source_tokenizer, eos_token: str | None) -> Reto
     return Retokenizer(source, target, eos_token)
 
 
-def _row_shape(rows, mode: str, document_length: int | None, source: Path) -> tuple[int, int | None]:
-    """(row length L, document length D) of the release's first row: D is given, or, in long mode, the
-    span length when the row holds several spans of one length (ProLong's `book-65536` at 512K)."""
-    first = next(rows, None)
-    if first is None:
+def _row_shape(rows, mode: str, document_length: int | None, source: Path) -> tuple[str, int, int | None]:
+    """(mode, row length L, document length D) of the release's domain, from its first rows. Mode `auto`:
+    long when every row holds spans of one length (one document piece, or D-token documents), else short
+    (documents concatenated). D is given, or, in long mode, the span length of a row of several equal
+    spans (ProLong's `book-65536` at 512K)."""
+    first = [row for _, row in itertools.islice(rows, SHAPE_ROWS)]
+    if not first:
         raise ValueError(f"{source}: its MDS index lists no samples; nothing to import")
-    _, row = first
-    if "mask" in row:
+    if "mask" in first[0]:
         raise ValueError(f"{source} has loss masks (SFT data), which text cannot carry: import it without --tokenizer, "
                          "or tokenize the conversations again with `prolong-data tokenize`")
-    length = len(row["input_ids"])
-    spans = np.diff(row["indices"], axis=1).ravel()
-    if mode == "long" and document_length is None and len(spans) > 1 and np.all(spans == spans[0]):
-        document_length = int(spans[0])
+    length = len(first[0]["input_ids"])
+    spans = [np.diff(row["indices"], axis=1).ravel() for row in first]
+    if mode == "auto":
+        mode = "long" if all(np.all(s == s[0]) for s in spans) else "short"
+        logger.info("%s: its rows hold %s: re-packed --mode %s", source.name, "one document length each"
+                    if mode == "long" else "concatenated documents", mode)
+    if mode == "long" and document_length is None and len(spans[0]) > 1 and np.all(spans[0] == spans[0][0]):
+        document_length = int(spans[0][0])
         logger.info("%s: rows of %d-token documents: re-packed as such (--document_length %d)", source.name,
                     document_length, document_length)
     check_document_length(mode, length, document_length)
-    return length, document_length
+    return mode, length, document_length
 
 
-def _work_dir(out: Path, mds_dir, retokenizer: Retokenizer) -> Path:
-    """The folder of finished shards; kept only if made from the same input with the same tokenizers."""
+def _work_dir(out: Path, mds_dir, retokenizer: Retokenizer, mode: str, document_length: int | None) -> Path:
+    """The folder of finished shards; kept only if made by the same command (input, tokenizers, packing)."""
     work = out.parent / f".{out.name}.retokenize"
     key = {"input": str(Path(mds_dir).absolute()), "source_tokenizer": tokenizer_name(retokenizer.source),
            "tokenizer": tokenizer_name(retokenizer.target), "target_vocabulary": len(retokenizer.target),
-           "eos_token": retokenizer.eos_token}
+           "eos_token": retokenizer.eos_token, "mode": mode, "document_length": document_length}
     state = work / "work.json"
     if state.is_file():
         if json.loads(state.read_text(encoding="utf-8")) == key:
@@ -214,7 +221,8 @@ def _retokenize_domain(index_files: list[Path], work: Path, out: Path, *, domain
     def rows(index_path, shard):
         return ((where, sample_to_row(record, domain, where)) for where, record in iter_shard_samples(index_path, shard))
 
-    length, document_length = _row_shape(rows(*shards[0]) if shards else iter(()), mode, document_length, source)
+    mode, length, document_length = _row_shape(rows(*shards[0]) if shards else iter(()), mode, document_length,
+                                               source)
     work.mkdir(exist_ok=True)
     files, counts = [], {"documents": 0, "round_trip_mismatches": 0}
     finished = sum((work / f"shard-{number:05d}.arrow").is_file() for number in range(len(shards)))
@@ -248,7 +256,7 @@ def import_retokenized(mds_dir, out_dir, plan: dict, *, mode: str, domain: str |
     """`import_mds` with a target tokenizer: re-tokenize and re-pack each domain of `plan` (see
     `mds.plan_domains`): one packed dataset at `out_dir`, or one per domain under it."""
     out = Path(out_dir).absolute()
-    work = _work_dir(out, mds_dir, retokenizer)
+    work = _work_dir(out, mds_dir, retokenizer, mode, document_length)
     options = {"mode": mode, "retokenizer": retokenizer, "document_length": document_length}
     try:
         if None in plan:

@@ -122,7 +122,9 @@ def load_retokenizer(tokenizer, source_tokenizer, eos_token: str | None) -> Reto
     if isinstance(source, str):
         try:
             source = load_tokenizer(source)
-        except (OSError, ValueError) as error:
+        except FileNotFoundError as error:  # load_tokenizer names the flag --tokenizer
+            raise FileNotFoundError(str(error).replace("--tokenizer:", "--source_tokenizer:", 1)) from error
+        except (OSError, ValueError) as error:  # a Hub id that cannot be had (gated: log in, or give a local copy)
             raise type(error)(f"--source_tokenizer {source}: {error}") from error
     target = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     return Retokenizer(source, target, eos_token)
@@ -149,6 +151,10 @@ def _row_shape(rows, mode: str, document_length: int | None, source: Path) -> tu
         document_length = int(spans[0][0])
         logger.info("%s: rows of %d-token documents: re-packed as such (--document_length %d)", source.name,
                     document_length, document_length)
+    if document_length and length % document_length:
+        raise ValueError(f"{source.name}: its rows have {length} tokens, not a multiple of --document_length "
+                         f"{document_length}: a row holds whole documents; give a --document_length that divides "
+                         f"{length}")
     check_document_length(mode, length, document_length)
     return mode, length, document_length
 

@@ -63,7 +63,10 @@ class Retokenizer:
     def __post_init__(self):
         self.target_bos, self.target_eos = special_token_ids(self.target, self.eos_token)  # no EOS: refused
         self.source_bos = self.source.bos_token_id
-        self.source_ends = set(self.source.all_special_ids) - {self.source_bos}
+        # every special token ends a document (Llama-3-Instruct's eos_token is <|eot_id|>; its documents
+        # end with <|end_of_text|>, a special token of no attribute)
+        self.source_ends = (set(self.source.all_special_ids) | {i for i, token in self.source.added_tokens_decoder.items()
+                                                                 if token.special}) - {self.source_bos}
         self.source_vocab = len(self.source)
 
     def convert(self, spans: list[np.ndarray], where: list[str]) -> list[list[int]]:

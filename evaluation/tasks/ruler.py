@@ -5,6 +5,7 @@ Samples come from `ruler_generators` (RULER's generators, same draws for the sam
 prefix, as RULER's pred/call_api.py sends it; the score is RULER's string_match_all (share of the gold answers
 found in the output) or string_match_part (QA: any gold answer found), after RULER's clean-up of the output.
 """
+import os
 import re
 from dataclasses import dataclass
 
@@ -70,14 +71,33 @@ def length_tokenizer(req: LoadRequest):
     return tokenizer
 
 
+_PREPARED: dict = {}  # (task, length, seed, data, tokenizer, generation budget) -> a generator after its size search
+_PREPARED_KEPT = 64
+
+
+def prepared_generator(name: str, req: LoadRequest) -> G.Generator:
+    """A RULER generator after its size search (a dozen tokenizations of a full-length input): the runner loads
+    every task once to check its data before loading it to run, and both draw the same samples from here."""
+    tokenizer = length_tokenizer(req)
+    key = (name, req.length, req.seed, os.path.abspath(req.data_dir), id(tokenizer), req.length - req.input_budget)
+    if key not in _PREPARED:
+        generator_class, arguments = CONFIGS[name]
+        generator = generator_class(tokenizer, req.length, req.seed, req.data_dir,
+                                    tokens_to_generate=req.length - req.input_budget, **arguments)
+        generator.prepare()
+        if len(_PREPARED) >= _PREPARED_KEPT:
+            _PREPARED.pop(next(iter(_PREPARED)))
+        _PREPARED[key] = generator  # it holds the tokenizer, so id(tokenizer) names no other tokenizer meanwhile
+    return _PREPARED[key].fork()
+
+
 def load_ruler(task: "RulerTask", req: LoadRequest) -> list[dict]:
     """One RULER run: `max_samples` samples for the model's tokenizer, fitted to `length` with the generation
     budget left free (RULER's max_seq_length and tokens_to_generate)."""
-    generator_class, arguments = CONFIGS[task.extra["ruler_task"]]
-    generator = generator_class(length_tokenizer(req), req.length, req.seed, req.data_dir,
-                                tokens_to_generate=req.length - req.input_budget, **arguments)
+    generator = prepared_generator(task.extra["ruler_task"], req)
     samples = []
-    for index, record in enumerate(generator.generate(req.max_samples)):
+    for index in range(req.max_samples):
+        record = generator.draw()
         samples.append({"id": f"{task.name}-{req.length}-{index}", "input": record["input"],
                         "answer": record["outputs"], "answer_prefix": record["answer_prefix"],
                         "ruler_length": record["length"], **split_input(record)})

@@ -3,11 +3,13 @@ tokenizer give RULER's samples to the character: same random draws in the same o
 numpy's global generator once per script), same fitting search, same templates.
 
 RULER runs as scripts that read argparse flags and globals; a `Generator` holds what those scripts keep in
-globals (the two random streams, the tokenizer, the template) and `generate(n)` returns what RULER writes to
-validation.jsonl: dicts with `input` (without the answer prefix), `outputs`, `length` and `answer_prefix`, plus
-`context` (the haystack inside `input`, which our prompt builder may shorten).
+globals (the two random streams, the tokenizer, the template). `prepare()` is RULER's search for the haystack
+size, `draw()` its loop body: each returns what RULER writes to validation.jsonl, a dict with `input` (without the
+answer prefix), `outputs`, `length` and `answer_prefix`, plus `context` (the haystack inside `input`, which our
+prompt builder may shorten).
 """
 import bisect
+import copy
 import gzip
 import json
 import math
@@ -53,7 +55,7 @@ TOKENS_TO_GENERATE = {"niah": 128, "variable_tracking": 30, "common_words_extrac
                       "freq_words_extraction": 50, "qa": 32}
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 DEPTHS = [int(d) for d in np.round(np.linspace(0, 100, num=40, endpoint=True)).astype(int)]
-MAX_RETRIES = 10_000  # RULER retries a sample that does not fit forever; we give up with a message
+MAX_RETRIES = 200  # RULER retries a sample that does not fit forever; we give up with a message
 
 
 def data_file(data_dir: str, name: str) -> str:
@@ -160,6 +162,31 @@ class Generator:
         raise ValueError(f"RULER {self.kind}: no sample fits {self.max_seq_length} tokens (with "
                          f"{self.tokens_to_generate} to generate); use a larger length")
 
+    def prepare(self) -> None:
+        """RULER's search for the haystack size that fits, once per run: sets `size` and `incremental`."""
+        raise NotImplementedError
+
+    def make_sample(self, size: int):
+        return self.make(size)
+
+    def draw(self) -> dict:
+        """The run's next sample (RULER's loop body)."""
+        text, answer, length = self.fit_retry(self.make_sample, self.size, self.incremental)
+        return self.record(text, answer, length, self.last_context)
+
+    def generate(self, num_samples: int) -> list[dict]:
+        self.prepare()
+        return [self.draw() for _ in range(num_samples)]
+
+    def fork(self) -> "Generator":
+        """A copy that draws the same samples from here on, this one left as it is."""
+        twin = copy.copy(self)
+        twin.random = random.Random()
+        twin.random.setstate(self.random.getstate())
+        twin.np_random = np.random.RandomState()
+        twin.np_random.set_state(self.np_random.get_state())
+        return twin
+
     def record(self, text: str, answer: list, length: int, context: str) -> dict:
         """RULER's split at the answer prefix (the last match of its first 10 characters)."""
         cut = text.rfind(TEMPLATES[self.kind][1][:10])
@@ -169,6 +196,21 @@ class Generator:
 
 # ---------------------------------------------------------------------------------------------
 # niah.py
+
+@lru_cache(maxsize=4)
+def essay_words(path: str) -> tuple:
+    with open(path, encoding="utf-8") as f:
+        return tuple(re.sub(r"\s+", " ", json.load(f)["text"]).split(" "))
+
+
+@lru_cache(maxsize=256)
+def essay_sentences(path: str, num_words: int) -> tuple:
+    """The first `num_words` words of the essays (repeated when too few), split into sentences. Cached: every
+    essay task probes the same sizes, and the needles go in after the split."""
+    haystack = essay_words(path)
+    repeats = (num_words + len(haystack) - 1) // len(haystack)
+    return tuple(sentence_splitter()(" ".join((haystack * max(repeats, 1))[:num_words]).strip()))
+
 
 class NeedleInAHaystack(Generator):
     kind = "niah"
@@ -180,8 +222,7 @@ class NeedleInAHaystack(Generator):
         self.type_haystack, self.type_needle_k, self.type_needle_v = type_haystack, type_needle_k, type_needle_v
         self.num_needle_k, self.num_needle_v, self.num_needle_q = max(num_needle_k, num_needle_q), num_needle_v, num_needle_q
         if type_haystack == "essay":
-            with open(data_file(self.data_dir, "PaulGrahamEssays.json"), encoding="utf-8") as f:
-                self.haystack = re.sub(r"\s+", " ", json.load(f)["text"]).split(" ")
+            self.essays = data_file(self.data_dir, "PaulGrahamEssays.json")
         self.last_context = ""
 
     def random_value(self, kind: str) -> str:
@@ -192,9 +233,7 @@ class NeedleInAHaystack(Generator):
         return str(uuid.UUID(int=self.random.getrandbits(128), version=4))
 
     def essay_context(self, num_haystack: int, needles: list) -> str:
-        repeats = (num_haystack + len(self.haystack) - 1) // len(self.haystack)
-        text = " ".join((self.haystack * max(repeats, 1))[:num_haystack])
-        sentences = sentence_splitter()(text.strip())
+        sentences = essay_sentences(self.essays, num_haystack)
         depths = self.random.sample(DEPTHS, len(needles))
         positions = [0] + sorted(int(len(sentences) * (depth / 100)) for depth in depths) + [len(sentences)]
         parts = []
@@ -237,19 +276,15 @@ class NeedleInAHaystack(Generator):
         self.last_context = context
         return template.format(type_needle_v=type_needle_v, context=context, query=query), answers
 
-    def generate(self, num_samples: int) -> list[dict]:
+    def prepare(self) -> None:
         incremental = 500 if self.type_haystack == "essay" else 25
         if self.type_haystack != "essay" and self.max_seq_length < 4096:
             incremental = 5
         sample_text, _ = self.make(incremental)
         per_item = self.count(sample_text) / incremental
         upper = max(int((self.max_seq_length / per_item) * 3), incremental * 2)
-        size = self.largest_fitting(self.make, self.tokens_to_generate, incremental, upper) or incremental
-        out = []
-        for _ in range(num_samples):
-            text, answer, length = self.fit_retry(self.make, size, incremental)
-            out.append(self.record(text, answer, length, self.last_context))
-        return out
+        self.size = self.largest_fitting(self.make, self.tokens_to_generate, incremental, upper) or incremental
+        self.incremental = incremental
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,21 +346,17 @@ class VariableTracking(Generator):
             self.max_seq_length, self.tokens_to_generate = outer
         return text + " " + " ".join(answer) + "\n"
 
-    def generate(self, num_samples: int) -> list[dict]:
-        example = self.example()
-        example_tokens = self.count(example)
-        incremental = 5 if self.max_seq_length < 4096 else 10
-        size = self.search(lambda n: self.make(n, is_icl=False), incremental, example_tokens + self.tokens_to_generate)
+    def prepare(self) -> None:
+        self.example_text = self.example()
+        self.incremental = 5 if self.max_seq_length < 4096 else 10
+        self.size = self.search(lambda n: self.make(n, is_icl=False), self.incremental,
+                                self.count(self.example_text) + self.tokens_to_generate)
 
-        def make_with_example(n):
-            text, answer = self.make(n, is_icl=False)
-            cut = text.index(TEMPLATES[self.kind][0][:20])
-            return text[:cut] + self.randomize_example(example) + "\n" + text[cut:], answer
-        out = []
-        for _ in range(num_samples):
-            text, answer, length = self.fit_retry(make_with_example, size, incremental)
-            out.append(self.record(text, answer, length, self.last_context))
-        return out
+    def make_sample(self, size: int):
+        """A sample with the in-context example (its names and value drawn again) before the task."""
+        text, answer = self.make(size, is_icl=False)
+        cut = text.index(TEMPLATES[self.kind][0][:20])
+        return text[:cut] + self.randomize_example(self.example_text) + "\n" + text[cut:], answer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,16 +396,11 @@ class CommonWords(Generator):
         self.last_context = context
         return shots + "\n" + self.template.format(num_cw=self.num_cw, context=context, query=""), answer
 
-    def generate(self, num_samples: int) -> list[dict]:
-        incremental = 10
+    def prepare(self) -> None:
+        self.incremental = 10
         per_word = self.count(self.make(4096)[0]) / 4096
-        upper = max(int(self.max_seq_length // per_word) * 2, incremental * 2)
-        size = self.largest_fitting(self.make, self.tokens_to_generate, incremental, upper) or incremental
-        out = []
-        for _ in range(num_samples):
-            text, answer, length = self.fit_retry(self.make, size, incremental)
-            out.append(self.record(text, answer, length, self.last_context))
-        return out
+        upper = max(int(self.max_seq_length // per_word) * 2, self.incremental * 2)
+        self.size = self.largest_fitting(self.make, self.tokens_to_generate, self.incremental, upper) or self.incremental
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,15 +448,14 @@ class FrequentWords(Generator):
         text, answer = text_of(num_words)
         return text, answer, num_words
 
-    def generate(self, num_samples: int) -> list[dict]:
-        budget = self.max_seq_length - self.tokens_to_generate
-        vocab_size = budget // 50 if self.vocab_size == -1 else self.vocab_size
-        _, _, num_words = self.make(budget, -1, vocab_size, budget // 32)
-        out = []
-        for _ in range(num_samples):
-            text, answer, _ = self.make(budget, num_words, vocab_size, budget // 32)
-            out.append(self.record(text, answer, self.count(text) + self.tokens_to_generate, self.last_context))
-        return out
+    def prepare(self) -> None:
+        self.budget = self.max_seq_length - self.tokens_to_generate
+        self.run_vocab_size = self.budget // 50 if self.vocab_size == -1 else self.vocab_size
+        _, _, self.size = self.make(self.budget, -1, self.run_vocab_size, self.budget // 32)
+
+    def draw(self) -> dict:
+        text, answer, _ = self.make(self.budget, self.size, self.run_vocab_size, self.budget // 32)
+        return self.record(text, answer, self.count(text) + self.tokens_to_generate, self.last_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,15 +516,17 @@ class QuestionAnswering(Generator):
         self.last_context = context
         return self.template.format(context=context, query=qa["query"]), qa["outputs"]
 
-    def generate(self, num_samples: int) -> list[dict]:
-        incremental = 10
-        if num_samples > len(self.qas):
-            raise ValueError(f"RULER qa: {num_samples} samples asked, the dataset has {len(self.qas)} questions")
-        per_doc = self.count(self.make(0, incremental)[0]) / incremental
-        upper = max(int((self.max_seq_length / per_doc) * 3), incremental * 2)
-        size = self.largest_fitting(lambda n: self.make(0, n), self.tokens_to_generate, incremental, upper) or incremental
-        out = []
-        for index in range(num_samples):
-            text, answer, length = self.fit_retry(lambda n: self.make(index, n), size, incremental)  # noqa: B023
-            out.append(self.record(text, answer, length, self.last_context))
-        return out
+    def prepare(self) -> None:
+        self.incremental, self.drawn = 10, 0
+        per_doc = self.count(self.make(0, self.incremental)[0]) / self.incremental
+        upper = max(int((self.max_seq_length / per_doc) * 3), self.incremental * 2)
+        self.size = (self.largest_fitting(lambda n: self.make(0, n), self.tokens_to_generate, self.incremental, upper)
+                     or self.incremental)
+
+    def draw(self) -> dict:
+        """The next question of the dataset, in file order (RULER's sample index)."""
+        if self.drawn >= len(self.qas):
+            raise ValueError(f"RULER qa: more samples asked than the dataset's {len(self.qas)} questions")
+        self.drawn += 1
+        text, answer, length = self.fit_retry(lambda n: self.make(self.drawn - 1, n), self.size, self.incremental)
+        return self.record(text, answer, length, self.last_context)

@@ -8,12 +8,13 @@ import os
 
 import pytest
 from helpers import make_model
+from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
 
 from evaluation.generation import PromptBuilder
 from evaluation.run import main as evaluation_run
 from evaluation.tasks import TASKS, DataFileMissing, LoadRequest, get_task
-from prolong.model_card import RULER_DATASET, eval_results_from_scores
+from prolong.model_card import RULER_DATASET, update_model_card
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "ruler")
@@ -104,8 +105,10 @@ def test_ruler_config_through_the_cli_reports_rulers_average(smollm2_tokenizer, 
     model_dir = tmp_path / "tiny"
     make_model(len(smollm2_tokenizer), window=1024).save_pretrained(model_dir)
     smollm2_tokenizer.save_pretrained(model_dir)
+    (model_dir / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# tiny\n")
     out = tmp_path / "out"
-    evaluation_run(["--config", "evaluation/configs/ruler.yaml", "--model", str(model_dir), "--lengths", "1024",
+    evaluation_run(["--config", "evaluation/configs/ruler.yaml", "--model", str(model_dir), "--update-card",
+                    str(model_dir), "--lengths", "1024",
                     "--max_samples", "1", "--generation_max_length", "4", "--data_dir", DATA_DIR, "--plots", "false",
                     "--progress", "false", "--output_dir", str(out)])
     scores = json.loads((out / "scores.json").read_text())
@@ -118,5 +121,7 @@ def test_ruler_config_through_the_cli_reports_rulers_average(smollm2_tokenizer, 
     assert "## RULER" in report and "| tasks | 13 of 13 |" in report and "| RULER |" in report
     record = json.loads((out / "predictions" / "ruler_vt_1024.jsonl").read_text().splitlines()[0])
     assert "5 variables are assigned the value" in record["prompt_tail"] and record["input_tokens"] <= 1024 - 4
-    [ruler] = [r for r in eval_results_from_scores(scores) if r.dataset_type == RULER_DATASET]
-    assert (ruler.metric_args["input_length"], ruler.metric_value) == (1024, round(average, 2))
+    update_model_card(str(model_dir), scores)  # a second update replaces RULER's results, it does not add to them
+    [ruler] = ModelCard.load(model_dir / "README.md").data.eval_results
+    assert (ruler.dataset_type, ruler.metric_args["input_length"], ruler.metric_value) == (RULER_DATASET, 1024,
+                                                                                          round(average, 2))

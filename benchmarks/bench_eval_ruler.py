@@ -8,7 +8,8 @@ then greedy decoding of the task's generation budget by `evaluation.generation.H
 path, prefill chunks of 8192) on a tiny random Llama (`--hidden`, `--layers`; SmolLM2's vocabulary). The
 tokenizer, the model and the data are loaded before any clock starts. RULER's data are the test fixtures
 (tests/fixtures/ruler/data: a short essay excerpt and a few QA documents, repeated to the length), so the
-sentence splitting and document counts are RULER's but the text repeats. Medians over `--samples` samples.
+sentence splitting and document counts are RULER's but the text repeats. Medians over `--samples` samples; the
+random model may stop early at its end-of-sequence token, so the new tokens are reported beside the budget.
 """
 import argparse
 import json
@@ -64,16 +65,17 @@ def time_task(name: str, length: int, args, tokenizer, builder, generator) -> di
     else:  # HELMET's recall tasks: one search per sample, no separate preparation
         samples = task.load(task, request)
         row["draw_s"] = (time.perf_counter() - start) / len(samples)
-    model_times, tokens = [], []
+    model_times, tokens, new_tokens = [], [], []
     with torch.no_grad():
         for sample in samples:
             start = time.perf_counter()
             ids, _ = builder.truncated_ids(task, sample, False, budget)
-            generator.generate(ids, task.generation_max_length, False)
+            output = generator.generate(ids, task.generation_max_length, False)
             model_times.append(time.perf_counter() - start)
             tokens.append(len(ids))
+            new_tokens.append(len(tokenizer(output, add_special_tokens=False)["input_ids"]))
     row.update(model_s=statistics.median(model_times), prompt_tokens=statistics.median(tokens),
-               new_tokens=task.generation_max_length)
+               budget_tokens=task.generation_max_length, new_tokens=statistics.median(new_tokens))
     return row
 
 
@@ -100,13 +102,13 @@ def main(argv=None):
     print(f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch "
           f"{torch.__version__}; tiny Llama hidden {args.hidden}, {args.layers} layers, SmolLM2 tokenizer; median of "
           f"{args.samples} samples\n")
-    print("| task | length | size search (s, once per run) | draw (s / sample) | prompt tokens | new tokens (at most) | "
+    print("| task | length | size search (s, once per run) | draw (s / sample) | prompt tokens | new tokens (budget) | "
           "model (s / sample) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         search = "-" if r["prepare_s"] is None else f"{r['prepare_s']:.2f}"
         print(f"| {r['task']} | {r['length']} | {search} | {r['draw_s']:.3f} | {r['prompt_tokens']:.0f} | "
-              f"{r['new_tokens']} | {r['model_s']:.3f} |")
+              f"{r['new_tokens']:.0f} ({r['budget_tokens']}) | {r['model_s']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

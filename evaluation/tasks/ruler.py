@@ -30,7 +30,6 @@ CONFIGS = {
     "qa_1": (G.QuestionAnswering, {"dataset": "squad"}),
     "qa_2": (G.QuestionAnswering, {"dataset": "hotpotqa"}),
 }
-RULER_LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072]
 _CONTROL = re.compile(r"[\x00-\x1f]")
 
 

@@ -3,7 +3,7 @@
 
     python benchmarks/bench_data_build.py --tokenizer smollm2 --max_mb 2 --repeats 3
 
-Set-up, outside the clock: the demo corpus's raw texts (prolong.demo.corpus.demo_texts: standard-library
+Set-up, outside the clock: the demo corpus's raw texts (prolong.data.demo_corpus.demo_texts: standard-library
 repositories, books, man pages) written as jsonl files, and a data recipe naming them (code and books long,
 man pages short, L = --length). Each method runs as the commands a user types, in fresh processes: `build`
 is one process; the baseline is three `tokenize` and three `pack` processes. The methods alternate
@@ -31,7 +31,7 @@ DOMAINS = {"code_repos": ("long", 0.3), "books": ("long", 0.3), "short": ("short
 
 
 def write_corpus(root: Path, max_mb: float, length: int) -> Path:
-    from prolong.demo.corpus import demo_texts
+    from prolong.data.demo_corpus import demo_texts
 
     texts = demo_texts(int(max_mb * 1e6))
     lines = [f"length: {length}", "domains:"]

@@ -57,12 +57,29 @@ def build_scores(results: list, model_name: str, config: dict, window, identity:
     for r in results:
         if r.get("score") is not None:
             categories[r["category"]][r["length"]].append(r["score"])
-    return {"model": model_name, "mode": config.get("mode", "helmet"), "model_window": window, "identity": identity,
-            "config": config, "results": results,
-            "failed": [f"{r['task']} @ {r['length']}" for r in results if r.get("status") == "failed"],
-            "left_out": list(left_out or []),
-            "categories": {c: {str(length): _mean(v) for length, v in sorted(by_len.items())}
-                           for c, by_len in categories.items()}}
+    scores = {"model": model_name, "mode": config.get("mode", "helmet"), "model_window": window, "identity": identity,
+              "config": config, "results": results,
+              "failed": [f"{r['task']} @ {r['length']}" for r in results if r.get("status") == "failed"],
+              "left_out": list(left_out or []),
+              "categories": {c: {str(length): _mean(v) for length, v in sorted(by_len.items())}
+                             for c, by_len in categories.items()}}
+    if "ruler" in categories:
+        scores["ruler"] = {str(length): {"average": _mean(v), "tasks": len(v)}
+                           for length, v in sorted(categories["ruler"].items())}
+    return scores
+
+
+RULER_TASK_COUNT = 13  # NVIDIA/RULER's benchmark: its summary score averages all 13 tasks
+
+
+def ruler_table(ruler: dict) -> list[str]:
+    """RULER's summary score per length: the mean of its tasks (RULER's tables average all 13)."""
+    lengths = list(ruler)
+    lines = ["## RULER", "", "Average of the RULER tasks scored at each length (RULER's summary score when all "
+             f"{RULER_TASK_COUNT} ran).", "", "| | " + " | ".join(lengths) + " |", "|---" * (len(lengths) + 1) + "|",
+             "| average | " + " | ".join(_fmt(ruler[n]["average"]) for n in lengths) + " |",
+             "| tasks | " + " | ".join(f"{ruler[n]['tasks']} of {RULER_TASK_COUNT}" for n in lengths) + " |"]
+    return lines
 
 
 _STATUS_CELL = {"beyond_window": "beyond window", "failed": "FAILED"}
@@ -84,6 +101,8 @@ def markdown(scores: dict) -> str:
              "|---" * (len(lengths) + 1) + "|"]
     for category, by_len in scores["categories"].items():
         lines.append(f"| {CATEGORIES.get(category, category)} | " + " | ".join(_fmt(by_len.get(str(n))) for n in lengths) + " |")
+    if scores.get("ruler"):
+        lines += ["", *ruler_table(scores["ruler"])]
     lines += ["", "## Tasks", "", "| task | metric | " + " | ".join(map(str, lengths)) + " |",
               "|---" * (len(lengths) + 2) + "|"]
     by_task = defaultdict(dict)

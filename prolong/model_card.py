@@ -21,6 +21,7 @@ from prolong.redaction import redact
 EVALUATION_HEADING = "## Evaluation"
 HELMET_DATASET = "princeton-nlp/HELMET"  # the Hub dataset of HELMET's benchmark data
 HELMET_SOURCE = "HELMET-style evaluation (ProLong recipes, evaluation/)"
+RULER_DATASET = "NVIDIA/RULER"  # RULER's generated benchmark (GitHub; no Hub dataset)
 
 
 def _mixture_table(mixture: dict[str, float], tokens_by_path: dict[str, int]) -> str:
@@ -93,13 +94,38 @@ def _eval_result(category: str, length: int | str, score: float, mode: str):
     )
 
 
+def _ruler_result(length: int | str, average: float, tasks: int):
+    """RULER's summary score at one length: the average of its tasks (`tasks` of RULER's 13 scored)."""
+    from huggingface_hub import EvalResult
+
+    return EvalResult(
+        task_type="text-generation",
+        task_name="Long-context evaluation",
+        dataset_type=RULER_DATASET,
+        dataset_name="RULER" + ("" if tasks == 13 else f" ({tasks} of 13 tasks)"),
+        dataset_config="ruler",
+        dataset_split="test",
+        dataset_args={"tasks": tasks},
+        metric_type=f"ruler_{_tokens(length)}",
+        metric_name=f"RULER average @ {_tokens(length):,} tokens",
+        metric_args={"input_length": _tokens(length)},
+        metric_value=round(float(average), 2),
+    )
+
+
 def eval_results_from_scores(scores: dict) -> list:
-    """One EvalResult per (category, length) of an evaluation/report.py scores.json."""
+    """One EvalResult per (category, length) of an evaluation/report.py scores.json; RULER's average per length
+    under RULER's own dataset."""
     mode = scores.get("mode", "helmet")
     results = []
     for category, by_length in (scores.get("categories") or {}).items():
         for length, value in sorted(by_length.items(), key=lambda item: _tokens(item[0])):
-            if value is not None:
+            if value is None:
+                continue
+            if category == "ruler":
+                tasks = (scores.get("ruler") or {}).get(str(length), {}).get("tasks", 13)
+                results.append(_ruler_result(length, value, tasks))
+            else:
                 results.append(_eval_result(category, length, value, mode))
     return results
 
@@ -248,8 +274,8 @@ def check_updatable_card(model_dir: str) -> str:
 
 
 def update_model_card(model_dir: str, scores: dict) -> str:
-    """Put an evaluation's scores into an existing card: the model-index (HELMET results replaced,
-    others kept) and the Evaluation section. Returns the new text."""
+    """Put an evaluation's scores into an existing card: the model-index (HELMET results replaced, and RULER's
+    when the run has them; others kept) and the Evaluation section. Returns the new text."""
     from huggingface_hub import ModelCard
 
     path = check_updatable_card(model_dir)
@@ -257,7 +283,8 @@ def update_model_card(model_dir: str, scores: dict) -> str:
     new_results = eval_results_from_scores(scores)
     if not new_results:
         raise ValueError("--update-card: the evaluation produced no category score to put in the card")
-    kept = [r for r in (card.data.eval_results or []) if r.dataset_type != HELMET_DATASET]
+    replaced = {HELMET_DATASET} | {r.dataset_type for r in new_results}  # RULER's too when this run has them
+    kept = [r for r in (card.data.eval_results or []) if r.dataset_type not in replaced]
     card.data.eval_results = kept + new_results
     if not card.data.model_name:
         card.data.model_name = os.path.basename(os.path.abspath(model_dir))

@@ -7,18 +7,18 @@ HELMET pulls from the Hub at run time, a jsonl export of the same Hub datasets).
 category builds its `Task`s; what differs between tasks of a category is a Task field or a keyword
 bound to the category's loader.
 """
-from . import cite, icl, longqa, rag, recall, rerank, summ
+from . import cite, icl, longqa, rag, recall, rerank, ruler, summ
 from .common import (HELMET_DATA_URL, HELMET_DOWNLOAD, HELMET_LENGTHS, TRUNCATION_MARKER, DataFileMissing,  # noqa: F401
                      LoadRequest, Task, drop_duplicates, helmet_shuffle, pick_by_length, read_jsonl, sample_keys,
                      sha_seed)
 from .icl import ICL_DATASETS, balance_labels, group_by_label, icl_shots, score_icl  # noqa: F401
 
 # the order is the report's
-TASKS: dict[str, Task] = {t.name: t for module in (recall, rag, rerank, icl, longqa, summ, cite) for t in module.TASKS}
+TASKS: dict[str, Task] = {t.name: t for module in (recall, rag, rerank, icl, longqa, summ, cite, ruler) for t in module.TASKS}
 
 # display names, in the report's order: short in the report's tables (HELMET's columns), in full on the model card
 CATEGORIES = {"recall": "Recall", "rag": "RAG", "rerank": "Re-rank", "icl": "ICL", "longqa": "LongQA", "summ": "Summ",
-              "cite": "Cite"}
+              "cite": "Cite", "ruler": "RULER"}
 CATEGORY_FULL_NAMES = {**CATEGORIES, "summ": "Summarization"}
 
 

@@ -89,11 +89,19 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _suites(scores: dict) -> str:
+    """The published suites a run's tasks come from: a RULER-only run is not HELMET's."""
+    categories = set(scores["categories"])
+    return " and ".join(name for name, present in (("HELMET", bool(categories - {"ruler"})), ("RULER", "ruler" in categories))
+                        if present) or "HELMET"
+
+
 def markdown(scores: dict) -> str:
     results = scores["results"]
     lengths = sorted({r["length"] for r in results})
     lines = [f"# Long-context evaluation: {scores['model']}", "",
-             f"Mode: `{scores.get('mode', 'helmet')}`" + (" (HELMET's behaviour, comparable with published HELMET numbers)"
+             f"Mode: `{scores.get('mode', 'helmet')}`" + (f" ({_suites(scores)}'s behaviour, comparable with published "
+                                                          f"{_suites(scores)} numbers)"
                                                           if scores.get("mode", "helmet") == "helmet" else
                                                           " (documented fixes of HELMET; not comparable with published numbers)"),
              "", f"Model window (max_position_embeddings): {scores['model_window']}", "",

@@ -119,6 +119,7 @@ def test_ruler_config_through_the_cli_reports_rulers_average(smollm2_tokenizer, 
     assert scores["ruler"]["1024"]["average"] == pytest.approx(average)
     report = (out / "report.md").read_text()
     assert "## RULER" in report and "| tasks | 13 of 13 |" in report and "| RULER |" in report
+    assert "Mode: `helmet` (RULER's behaviour, comparable with published RULER numbers)" in report
     record = json.loads((out / "predictions" / "ruler_vt_1024.jsonl").read_text().splitlines()[0])
     assert "5 variables are assigned the value" in record["prompt_tail"] and record["input_tokens"] <= 1024 - 4
     update_model_card(str(model_dir), scores)  # a second update replaces RULER's results, it does not add to them

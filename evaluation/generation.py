@@ -25,7 +25,8 @@ class PromptBuilder:
                 raise ValueError(f"Task {task.name} asks for a chat template but the tokenizer has none; "
                                  "pass use_chat_template=false to run it as plain text")
             messages = [{"role": "user", "content": task.user_prompt(sample)}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return prompt + (task.answer_prefix(sample) if task.answer_prefix_in_chat else ""), True
         return task.user_prompt(sample) + task.separator + task.answer_prefix(sample), False
 
     def ids(self, task, sample: dict, use_chat_template: bool) -> list[int]:

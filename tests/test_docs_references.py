@@ -16,10 +16,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))),
-             "tests/fixtures/helmet/README.md", "tests/fixtures/mds/README.md"]
+             "tests/fixtures/helmet/README.md", "tests/fixtures/mds/README.md", "tests/fixtures/ruler/README.md"]
 # top-level folders whose files the docs name by path
 FOLDERS = ("prolong", "evaluation", "benchmarks", "tests", "scripts", "recipes", "docs", "accelerate_configs")
-PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./*{},-]*\.(?:py|yaml|yml|md|json|png|txt|sh))" % "|".join(FOLDERS))
+PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./*{},-]*\.(?:py|yaml|yml|md|json|png|txt|sh)(?:\.gz)?)" % "|".join(FOLDERS))
 # `path.py:name` or `path.py: name`, inside backticks only (in prose a colon after a path starts a sentence)
 PATH_NAME = re.compile(r"^(\S+\.py):\s?([A-Za-z_][\w.]*)$")
 MODULE = re.compile(r"(?<![\w./-])((?:prolong|evaluation)(?:\.[A-Za-z_]\w*)+)")

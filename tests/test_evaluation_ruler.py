@@ -84,6 +84,16 @@ def test_samples_prompts_and_scores_equal_rulers_own(path, smollm2_tokenizer):
     assert mismatches(case, smollm2_tokenizer) == []
 
 
+def test_with_a_chat_template_the_answer_prefix_follows_the_assistant_header(smollm2_tokenizer):
+    """RULER's model templates end with the assistant header and then the answer prefix (prepare.py)."""
+    task = get_task("ruler_qa_1")
+    sample = {"prefix": "", "context": "Document 1: the sky is blue.", "suffix": "\n\nQuestion: what colour?",
+              "answer_prefix": " Answer:"}
+    text, has_special = PromptBuilder(smollm2_tokenizer).text(task, sample, True)
+    assert has_special and text.endswith("<|im_start|>assistant\n Answer:"), text[-80:]
+    assert "Document 1: the sky is blue." in text and text.count(" Answer:") == 1
+
+
 def test_answer_prefix_is_not_scored():
     """RULER scores the generated text alone: " Answer:" holds the gold answer "an", an empty output scores 0."""
     task = get_task("ruler_qa_1")

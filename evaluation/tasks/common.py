@@ -60,6 +60,7 @@ class Task:
     helmet_score: Callable[[str, dict], dict] | None = None  # HELMET's scorer where `score` fixes it
     score_components: tuple = ()     # Cite: the score is the mean of these metrics (HELMET's collect_results)
     unread_settings: tuple = ()      # config keys this task ignores: setting one is refused (config.py)
+    answer_prefix_in_chat: bool = False  # RULER: with a chat template, the answer prefix follows the assistant header
     extra: dict = field(default_factory=dict)  # category data (recall: `builder`; Cite: `answer_list`)
 
     def fields(self, sample: dict) -> dict:

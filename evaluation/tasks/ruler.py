@@ -127,7 +127,7 @@ def _task(name: str) -> RulerTask:
                      generation_max_length=G.TOKENS_TO_GENERATE[generator_class.kind], use_chat_template=False,
                      stop_newline=False, shots=0, primary_metric="string_match_part" if qa else "string_match_all",
                      load=load_ruler, score=score_part if qa else score_all, default_max_samples=500,
-                     extra={"ruler_task": name})
+                     answer_prefix_in_chat=True, extra={"ruler_task": name})
 
 
 TASKS = [_task(name) for name in CONFIGS]

@@ -185,8 +185,10 @@ def check_data(task_objects, cfg: dict, builder: PromptBuilder, window=None) -> 
     missing = []
     for task in task_objects:
         settings = resolved_settings(task, cfg)
-        # generated tasks read no file: their prompts are built only for lengths that will run
-        for length in runnable_lengths(cfg, window) if task.extra.get("builder") else cfg["lengths"]:
+        # generated tasks read no file and RULER's read the same files at every length (its size search is
+        # costly at 128K): their prompts are built only for lengths that will run
+        same_files = task.extra.get("builder") or task.extra.get("ruler_task")
+        for length in runnable_lengths(cfg, window) if same_files else cfg["lengths"]:
             estimate = lambda sample: sum(len(str(v)) for v in sample.values()) // 4  # noqa: E731 (chars/4)
             try:
                 task.load(task, _load_request(task, length, cfg, settings, estimate, max_samples=1,

@@ -2,12 +2,13 @@
 
     python tests/cli_driver.py CASES.json RESULTS.json
 
-CASES.json is a list of ``{"id": ..., "argv": [CLI, arg, ...]}``. Each CLI is executed as its
-``python prolong/run_cpt.py`` / ``python -m MODULE`` form would be (``runpy`` with
+CASES.json is a list of ``{"id": ..., "argv": [CLI, arg, ...], "watch": [FOLDER, ...]}``. Each CLI is
+executed as its ``python prolong/run_cpt.py`` / ``python -m MODULE`` form would be (``runpy`` with
 ``__name__ == "__main__"``), its file descriptors 1 and 2 captured, and its exit status taken the
 way the interpreter takes it: ``SystemExit``'s code, or 1 and a printed traceback for any other
-exception. Why: starting Python and importing transformers costs ~5 s per process on 2 cores, so
-one process per bad input would not fit in the test budget.
+exception. Its result's ``changed`` lists what it added, removed or rewrote under ``watch`` (a refused
+bad input must leave those folders as they were). Why one process: starting Python and importing
+transformers costs ~5 s per process on 2 cores, so one process per bad input would not fit in the test budget.
 """
 
 from __future__ import annotations
@@ -45,8 +46,35 @@ def command_line(argv: list[str]) -> list[str]:
         [sys.executable, "-m", target] + argv[1:]
 
 
-def run_case(argv: list[str]) -> dict:
+def snapshot(folders: list[str]) -> dict[str, tuple[int, int]]:
+    """Every path under ``folders`` with its size and modification time (a folder: (-1, 0))."""
+    found = {}
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            found.update({os.path.join(root, name): (-1, 0) for name in dirs})
+            for name in files:
+                path = os.path.join(root, name)
+                stat = os.lstat(path)
+                found[path] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def changes(before: dict, after: dict) -> list[str]:
+    """``+ path`` added, ``- path`` removed, ``~ path`` rewritten between two snapshots."""
+    return sorted([f"+ {p}" for p in after.keys() - before.keys()] + [f"- {p}" for p in before.keys() - after.keys()]
+                  + [f"~ {p}" for p in before.keys() & after.keys() if before[p] != after[p]])
+
+
+def end_of_process() -> None:
+    """What the interpreter's exit does that the next case would see: output_dir locks released (atexit there)."""
+    ownership = sys.modules.get("prolong.checkpoint.ownership")
+    for path in list(getattr(ownership, "_HELD", ())):
+        ownership._release(path)
+
+
+def run_case(argv: list[str], watch: list[str] = ()) -> dict:
     kind, target = ENTRY_POINTS[argv[0]]
+    before = snapshot(watch)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -72,6 +100,7 @@ def run_case(argv: list[str]) -> dict:
             code = 1
         finally:
             signal.alarm(0)
+            end_of_process()
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(saved[0], 1)
@@ -82,7 +111,8 @@ def run_case(argv: list[str]) -> dict:
         out.seek(0)
         err.seek(0)
         return {"code": code, "stdout": out.read().decode("utf-8", "replace"),
-                "stderr": err.read().decode("utf-8", "replace"), "seconds": round(seconds, 2)}
+                "stderr": err.read().decode("utf-8", "replace"), "seconds": round(seconds, 2),
+                "changed": changes(before, snapshot(watch))}
 
 
 def _timeout(signum, frame):
@@ -96,7 +126,7 @@ def main() -> None:
     signal.signal(signal.SIGALRM, _timeout)
     results = {}
     for case in cases:
-        results[case["id"]] = run_case(case["argv"])
+        results[case["id"]] = run_case(case["argv"], case.get("watch", []))
         with open(results_path, "w") as f:  # written after every case: a crash keeps what ran
             json.dump(results, f)
 

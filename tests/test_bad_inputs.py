@@ -11,6 +11,11 @@ stderr (case-insensitive). Each case's argv may use these placeholders, filled i
     {repo}       the repository root                           {long}   a domain packed --mode long at 128
     {packed}     the folder of {mixture}'s two domains (long, short)
 
+``{tmp}`` also holds bad data files and folders for ``prolong-data`` (made by the ``places`` fixture:
+``{tmp}/latin1.jsonl``, ``{tmp}/truncated``, ...), and ``{tmp}/tokenized``, a valid tokenized dataset.
+A refused case must leave ``{tmp}``, ``{model}``, ``{packed}`` and tests/fixtures as they were: nothing
+added (no output, no temporary), removed or rewritten (tests/cli_driver.py compares them before and after).
+
 Every case runs with the scratch directory ``{tmp}/cwd`` as working directory, which holds
 ``demo_data/base-model`` (a copy of {model}) and no ``outputs/``. Cases run in one Python process
 (tests/cli_driver.py runs each exactly as ``python prolong/run_cpt.py ...`` / ``python -m ...``
@@ -30,10 +35,14 @@ import shutil
 import subprocess
 import sys
 
+import datasets
 import pytest
 
-from conftest import write_packed_dataset, random_documents
-from cli_driver import REPO, command_line
+from conftest import bpe_tokenizer, random_documents, train_tiny_tokenizer, write_packed_dataset
+from cli_driver import REPO, changes, command_line, snapshot
+from prolong.data import pack_dataset
+from prolong.data.mds import import_mds
+from prolong.data.tokenize import tokenize_to_disk
 
 TEST_NAME = "test_bad_input_is_refused_clearly"
 
@@ -166,7 +175,17 @@ SFT_CASES = [
      "klingon"),
 ]
 
-# prolong-data; tests/test_data_errors.py holds 40 more, on bad files it makes
+def tok(*args: str, tokenizer: str = "{model}", out: str = "{tmp}/out") -> list[str]:
+    """prolong-data tokenize argv: ``args`` are inputs and flags."""
+    return ["prolong-data", "tokenize", *args, "--tokenizer", tokenizer, "--out", out]
+
+
+def pack(source: str, *flags: str, mode: str = "short", length: str = "8", out: str = "{tmp}/out") -> list[str]:
+    """prolong-data pack argv."""
+    return ["prolong-data", "pack", source, "--mode", mode, "--length", length, *flags, "--out", out]
+
+
+# prolong-data
 MDS_RELEASED = "{repo}/tests/fixtures/mds/released"
 DATA_CASES: list[tuple[str, list[str], str]] = [
     ("data-tokenize-input-missing", ["prolong-data", "tokenize", "{tmp}/nope.jsonl", "--tokenizer", "{model}",
@@ -187,7 +206,7 @@ DATA_CASES: list[tuple[str, list[str], str]] = [
     ("data-pack-length-0", ["prolong-data", "pack", "{tmp}/nope", "--mode", "long", "--length", "0",
                             "--out", "{tmp}/d8"], "--length must be a positive"),
     ("data-inspect-missing", ["prolong-data", "inspect", "{tmp}/nope"], "not found: {tmp}/nope"),
-    ("data-import-mds-no-index", ["prolong-data", "import-mds", "{tmp}", "--out", "{tmp}/d9"], "no index.json"),
+    ("data-import-mds-no-index", ["prolong-data", "import-mds", "{tmp}/tokenized", "--out", "{tmp}/d9"], "no index.json"),
     ("data-import-mds-file", ["prolong-data", "import-mds", MDS_RELEASED + "/books/index.json", "--out", "{tmp}/d10"],
      "is a file"),
     ("data-import-mds-domain-over-several", ["prolong-data", "import-mds", MDS_RELEASED, "--domain", "x",
@@ -216,6 +235,62 @@ DATA_CASES: list[tuple[str, list[str], str]] = [
      "is not a prolong-data dataset"),
     ("data-inspect-bad-hub-address", ["prolong-data", "inspect", "hf://datasets/my-org"],
      "hf://datasets/my-org is not a Hub dataset address: use hf://datasets/ORG/NAME/CONFIG"),
+    # bad files (made by `places`): one message naming the file, row or field and the fix
+    ("data-tokenize-gguf-file-missing", tok("{tmp}/good.jsonl", "--gguf_file", "model.gguf"),
+     "--gguf_file: not found: {model}/model.gguf"),
+    ("data-tokenize-no-inputs", tok(), "give input files"),
+    ("data-tokenize-jsonl-not-utf8", tok("{tmp}/latin1.jsonl"), "{tmp}/latin1.jsonl"),
+    ("data-tokenize-jsonl-binary", tok("{tmp}/binary.jsonl"), "could not read {tmp}/binary.jsonl"),
+    ("data-tokenize-jsonl-empty", tok("{tmp}/empty.jsonl"), "{tmp}/empty.jsonl is empty"),
+    ("data-tokenize-jsonl-invalid", tok("{tmp}/invalid.jsonl"), "could not read {tmp}/invalid.jsonl as json"),
+    ("data-tokenize-text-field-missing-in-a-row", tok("{tmp}/missing_field.jsonl"),
+     "{tmp}/missing_field.jsonl row 2: field 'text' is missing"),
+    ("data-tokenize-text-field-not-a-string", tok("{tmp}/number_text.jsonl"),
+     "{tmp}/number_text.jsonl row 1: field 'text' is not a string"),
+    ("data-tokenize-text-field-mixed-types", tok("{tmp}/mixed_text.jsonl"),
+     "{tmp}/mixed_text.jsonl row 2: field 'text' is not a string"),
+    ("data-tokenize-chat-turn-without-role", tok("{tmp}/chat_no_role.jsonl", "--text_field", "messages"),
+     "{tmp}/chat_no_role.jsonl row 2, turn 1: a chat turn needs string 'role' and 'content'"),
+    ("data-tokenize-chat-without-assistant", tok("{tmp}/chat_no_assistant.jsonl", "--text_field", "messages"),
+     "no conversation of field 'messages' has an assistant turn"),
+    ("data-tokenize-chat-template-raises", tok("{tmp}/chat_two_users.jsonl", "--text_field", "messages",
+                                               tokenizer="{tmp}/tokenizer_strict_chat"),
+     "the chat template of tokenizer {tmp}/tokenizer_strict_chat failed on a conversation"),
+    ("data-tokenize-saved-dataset-null-text", tok("{tmp}/saved_nulls"),
+     "{tmp}/saved_nulls row 3: field 'text' is missing"),
+    ("data-tokenize-saved-dataset-empty", tok("{tmp}/saved_empty"),
+     "input directory {tmp}/saved_empty holds an empty dataset (no rows)"),
+    ("data-tokenize-only-empty-txt", tok("{tmp}/empty.txt"), "no document to tokenize"),
+    ("data-tokenize-directory-not-a-dataset", tok("{tmp}/plain_dir"), "is a directory but not a saved dataset"),
+    ("data-tokenize-tokenizer-without-eos", tok("{tmp}/good.jsonl", tokenizer="{tmp}/tokenizer_no_eos"), "--eos_token"),
+    ("data-tokenize-num-proc-0", tok("{tmp}/good.jsonl", "--num_proc", "0"), "--num_proc"),
+    ("data-tokenize-single-repo-without-repos", tok("{tmp}/good.jsonl", "--single_repo"), "--single_repo"),
+    ("data-tokenize-lines-with-repos", tok("--repos", "{tmp}/plain_dir", "--lines"), "--lines applies to"),
+    ("data-tokenize-repos-missing", tok("--repos", "{tmp}/no_repos"), "--repos directory not found: {tmp}/no_repos"),
+    ("data-tokenize-csv-without-text-column", tok("{tmp}/table.csv"), "input {tmp}/table.csv has no field 'text'"),
+    ("data-pack-input-missing", pack("{tmp}/nope"), "--input directory not found: {tmp}/nope"),
+    ("data-pack-long-nothing-long-enough", pack("{tmp}/tokenized", mode="long", length="4096"),
+     "no document of {tmp}/tokenized has 4096 tokens or more"),
+    ("data-pack-short-corpus-below-one-row", pack("{tmp}/tokenized", length="1000000"), "less than one row"),
+    ("data-pack-sft-every-conversation-too-long", pack("{tmp}/tokenized", mode="sft", length="2"),
+     "give a larger --length"),
+    ("data-pack-length-negative", pack("{tmp}/tokenized", length="-8"), "--length must be a positive"),
+    ("data-pack-min-length-in-short-mode", pack("{tmp}/tokenized", "--min_length", "4"),
+     "--min_length applies to --mode long"),
+    ("data-pack-truncated-arrow", pack("{tmp}/truncated"), "{tmp}/truncated/data-00000-of-00001.arrow"),
+    ("data-pack-mds-directory", pack("{tmp}/mds_truncated"), "holds MDS shards (index.json): convert them with"),
+    ("data-pack-directory-not-a-dataset", pack("{tmp}/plain_dir"), "not a dataset saved with save_to_disk"),
+    ("data-pack-dataset-without-domain", pack("{tmp}/raw_saved"), "no `domain` column"),
+    ("data-pack-output-exists", pack("{tmp}/tokenized", out="{tmp}/packed-short"), "--overwrite"),
+    ("data-pack-output-is-a-file", pack("{tmp}/tokenized", out="{file}"), "already exists"),
+    ("data-inspect-truncated-arrow", ["prolong-data", "inspect", "{tmp}/truncated"],
+     "{tmp}/truncated/data-00000-of-00001.arrow"),
+    ("data-inspect-folder-of-domains", ["prolong-data", "inspect", "{tmp}/domains"],
+     "but holds datasets (books, fineweb-edu, thestackv1_concat_by_repo-65536; e.g. one per domain)"),
+    ("data-import-mds-missing", ["prolong-data", "import-mds", "{tmp}/nope", "--out", "{tmp}/out"],
+     "not found: {tmp}/nope"),
+    ("data-import-mds-truncated-shard", ["prolong-data", "import-mds", "{tmp}/mds_truncated", "--out", "{tmp}/out"],
+     "{tmp}/mds_truncated/proc00-0/shard.00001.mds"),
 ]
 EVAL_CASES: list[tuple[str, list[str], str]] = [  # evaluation.run
     ("eval-no-model", ["evaluation.run", "--tasks", "json_kv"], "no model given (--model PATH"),
@@ -355,6 +430,10 @@ BUILD_CASES: list[tuple[str, list[str], str]] = [
                                "{model}", "--out", "{model}"], "is not a `prolong-data build` folder"),
 ]
 
+# run_cpt / run_sft write their output_dir's claim (prolong/checkpoint/ownership.py) before they check the model
+# and data paths, so a refusal after that leaves it: the one write a refused case may leave
+RUN_CLAIMS = ["{tmp}/out-cpt", "{tmp}/out-cpt/_prolong_run.json", "{tmp}/out-sft", "{tmp}/out-sft/_prolong_run.json"]
+
 ALL_CASES = (PARSE_CASES + CPT_CASES + SFT_CASES + DATA_CASES + EVAL_CASES + DEMO_CASES + RESUME_CASES
              + DATA_EVAL_SAFETY_CASES + OWNERSHIP_CASES + BUILD_CASES)
 
@@ -366,6 +445,50 @@ def _fill(argv: list[str], places: dict[str, str]) -> list[str]:
             arg = arg.replace("{" + key + "}", value)
         filled.append(arg)
     return filled
+
+
+DOCUMENTS = [f"document {i} " + "the of and to in is " * (i % 17 + 1) for i in range(200)]
+CHAT = [{"role": "user", "content": "the of and"}, {"role": "assistant", "content": "to in"}]
+
+
+def write_bad_data(tmp) -> None:
+    """The bad files and folders of the prolong-data cases, next to ``{tmp}/tokenized`` (a valid one)."""
+    bpe_tokenizer(DOCUMENTS, 300, ["<|endoftext|>"]).save_pretrained(tmp / "tokenizer_no_eos")
+    strict = train_tiny_tokenizer()
+    strict.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                            "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                            "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")  # as Llama-2's does
+    strict.save_pretrained(tmp / "tokenizer_strict_chat")
+    (tmp / "good.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCUMENTS[:20]))
+    (tmp / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    (tmp / "binary.jsonl").write_bytes(bytes(range(256)) * 8)
+    (tmp / "empty.jsonl").write_bytes(b"")
+    (tmp / "invalid.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (tmp / "missing_field.jsonl").write_text('{"text": "a b"}\n{"body": "c"}\n{"text": "d"}\n')
+    (tmp / "number_text.jsonl").write_text('{"text": 42}\n{"text": 7}\n')
+    (tmp / "mixed_text.jsonl").write_text('{"text": "a b"}\n{"text": 7}\n')
+    (tmp / "chat_no_role.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n"
+                                            + json.dumps({"messages": [{"content": "x"}] + CHAT[1:]}) + "\n")
+    (tmp / "chat_two_users.jsonl").write_text(json.dumps({"messages": CHAT[:1] + CHAT}) + "\n")
+    (tmp / "chat_no_assistant.jsonl").write_text(json.dumps({"messages": CHAT[:1]}) + "\n")
+    (tmp / "table.csv").write_text("id,body\n1,hello world\n")
+    (tmp / "empty.txt").write_bytes(b"")
+    (tmp / "plain_dir").mkdir()
+    (tmp / "plain_dir" / "notes.txt").write_text("hello\n")
+    datasets.Dataset.from_dict({"text": ["a", "b", None, "c"]}).save_to_disk(str(tmp / "saved_nulls"))
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(str(tmp / "saved_empty"))
+    datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 4}).save_to_disk(str(tmp / "raw_saved"))
+    tokenize_to_disk(datasets.Dataset.from_dict({"text": DOCUMENTS}), train_tiny_tokenizer(), tmp / "tokenized",
+                     domain="d")
+    pack_dataset(tmp / "tokenized", tmp / "packed-short", mode="short", length=16)
+    shutil.copytree(tmp / "tokenized", tmp / "truncated")
+    arrow = tmp / "truncated" / "data-00000-of-00001.arrow"
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    released = MDS_RELEASED.replace("{repo}", REPO)
+    import_mds(released, tmp / "domains")  # one packed dataset per domain
+    shutil.copytree(os.path.join(released, "books"), tmp / "mds_truncated")
+    shard = tmp / "mds_truncated" / "proc00-0" / "shard.00001.mds"
+    shard.write_bytes(shard.read_bytes()[:-10])
 
 
 @pytest.fixture(scope="module")
@@ -395,6 +518,7 @@ def places(tmp_path_factory, tiny_model_dir, packed_mixture) -> dict[str, str]:
     meta["mode"] = "long"
     with open(os.path.join(long_dir, "prolong_data.json"), "w") as f:
         json.dump(meta, f)
+    write_bad_data(tmp)
     short = next(p for p in packed_mixture if p.endswith("short"))
     return {"model": tiny_model_dir, "mixture": json.dumps(packed_mixture), "short": short, "long": long_dir,
             "chat": str(tmp / "chat.jsonl"), "file": str(tmp / "a-file"), "tmp": str(tmp), "repo": REPO,
@@ -409,15 +533,18 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def results(request, places) -> dict[str, dict]:
+def results(request, tmp_path_factory, places) -> dict[str, dict]:
     """Run every selected case once: the batched ones in one process, the `alone-` ones in their own."""
     selected = {item.callspec.id for item in request.session.items
                 if getattr(item, "originalname", None) == TEST_NAME and hasattr(item, "callspec")}
-    cases = [{"id": case_id, "argv": _fill(argv, places)} for case_id, argv, _ in ALL_CASES if case_id in selected]
+    watch = [places["tmp"], places["model"], places["packed"], os.path.join(REPO, "tests", "fixtures")]
+    cases = [{"id": case_id, "argv": _fill(argv, places), "watch": watch}
+             for case_id, argv, _ in ALL_CASES if case_id in selected]
     batched = [case for case in cases if not case["id"].startswith("alone-")]
     out: dict[str, dict] = {}
     if batched:
-        cases_file, results_file = os.path.join(places["tmp"], "cases.json"), os.path.join(places["tmp"], "results.json")
+        driver_dir = str(tmp_path_factory.mktemp("cli-driver"))  # outside the watched folders
+        cases_file, results_file = os.path.join(driver_dir, "cases.json"), os.path.join(driver_dir, "results.json")
         with open(cases_file, "w") as f:
             json.dump(batched, f)
         driver = subprocess.run([sys.executable, os.path.join(REPO, "tests", "cli_driver.py"), cases_file, results_file],
@@ -426,12 +553,15 @@ def results(request, places) -> dict[str, dict]:
             with open(results_file) as f:
                 out.update(json.load(f))
         for case in batched:
-            out.setdefault(case["id"], {"code": driver.returncode, "stdout": driver.stdout, "stderr": driver.stderr})
+            out.setdefault(case["id"], {"code": driver.returncode, "stdout": driver.stdout, "stderr": driver.stderr,
+                                        "changed": []})
     for case in cases:
         if case["id"].startswith("alone-"):
+            before = snapshot(watch)
             run = subprocess.run(command_line(case["argv"]), cwd=places["cwd"], env=_env(), capture_output=True,
                                  text=True, timeout=300)
-            out[case["id"]] = {"code": run.returncode, "stdout": run.stdout, "stderr": run.stderr}
+            out[case["id"]] = {"code": run.returncode, "stdout": run.stdout, "stderr": run.stderr,
+                               "changed": changes(before, snapshot(watch))}
     return out
 
 
@@ -495,3 +625,6 @@ def test_bad_input_is_refused_clearly(request, results, places, argv, fragment):
     assert _fill([fragment], places)[0].lower() in stderr.lower(), shown
     # one form for every CLI (prolong.errors.cli_errors, argparse): PROG[ SUBCOMMAND]: error: MESSAGE
     assert re.match(r"[\w.-]+( [\w-]+)?: error: ", _message(stderr, places)), shown
+    claims = {f"{sign} {path}" for path in _fill(RUN_CLAIMS, places) for sign in "+~"}
+    changed = [change for change in result["changed"] if change not in claims]
+    assert changed == [], "a refused input changed files (+ added, - removed, ~ rewritten):\n" + "\n".join(changed)

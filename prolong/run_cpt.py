@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     quiet_config_dumps()
     resolve_gradient_accumulation(args)
     check_master_weights(resolve_dtype(model_cfg.dtype), args, model_cfg.low_precision_master_weights)
-    resume = resolve_resume(args, model_cfg, data_cfg, stage="continued-pretraining")  # before any loading
+    resume, claim_output_dir = resolve_resume(args, model_cfg, data_cfg, stage="continued-pretraining")  # before any loading
     if finished_run(args):
         return args.output_dir
     set_seed(args.seed)
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         max_length=trained_length,  # what the rows held, which check_packed_lengths tied to max_length
         mixture=data_cfg.dataset_mixture,
     )
+    claim_output_dir()  # every input checked and loaded: from here output_dir holds this run
     trainer.train(resume_from_checkpoint=resume)
 
     output_dir = save_final_model(trainer, **trainer.model_card_info)

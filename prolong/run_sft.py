@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     resolve_gradient_accumulation(args)
     check_master_weights(resolve_dtype(model_cfg.dtype), args, model_cfg.low_precision_master_weights,
                          lora=model_cfg.use_peft)
-    resume = resolve_resume(args, model_cfg, stage="sft")  # before any loading: refusals come at once
+    resume, claim_output_dir = resolve_resume(args, model_cfg, stage="sft")  # before any loading: refusals come at once
     if finished_run(args):
         return args.output_dir
     set_seed(args.seed)
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     # the card of every push to the Hub and of the final model
     trainer.model_card_info = dict(base_model=model_cfg.model_name_or_path, stage="sft", recipe=recipe,
                                    max_length=trained_length)
+    claim_output_dir()  # every input checked and loaded: from here output_dir holds this run
     trainer.train(resume_from_checkpoint=resume)
 
     output_dir = save_final_model(trainer, **trainer.model_card_info)

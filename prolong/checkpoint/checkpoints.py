@@ -3,11 +3,13 @@ from the newest complete one with its data position; why the Trainer's own is no
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 
 from prolong.checkpoint.digest import ALGORITHM, file_digest, record_digest
 from prolong.checkpoint.final_save import recover_final_save
@@ -153,14 +155,15 @@ def remove_checkpoint(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def resolve_resume(args, *configs, stage: str) -> str | None:
+def resolve_resume(args, *configs, stage: str) -> tuple[str | None, Callable[[], None]]:
     """The checkpoint this run continues from (None: start at step 0), per the rules above, once the
     output_dir is this run's to write (ownership.py: no input inside it, locked, ours, same stage)
-    and the run is the one its record and the checkpoint's marker name. ``configs``: the recipe's
-    other dataclasses (model, data), whose inputs the identity covers."""
+    and the run is the one its record and the checkpoint's marker name; and the call that writes the
+    output_dir's record, made once the inputs are loaded, so that a refused input leaves nothing.
+    ``configs``: the recipe's other dataclasses (model, data), whose inputs the identity covers."""
     with args.main_process_first(desc="resolve resume_from_checkpoint", local=False):
         if args.process_index != 0:
-            return _resolve(args, log=False, verify=False)  # the main process checked it all
+            return _resolve(args, log=False, verify=False), _nothing_to_write  # the main process checked it all
         out = args.output_dir
         refuse_inputs_inside(out, input_paths(args, *configs))
         lock_output_dir(out)
@@ -174,12 +177,14 @@ def resolve_resume(args, *configs, stage: str) -> str | None:
             if getattr(args, "load_optimizer_state", False) and args.init_from:
                 last_checkpoint(args.init_from, log=False, verify=True)  # the one the trainer loads
             new = {"stage": stage, "identity": identity, "files": (record or {}).get("files", [])}
-            if new != record:
-                write_record(out, new)
         except Exception:
             release_output_dir(out)  # refused: nothing of this run is left beside output_dir
             raise
-        return path
+        return path, (_nothing_to_write if new == record else functools.partial(write_record, out, new))
+
+
+def _nothing_to_write() -> None:
+    pass
 
 
 def _checkpoint_stage(directory: str) -> str | None:

@@ -523,7 +523,7 @@ def places(tmp_path_factory, tiny_model_dir, packed_mixture) -> dict[str, str]:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0")  # a message that prints a set: one order
     env.pop("PROLONG_TRACEBACK", None)
     return env
 

@@ -25,6 +25,7 @@ from .generation import HFGenerator, PromptBuilder, VLLMGenerator
 from .tasks.cite import CitationScorer
 from .judge import Judge
 from .tasks import DataFileMissing, LoadRequest, get_task
+from .tasks.recall import released_file
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +149,11 @@ def task_identity(run: dict, task, length: int, cfg: dict, settings: dict) -> di
     """Everything that changes a prompt or a score of (task, length). Model-scored metrics (judge,
     citation NLI) are not in it: each record names its scorer and is scored again when it changes."""
     others = {k: _json_safe(v) for k, v in sorted(cfg.items()) if k not in _KEYS_OUTSIDE_IDENTITY}
+    # a generated task reads HELMET's file instead once the data directory has it: another run's samples
+    released = released_file(task, cfg.get("mode", "helmet"), cfg["data_dir"], length)
     return {**run, "task": task.name, "length": length, **others,
-            "data_dir": os.path.abspath(cfg["data_dir"]) if not task.extra.get("builder") else None, **settings}
+            "data_dir": os.path.abspath(cfg["data_dir"]) if not task.extra.get("builder") else None, **settings,
+            **({"data_file": released} if released else {})}
 
 
 def runnable_lengths(cfg: dict, window) -> list[int]:

@@ -64,6 +64,20 @@ def test_model_b_never_gets_model_a_predictions(models, tmp_path):
     assert (out / "predictions" / "json_kv_256.jsonl").read_bytes() == before
 
 
+def test_resume_refuses_samples_generated_before_helmets_file_was_added(models, tmp_path):
+    """json_kv at 4096 is generated until data_dir holds HELMET's test_k50_dep6.jsonl, then read from it."""
+    import shutil
+
+    model_a, _ = models
+    data, out = tmp_path / "data", str(tmp_path / "out")
+    data.mkdir()
+    settings = {**FAST, "lengths": [4096], "max_samples": 1, "allow_beyond_window": True, "data_dir": str(data)}
+    evaluate(model_a, output_dir=out, **settings)
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "helmet", "fidelity", "json_kv"), data / "json_kv")
+    with pytest.raises(EvaluationError, match=r"(?s)json_kv_4096.jsonl was written by another run.*data_file"):
+        evaluate(model_a, output_dir=out, **settings)
+
+
 @pytest.mark.slow
 def test_report_covers_every_length_in_the_output_dir_and_names_the_mode(models, tmp_path):
     model_a, _ = models

@@ -30,17 +30,23 @@ JSON_KV_USER = ("{context}\n\nExtract the value corresponding to the specified k
                 "{demos}Key: {question}")
 
 
+def released_file(task: Task, mode: str, data_dir: str, length: int) -> str | None:
+    """The name of HELMET's released file that `helmet` mode reads for this length, if the data directory
+    holds it (else the samples are generated)."""
+    relative = task.extra.get("helmet_files", {}).get(length)
+    if mode != "helmet" or relative is None:
+        return None
+    path = os.path.join(data_dir, relative)
+    return relative if os.path.exists(path) or os.path.exists(path + ".gz") else None
+
+
 def helmet_file(task: Task, req: LoadRequest) -> str | None:
     """HELMET's released file for this length when `helmet` mode runs and the data directory holds it."""
-    relative = task.extra.get("helmet_files", {}).get(req.length)
-    if req.mode != "helmet" or relative is None:
-        return None
-    path = os.path.join(req.data_dir, relative)
-    if os.path.exists(path) or os.path.exists(path + ".gz"):
-        return path
-    logger.info("%s at %d: %s is not in the data directory; generating the samples instead", task.name,
-                req.length, relative)
-    return None
+    relative = released_file(task, req.mode, req.data_dir, req.length)
+    if relative is None and req.mode == "helmet" and req.length in task.extra.get("helmet_files", {}):
+        logger.info("%s at %d: %s is not in the data directory; generating the samples instead", task.name,
+                    req.length, task.extra["helmet_files"][req.length])
+    return None if relative is None else os.path.join(req.data_dir, relative)
 
 
 def load_recall(task: Task, req: LoadRequest) -> list:
